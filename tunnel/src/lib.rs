@@ -1,0 +1,13 @@
+//! weft-tunnel: the encapsulations weft speaks, as pure code.
+//!
+//! Bytes go in, bytes and verdicts come out. Nothing here opens a socket,
+//! reads a clock or allocates per packet; the engine owns every buffer and
+//! does the I/O. Untrusted input is parsed with `new_checked`-style checks and
+//! refused with a [`DropReason`] that the caller counts.
+
+pub mod checksum;
+pub mod error;
+pub mod flow;
+pub mod vxlan;
+
+pub use error::{DropReason, EncapError};
