@@ -1,0 +1,11 @@
+//! weft: a userspace pod-network data plane, wire- and lease-compatible with
+//! Flannel. This crate holds the agent (configuration, datastore, control
+//! loop, metrics) and the lab; packets are moved by `weft-engine`.
+
+pub mod agent;
+pub mod config;
+pub mod datastore;
+pub mod error;
+pub mod lab;
+pub mod metrics;
+pub mod netns;

@@ -1,1 +1,196 @@
-fn main(){}
+//! The `weft` command: `weft agent` runs a node's data plane, `weft lab`
+//! builds a namespace cluster on this machine and checks it.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use weft::config::AgentConfig;
+use weft::lab::{self, LabOptions};
+
+#[derive(Parser)]
+#[command(name = "weft", version, about = "Userspace pod-network data plane, compatible with Flannel")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run this node's data plane.
+    Agent(AgentArgs),
+    /// Build a cluster of network namespaces here, run agents, check pods talk.
+    Lab(LabArgs),
+}
+
+/// Every config key is also a flag; flags override the file.
+#[derive(Args)]
+struct AgentArgs {
+    /// YAML file of config keys.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    #[arg(long)]
+    node_name: Option<String>,
+    #[arg(long)]
+    node_ip: Option<String>,
+    #[arg(long)]
+    flannel_backend: Option<String>,
+    #[arg(long)]
+    cluster_cidr: Option<String>,
+    #[arg(long)]
+    vxlan_port: Option<String>,
+    #[arg(long)]
+    vni: Option<String>,
+    #[arg(long)]
+    tun_name: Option<String>,
+    #[arg(long)]
+    threads: Option<String>,
+    #[arg(long)]
+    metrics_addr: Option<String>,
+    #[arg(long)]
+    datastore_file: Option<String>,
+    #[arg(long)]
+    subnet_file: Option<String>,
+}
+
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
+struct LabArgs {
+    #[command(subcommand)]
+    action: Option<LabAction>,
+    /// Number of nodes.
+    #[arg(long, default_value_t = 3)]
+    nodes: usize,
+    /// Backend of the weft nodes.
+    #[arg(long, default_value = "vxlan")]
+    backend: String,
+    /// Leave the lab running and print how to enter a pod.
+    #[arg(long)]
+    keep: bool,
+    /// Run the last node without weft, as a real peer: kernel-vxlan.
+    #[arg(long, value_parser = ["kernel-vxlan"])]
+    peer: Option<String>,
+    /// Lab name: prefix of its namespaces.
+    #[arg(long, default_value = "weftlab")]
+    name: String,
+    /// Pods per node.
+    #[arg(long, default_value_t = 1)]
+    pods: usize,
+    /// Worker threads per agent (default: one per core).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Size of the TCP check, in MiB.
+    #[arg(long, default_value_t = 64)]
+    transfer_mib: usize,
+}
+
+#[derive(Subcommand)]
+enum LabAction {
+    /// Remove a lab left running with --keep.
+    Down {
+        /// Lab name.
+        #[arg(long, default_value = "weftlab")]
+        name: String,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Agent(a) => agent(a).map(|()| ExitCode::SUCCESS),
+        Command::Lab(l) => run_lab(l),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("weft: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn agent(a: AgentArgs) -> anyhow::Result<()> {
+    let mut pairs = match &a.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            AgentConfig::pairs_from_yaml(&text)?
+        }
+        None => BTreeMap::new(),
+    };
+    let flags = [
+        ("node-name", a.node_name),
+        ("node-ip", a.node_ip),
+        ("flannel-backend", a.flannel_backend),
+        ("cluster-cidr", a.cluster_cidr),
+        ("vxlan-port", a.vxlan_port),
+        ("vni", a.vni),
+        ("tun-name", a.tun_name),
+        ("threads", a.threads),
+        ("metrics-addr", a.metrics_addr),
+        ("datastore-file", a.datastore_file),
+        ("subnet-file", a.subnet_file),
+    ];
+    for (k, v) in flags {
+        if let Some(v) = v {
+            pairs.insert(k.to_string(), v);
+        }
+    }
+    let cfg = AgentConfig::from_pairs(&pairs)?;
+    weft::agent::run(cfg)
+}
+
+fn run_lab(l: LabArgs) -> anyhow::Result<ExitCode> {
+    if let Some(LabAction::Down { name }) = l.action {
+        lab::down(&name);
+        println!("lab {name} removed");
+        return Ok(ExitCode::SUCCESS);
+    }
+    if !lab::valid_name(&l.name) {
+        anyhow::bail!("--name {}: 1 to 16 letters, digits or '_'", l.name);
+    }
+    if !nix::unistd::Uid::effective().is_root() {
+        anyhow::bail!("weft lab creates network namespaces: run it as root");
+    }
+    let mut opts = LabOptions::new(&l.name, std::env::current_exe()?);
+    opts.nodes = l.nodes;
+    opts.backend = l.backend;
+    opts.kernel_peer = l.peer.is_some();
+    opts.pods_per_node = l.pods.max(1);
+    opts.threads = l.threads;
+    opts.transfer_mib = l.transfer_mib.max(1);
+
+    // Ctrl-C or SIGTERM: remove everything, then leave.
+    let name = opts.name.clone();
+    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])?;
+    std::thread::spawn(move || {
+        if signals.forever().next().is_some() {
+            eprintln!("\ninterrupted: removing lab {name}");
+            lab::down(&name);
+            std::process::exit(130);
+        }
+    });
+
+    println!("building lab {}: {} nodes{}", opts.name, opts.nodes, if opts.kernel_peer { ", the last one a kernel Flannel node" } else { "" });
+    let lab = lab::up(&opts)?;
+    let checks = lab.check();
+    print!("{}", lab::table(&checks));
+    let passed = checks.iter().all(|c| c.passed);
+    println!("{}", if passed { "all checks passed" } else { "some checks FAILED" });
+    if !passed {
+        eprintln!("{}", lab.agent_logs());
+    }
+    if l.keep {
+        let pod = &lab.nodes[0].pods[0];
+        println!("lab {} left running. Enter a pod:  ip netns exec {} bash", opts.name, pod.ns);
+        println!("remove it with:  weft lab down --name {}", opts.name);
+    } else {
+        lab::down(&opts.name);
+    }
+    Ok(if passed { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}

@@ -1,0 +1,204 @@
+//! Batched packet I/O on both sides of a worker.
+//!
+//! A worker moves packets in [`Batch`]es: the TUN side reads a batch, the
+//! worker rewrites every packet in place, the underlay side sends the batch
+//! (and the reverse). The traits speak in batches so that `recvmmsg`,
+//! `sendmmsg`, `UDP_SEGMENT`/`UDP_GRO` and a vnet-header TUN slot in behind
+//! them; the implementations here make one syscall per packet and say so in
+//! [`Capabilities`].
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+
+use crate::counters::{add, DropCause, EngineDrop, WorkerCounters};
+use crate::sys::raw::RawUdpTx;
+use crate::sys::tun::TunQueue;
+
+/// Packets per batch. 32 keeps a batch's buffers (32 x 64 KiB per direction)
+/// small next to the socket buffers while amortising the poll wakeup over
+/// many packets; wireguard-go's TUN batches are of the same order.
+pub const BATCH_SIZE: usize = 32;
+
+/// Bytes per packet buffer: the largest IP packet plus room for the outer
+/// headers written in front of it.
+pub const BUF_LEN: usize = 65536 + 64;
+
+/// What an I/O side can do per call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capabilities {
+    /// Packets one call moves at most.
+    pub batch_size: usize,
+    /// Segments one send may carry (1: no GSO).
+    pub max_gso_segments: usize,
+    /// Whether receive coalescing (GRO) is on.
+    pub gro: bool,
+}
+
+/// Where one packet of a batch lies in its buffer, and its underlay address.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Meta {
+    /// Offset of the packet in its buffer.
+    pub start: usize,
+    /// Length of the packet; 0 marks a dropped packet the sink skips.
+    pub len: usize,
+    /// Underlay peer: the source on receive, the destination on send.
+    pub addr: Option<IpAddr>,
+}
+
+/// A fixed set of packet buffers, allocated once per worker.
+pub struct Batch {
+    bufs: Vec<Box<[u8]>>,
+    meta: Vec<Meta>,
+    count: usize,
+}
+
+impl Default for Batch {
+    fn default() -> Self {
+        Batch {
+            bufs: (0..BATCH_SIZE).map(|_| vec![0u8; BUF_LEN].into_boxed_slice()).collect(),
+            meta: vec![Meta::default(); BATCH_SIZE],
+            count: 0,
+        }
+    }
+}
+
+impl Batch {
+    /// Number of packets in the batch.
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    /// Whether the batch holds no packet.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Packet `i`: its whole buffer and its metadata.
+    pub fn slot_mut(&mut self, i: usize) -> (&mut [u8], &mut Meta) {
+        (&mut self.bufs[i], &mut self.meta[i])
+    }
+
+    /// The live packets, dropped ones skipped, with their metadata.
+    pub fn packets(&self) -> impl Iterator<Item = (&[u8], &Meta)> {
+        self.bufs[..self.count]
+            .iter()
+            .zip(&self.meta[..self.count])
+            .filter(|(_, m)| m.len > 0)
+            .map(|(b, m)| (&b[m.start..m.start + m.len], m))
+    }
+}
+
+/// The pod side: a TUN queue.
+pub trait TunIo {
+    /// What one call can do.
+    fn capabilities(&self) -> Capabilities;
+    /// Reads up to a batch of packets, each at `headroom` in its buffer.
+    /// Returns how many were read; fewer than a batch means the queue is empty.
+    fn read_batch(&mut self, batch: &mut Batch, headroom: usize, counters: &WorkerCounters) -> io::Result<usize>;
+    /// Writes the batch's live packets, counting failures as drops.
+    fn write_batch(&mut self, batch: &Batch, counters: &WorkerCounters);
+}
+
+/// The node side: the underlay UDP socket(s).
+pub trait UnderlayIo {
+    /// What one call can do.
+    fn capabilities(&self) -> Capabilities;
+    /// Receives up to a batch of UDP payloads with their source addresses.
+    fn recv_batch(&mut self, batch: &mut Batch, counters: &WorkerCounters) -> io::Result<usize>;
+    /// Sends the batch's live datagrams to their `addr`, counting failures.
+    fn send_batch(&mut self, batch: &Batch, counters: &WorkerCounters);
+}
+
+const ONE_BY_ONE: Capabilities = Capabilities { batch_size: BATCH_SIZE, max_gso_segments: 1, gro: false };
+
+impl TunIo for TunQueue {
+    fn capabilities(&self) -> Capabilities {
+        ONE_BY_ONE
+    }
+
+    fn read_batch(&mut self, batch: &mut Batch, headroom: usize, counters: &WorkerCounters) -> io::Result<usize> {
+        batch.count = 0;
+        while batch.count < BATCH_SIZE {
+            let (buf, meta) = batch.slot_mut(batch.count);
+            add(&counters.syscalls, 1);
+            match self.recv(&mut buf[headroom..]) {
+                Ok(n) => {
+                    *meta = Meta { start: headroom, len: n, addr: None };
+                    batch.count += 1;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(batch.count)
+    }
+
+    fn write_batch(&mut self, batch: &Batch, counters: &WorkerCounters) {
+        for (packet, _) in batch.packets() {
+            add(&counters.syscalls, 1);
+            match self.send(packet) {
+                Ok(_) => {
+                    add(&counters.tun_tx_packets, 1);
+                    add(&counters.tun_tx_bytes, packet.len() as u64);
+                }
+                Err(_) => counters.count_drop(DropCause::Engine(EngineDrop::TunWriteError)),
+            }
+        }
+    }
+}
+
+/// Receives on an ordinary UDP socket, sends through a raw one so that the
+/// UDP header (source port, checksum) is ours.
+pub struct UdpUnderlay {
+    /// The receiving socket, bound to the tunnel port.
+    pub rx: mio::net::UdpSocket,
+    /// The transmitting raw socket.
+    pub tx: RawUdpTx,
+}
+
+impl UnderlayIo for UdpUnderlay {
+    fn capabilities(&self) -> Capabilities {
+        ONE_BY_ONE
+    }
+
+    fn recv_batch(&mut self, batch: &mut Batch, counters: &WorkerCounters) -> io::Result<usize> {
+        batch.count = 0;
+        while batch.count < BATCH_SIZE {
+            let (buf, meta) = batch.slot_mut(batch.count);
+            add(&counters.syscalls, 1);
+            match self.rx.recv_from(buf) {
+                Ok((n, from)) => {
+                    *meta = Meta { start: 0, len: n, addr: Some(canonical(from)) };
+                    add(&counters.udp_rx_packets, 1);
+                    add(&counters.udp_rx_bytes, n as u64);
+                    batch.count += 1;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                // ICMP errors surface as ECONNREFUSED and the like: not fatal.
+                Err(_) => break,
+            }
+        }
+        Ok(batch.count)
+    }
+
+    fn send_batch(&mut self, batch: &Batch, counters: &WorkerCounters) {
+        for (datagram, meta) in batch.packets() {
+            let Some(dst) = meta.addr else { continue };
+            add(&counters.syscalls, 1);
+            match self.tx.send_to(datagram, dst) {
+                Ok(_) => add(&counters.udp_tx_packets, 1),
+                Err(_) => counters.count_drop(DropCause::Engine(EngineDrop::SendError)),
+            }
+        }
+    }
+}
+
+/// The IP of a socket address, IPv4-mapped IPv6 unmapped.
+fn canonical(a: SocketAddr) -> IpAddr {
+    match a.ip() {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
+        v4 => v4,
+    }
+}

@@ -1,0 +1,9 @@
+//! Everything that talks to the kernel beyond plain sockets: netlink for
+//! links, addresses and routes, the raw UDP transmit socket, the TUN device.
+//!
+//! This is the only place in weft where `unsafe` may appear; each block says
+//! why it is sound.
+
+pub mod netlink;
+pub mod raw;
+pub mod tun;

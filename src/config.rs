@@ -1,0 +1,240 @@
+//! Agent configuration: K3s-style keys from a YAML file, each also a flag.
+//!
+//! Every value is read as text and checked here, so a refusal always names
+//! the key, the value and what would be accepted. Flags override the file.
+//! Unknown keys are refused, not ignored: a typo must not silently fall back
+//! to a default.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+
+use ipnet::IpNet;
+
+use crate::error::ConfigError;
+
+/// Every key the agent understands, with a one-line description.
+pub const KEYS: &[(&str, &str)] = &[
+    ("node-name", "name of this node (default: the hostname)"),
+    ("node-ip", "this node's underlay address; its lease is the one with this PublicIP"),
+    ("flannel-backend", "data plane: vxlan"),
+    ("cluster-cidr", "pod network; must match the datastore's Network when both are given"),
+    ("vxlan-port", "UDP port of the VXLAN backend (default 8472)"),
+    ("vni", "VXLAN network identifier (default 1)"),
+    ("tun-name", "name of the TUN device (default weft0)"),
+    ("threads", "worker threads, one TUN queue each (default: number of cores)"),
+    ("metrics-addr", "address of /metrics, /healthz, /readyz (default 127.0.0.1:9464; empty: off)"),
+    ("datastore-file", "static datastore: Flannel's network config and leases in one JSON file"),
+    ("subnet-file", "where subnet.env is written (default /run/flannel/subnet.env)"),
+];
+
+/// Backends this build can run.
+pub const BACKENDS: &[&str] = &["vxlan"];
+
+/// The agent's configuration, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgentConfig {
+    /// Node name.
+    pub node_name: String,
+    /// Underlay address of this node.
+    pub node_ip: IpAddr,
+    /// Backend (`vxlan`).
+    pub backend: String,
+    /// Pod network, if given.
+    pub cluster_cidr: Option<IpNet>,
+    /// VXLAN UDP port.
+    pub vxlan_port: u16,
+    /// VXLAN VNI.
+    pub vni: u32,
+    /// TUN device name.
+    pub tun_name: String,
+    /// Worker threads.
+    pub threads: usize,
+    /// Metrics listener, `None` when off.
+    pub metrics_addr: Option<SocketAddr>,
+    /// Static datastore file.
+    pub datastore_file: PathBuf,
+    /// subnet.env path.
+    pub subnet_file: PathBuf,
+}
+
+impl AgentConfig {
+    /// Reads the YAML text of a config file into key/value pairs.
+    pub fn pairs_from_yaml(text: &str) -> Result<BTreeMap<String, String>, ConfigError> {
+        let doc: serde_yaml::Value = serde_yaml::from_str(text)
+            .map_err(|e| ConfigError::new("(file)", e, "a YAML mapping of key: value"))?;
+        let mut out = BTreeMap::new();
+        let map = match doc {
+            serde_yaml::Value::Null => return Ok(out),
+            serde_yaml::Value::Mapping(m) => m,
+            other => return Err(ConfigError::new("(file)", yaml_text(&other), "a YAML mapping of key: value")),
+        };
+        for (k, v) in map {
+            let key = match k {
+                serde_yaml::Value::String(s) => s,
+                other => return Err(ConfigError::new(&yaml_text(&other), "", "string keys")),
+            };
+            let value = match v {
+                serde_yaml::Value::String(s) => s,
+                serde_yaml::Value::Number(n) => n.to_string(),
+                serde_yaml::Value::Bool(b) => b.to_string(),
+                serde_yaml::Value::Null => String::new(),
+                other => return Err(ConfigError::new(&key, yaml_text(&other), "a single value")),
+            };
+            out.insert(key, value);
+        }
+        Ok(out)
+    }
+
+    /// Validates key/value pairs (file and flags merged) into a config.
+    pub fn from_pairs(pairs: &BTreeMap<String, String>) -> Result<AgentConfig, ConfigError> {
+        for key in pairs.keys() {
+            if !KEYS.iter().any(|(k, _)| k == key) {
+                let known: Vec<&str> = KEYS.iter().map(|(k, _)| *k).collect();
+                return Err(ConfigError::new(key, &pairs[key], format!("unknown key; known keys: {}", known.join(", "))));
+            }
+        }
+        let get = |k: &str| pairs.get(k).map(|s| s.trim()).filter(|s| !s.is_empty());
+        let node_ip = match get("node-ip") {
+            Some(v) => v.parse::<IpAddr>().map_err(|_| ConfigError::new("node-ip", v, "an IPv4 or IPv6 address"))?,
+            None => return Err(ConfigError::new("node-ip", "", "an IPv4 or IPv6 address (required)")),
+        };
+        let backend = get("flannel-backend").unwrap_or("vxlan").to_string();
+        if !BACKENDS.contains(&backend.as_str()) {
+            return Err(ConfigError::new("flannel-backend", &backend, format!("one of: {}", BACKENDS.join(", "))));
+        }
+        let cluster_cidr = get("cluster-cidr")
+            .map(|v| {
+                v.parse::<IpNet>()
+                    .ok()
+                    .filter(|n| n.trunc() == *n)
+                    .ok_or_else(|| ConfigError::new("cluster-cidr", v, "a network in CIDR form, e.g. 10.244.0.0/16"))
+            })
+            .transpose()?;
+        let vxlan_port = parse_num("vxlan-port", get("vxlan-port"), 8472u16, 1, 65535)?;
+        let vni = parse_num("vni", get("vni"), 1u32, 1, weft_tunnel::vxlan::MAX_VNI)?;
+        let tun_name = get("tun-name").unwrap_or("weft0").to_string();
+        if tun_name.len() > 15 || tun_name.contains(['/', ' ', ':']) {
+            return Err(ConfigError::new("tun-name", &tun_name, "an interface name of 1-15 characters without '/', ':' or spaces"));
+        }
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let threads = parse_num("threads", get("threads"), cores, 1, 256)?;
+        let metrics_addr = match pairs.get("metrics-addr").map(|s| s.trim()) {
+            Some("") => None,
+            Some(v) => Some(v.parse().map_err(|_| ConfigError::new("metrics-addr", v, "host:port such as 127.0.0.1:9464, or empty for off"))?),
+            None => Some(SocketAddr::from(([127, 0, 0, 1], 9464))),
+        };
+        let datastore_file = match get("datastore-file") {
+            Some(v) => PathBuf::from(v),
+            None => return Err(ConfigError::new("datastore-file", "", "the path of a static datastore JSON file (required)")),
+        };
+        let subnet_file = PathBuf::from(get("subnet-file").unwrap_or("/run/flannel/subnet.env"));
+        let node_name = match get("node-name") {
+            Some(v) => v.to_string(),
+            None => nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| node_ip.to_string()),
+        };
+        Ok(AgentConfig {
+            node_name,
+            node_ip,
+            backend,
+            cluster_cidr,
+            vxlan_port,
+            vni,
+            tun_name,
+            threads,
+            metrics_addr,
+            datastore_file,
+            subnet_file,
+        })
+    }
+}
+
+fn parse_num<T>(key: &str, v: Option<&str>, default: T, min: T, max: T) -> Result<T, ConfigError>
+where
+    T: std::str::FromStr + PartialOrd + std::fmt::Display + Copy,
+{
+    let Some(v) = v else { return Ok(default) };
+    match v.parse::<T>() {
+        Ok(n) if n >= min && n <= max => Ok(n),
+        _ => Err(ConfigError::new(key, v, format!("an integer from {min} to {max}"))),
+    }
+}
+
+fn yaml_text(v: &serde_yaml::Value) -> String {
+    serde_yaml::to_string(v).map(|s| s.trim().to_string()).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(yaml: &str) -> Result<AgentConfig, ConfigError> {
+        AgentConfig::from_pairs(&AgentConfig::pairs_from_yaml(yaml)?)
+    }
+
+    const GOOD: &str = "node-ip: 192.168.77.1\ndatastore-file: /tmp/ds.json\n";
+
+    #[test]
+    fn good_file_with_defaults() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.node_ip, "192.168.77.1".parse::<IpAddr>().unwrap());
+        assert_eq!((c.vxlan_port, c.vni, c.tun_name.as_str(), c.backend.as_str()), (8472, 1, "weft0", "vxlan"));
+        assert_eq!(c.metrics_addr, Some("127.0.0.1:9464".parse().unwrap()));
+        assert_eq!(c.subnet_file, PathBuf::from("/run/flannel/subnet.env"));
+    }
+
+    #[test]
+    fn every_key_is_read() {
+        let c = parse(
+            "node-name: n1\nnode-ip: fd77::1\nflannel-backend: vxlan\ncluster-cidr: 10.42.0.0/16\nvxlan-port: 4789\nvni: 42\n\
+             tun-name: wt0\nthreads: 3\nmetrics-addr: ''\ndatastore-file: ds.json\nsubnet-file: s.env\n",
+        )
+        .unwrap();
+        assert_eq!(c.node_name, "n1");
+        assert_eq!(c.cluster_cidr, Some("10.42.0.0/16".parse().unwrap()));
+        assert_eq!((c.vxlan_port, c.vni, c.threads), (4789, 42, 3));
+        assert_eq!(c.tun_name, "wt0");
+        assert_eq!(c.metrics_addr, None);
+        assert_eq!(c.subnet_file, PathBuf::from("s.env"));
+    }
+
+    fn refused(yaml: &str) -> ConfigError {
+        parse(yaml).expect_err(yaml)
+    }
+
+    #[test]
+    fn bad_values_name_key_value_and_what_is_accepted() {
+        let e = refused(&format!("{GOOD}vni: 16777216\n"));
+        assert_eq!((e.key.as_str(), e.value.as_str()), ("vni", "16777216"));
+        assert!(e.accepted.contains("1 to 16777215"), "{e}");
+        let e = refused(&format!("{GOOD}flannel-backend: ipsec\n"));
+        assert_eq!((e.key.as_str(), e.value.as_str()), ("flannel-backend", "ipsec"));
+        assert!(e.accepted.contains("vxlan"));
+        let e = refused(&format!("{GOOD}vxlan-port: 0\n"));
+        assert_eq!(e.key, "vxlan-port");
+        let e = refused(&format!("{GOOD}cluster-cidr: 10.244.1.1/16\n"));
+        assert_eq!(e.key, "cluster-cidr");
+        let e = refused(&format!("{GOOD}threads: lots\n"));
+        assert_eq!((e.key.as_str(), e.value.as_str()), ("threads", "lots"));
+        let e = refused(&format!("{GOOD}metrics-addr: localhost\n"));
+        assert_eq!(e.key, "metrics-addr");
+        let e = refused(&format!("{GOOD}tun-name: a-name-much-too-long\n"));
+        assert_eq!(e.key, "tun-name");
+        let e = refused("node-ip: 300.1.1.1\ndatastore-file: x\n");
+        assert_eq!((e.key.as_str(), e.value.as_str()), ("node-ip", "300.1.1.1"));
+        let e = refused("datastore-file: x\n");
+        assert_eq!(e.key, "node-ip");
+        let e = refused("node-ip: 10.0.0.1\n");
+        assert_eq!(e.key, "datastore-file");
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_shapes_are_refused() {
+        let e = refused(&format!("{GOOD}vnii: 1\n"));
+        assert_eq!(e.key, "vnii");
+        assert!(e.accepted.contains("vxlan-port"), "lists the known keys: {e}");
+        assert_eq!(refused("- a\n- b\n").key, "(file)");
+        assert_eq!(refused("node-ip: [1, 2]\n").key, "node-ip");
+        assert_eq!(refused("{{{").key, "(file)");
+    }
+}

@@ -1,0 +1,376 @@
+//! Flannel's datastore schema, and the static-file datastore.
+//!
+//! The shapes are Flannel's: the network config kept at
+//! `/coreos.com/network/config`, one lease per node under
+//! `/coreos.com/network/subnets/<key>` whose key is the subnet written as
+//! `10.244.1.0-24` (dual-stack: `10.244.1.0-24&fd00:0:0:1::-64`). The static
+//! file holds both in one JSON document:
+//!
+//! ```json
+//! {"config": {"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}},
+//!  "subnets": {"10.244.1.0-24": {"PublicIP": "192.168.77.1", "BackendType": "vxlan",
+//!                                "BackendData": {"VNI": 1, "VtepMAC": "0a:58:0a:f4:01:00"}}}}
+//! ```
+//!
+//! Parsing refuses anything malformed with the field and the value; it never
+//! panics on input.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::path::Path;
+
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use serde::{Deserialize, Serialize};
+
+use crate::error::DatastoreError;
+
+/// Flannel's network config (`<prefix>/config`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct NetworkConfig {
+    /// IPv4 pod network.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<Ipv4Net>,
+    /// IPv6 pod network.
+    #[serde(default, rename = "IPv6Network", skip_serializing_if = "Option::is_none")]
+    pub ipv6_network: Option<Ipv6Net>,
+    /// Whether IPv4 is on (default true).
+    #[serde(default, rename = "EnableIPv4", skip_serializing_if = "Option::is_none")]
+    pub enable_ipv4: Option<bool>,
+    /// Whether IPv6 is on (default false).
+    #[serde(default, rename = "EnableIPv6", skip_serializing_if = "Option::is_none")]
+    pub enable_ipv6: Option<bool>,
+    /// IPv4 node subnet length (default 24).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subnet_len: Option<u8>,
+    /// IPv6 node subnet length (default 64).
+    #[serde(default, rename = "IPv6SubnetLen", skip_serializing_if = "Option::is_none")]
+    pub ipv6_subnet_len: Option<u8>,
+    /// Lowest IPv4 subnet to allocate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subnet_min: Option<Ipv4Addr>,
+    /// Highest IPv4 subnet to allocate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subnet_max: Option<Ipv4Addr>,
+    /// Backend settings: `{"Type": "vxlan", ...}`.
+    #[serde(default)]
+    pub backend: serde_json::Value,
+}
+
+impl NetworkConfig {
+    /// Parses the config JSON.
+    pub fn parse(json: &[u8]) -> Result<Self, DatastoreError> {
+        serde_json::from_slice(json).map_err(|source| DatastoreError::Json { what: "network config".into(), source })
+    }
+
+    /// The backend type (`Backend.Type`), `vxlan` when absent as in Flannel.
+    pub fn backend_type(&self) -> &str {
+        self.backend.get("Type").and_then(|t| t.as_str()).unwrap_or("vxlan")
+    }
+}
+
+/// One node's lease value (`<prefix>/subnets/<key>`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct Lease {
+    /// The node's IPv4 underlay address.
+    #[serde(rename = "PublicIP", default, skip_serializing_if = "Option::is_none")]
+    pub public_ip: Option<Ipv4Addr>,
+    /// The node's IPv6 underlay address.
+    #[serde(rename = "PublicIPv6", default)]
+    pub public_ipv6: Option<Ipv6Addr>,
+    /// `vxlan`, `wireguard`, `host-gw`, ...
+    pub backend_type: String,
+    /// Backend data for IPv4 (VXLAN: `{"VNI":1,"VtepMAC":"..."}`).
+    #[serde(default)]
+    pub backend_data: serde_json::Value,
+    /// Backend data for IPv6.
+    #[serde(rename = "BackendV6Data", default, skip_serializing_if = "Option::is_none")]
+    pub backend_v6_data: Option<serde_json::Value>,
+}
+
+impl Lease {
+    /// Parses a lease value.
+    pub fn parse(json: &[u8]) -> Result<Self, DatastoreError> {
+        serde_json::from_slice(json).map_err(|source| DatastoreError::Json { what: "lease".into(), source })
+    }
+
+    /// The underlay addresses this lease announces.
+    pub fn public_ips(&self) -> impl Iterator<Item = IpAddr> {
+        self.public_ip.map(IpAddr::V4).into_iter().chain(self.public_ipv6.map(IpAddr::V6))
+    }
+
+    /// VXLAN backend data for the given underlay family.
+    pub fn vxlan_data(&self, v6: bool) -> Result<VxlanData, DatastoreError> {
+        let data = if v6 { self.backend_v6_data.as_ref().unwrap_or(&self.backend_data) } else { &self.backend_data };
+        VxlanData::from_value(data)
+    }
+}
+
+/// VXLAN backend data of a lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VxlanData {
+    /// VNI.
+    pub vni: u32,
+    /// The node's VTEP MAC.
+    pub vtep_mac: [u8; 6],
+}
+
+impl VxlanData {
+    fn from_value(v: &serde_json::Value) -> Result<Self, DatastoreError> {
+        let invalid = |what: &str, value: &serde_json::Value, accepted: &str| DatastoreError::Invalid {
+            what: what.into(),
+            value: value.to_string(),
+            accepted: accepted.into(),
+        };
+        let vni = match v.get("VNI") {
+            None => 1,
+            Some(n) => n
+                .as_u64()
+                .filter(|n| *n <= weft_tunnel::vxlan::MAX_VNI as u64)
+                .ok_or_else(|| invalid("BackendData.VNI", n, "an integer up to 16777215"))? as u32,
+        };
+        let mac = v.get("VtepMAC").unwrap_or(&serde_json::Value::Null);
+        let vtep_mac = mac
+            .as_str()
+            .and_then(parse_mac)
+            .ok_or_else(|| invalid("BackendData.VtepMAC", mac, "a MAC such as 0a:58:0a:f4:01:00"))?;
+        Ok(VxlanData { vni, vtep_mac })
+    }
+
+    /// As JSON backend data.
+    pub fn to_value(&self) -> serde_json::Value {
+        serde_json::json!({"VNI": self.vni, "VtepMAC": format_mac(&self.vtep_mac)})
+    }
+}
+
+/// A lease's subnet key: `10.244.1.0-24`, `fd00::-64` or both joined by `&`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SubnetKey {
+    /// IPv4 subnet.
+    pub v4: Option<Ipv4Net>,
+    /// IPv6 subnet.
+    pub v6: Option<Ipv6Net>,
+}
+
+impl SubnetKey {
+    /// Parses a key as Flannel writes it.
+    pub fn parse(key: &str) -> Result<Self, DatastoreError> {
+        let bad = || DatastoreError::SubnetKey(key.to_string());
+        let mut out = SubnetKey { v4: None, v6: None };
+        let mut parts = key.split('&');
+        for part in parts.by_ref().take(2) {
+            let (addr, len) = part.rsplit_once('-').ok_or_else(bad)?;
+            let len: u8 = len.parse().map_err(|_| bad())?;
+            let net = IpNet::new(addr.parse().map_err(|_| bad())?, len).map_err(|_| bad())?;
+            if net.trunc() != net {
+                return Err(bad());
+            }
+            match net {
+                IpNet::V4(n) if out.v4.is_none() => out.v4 = Some(n),
+                IpNet::V6(n) if out.v6.is_none() => out.v6 = Some(n),
+                _ => return Err(bad()),
+            }
+        }
+        if parts.next().is_some() || (out.v4.is_none() && out.v6.is_none()) {
+            return Err(bad());
+        }
+        Ok(out)
+    }
+
+    /// The subnets of the key.
+    pub fn subnets(&self) -> Vec<IpNet> {
+        self.v4.map(IpNet::V4).into_iter().chain(self.v6.map(IpNet::V6)).collect()
+    }
+}
+
+impl std::fmt::Display for SubnetKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if let Some(n) = self.v4 {
+            write!(f, "{}-{}", n.network(), n.prefix_len())?;
+        }
+        if let Some(n) = self.v6 {
+            if self.v4.is_some() {
+                f.write_str("&")?;
+            }
+            write!(f, "{}-{}", n.network(), n.prefix_len())?;
+        }
+        Ok(())
+    }
+}
+
+/// The static datastore: network config and every node's lease.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StaticDatastore {
+    /// The network config.
+    pub config: NetworkConfig,
+    /// Leases by subnet key.
+    pub leases: BTreeMap<SubnetKey, Lease>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StaticFile {
+    config: NetworkConfig,
+    #[serde(default)]
+    subnets: BTreeMap<String, Lease>,
+}
+
+impl StaticDatastore {
+    /// Parses the static file's JSON.
+    pub fn parse(json: &[u8]) -> Result<Self, DatastoreError> {
+        let file: StaticFile =
+            serde_json::from_slice(json).map_err(|source| DatastoreError::Json { what: "static datastore".into(), source })?;
+        let mut leases = BTreeMap::new();
+        for (k, v) in file.subnets {
+            leases.insert(SubnetKey::parse(&k)?, v);
+        }
+        Ok(StaticDatastore { config: file.config, leases })
+    }
+
+    /// Reads and parses the file at `path`.
+    pub fn load(path: &Path) -> Result<Self, DatastoreError> {
+        let bytes = std::fs::read(path).map_err(|source| DatastoreError::Io { path: path.display().to_string(), source })?;
+        Self::parse(&bytes)
+    }
+
+    /// As the static file's JSON.
+    pub fn to_json(&self) -> String {
+        let file = StaticFile {
+            config: self.config.clone(),
+            subnets: self.leases.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(),
+        };
+        serde_json::to_string_pretty(&file).expect("serialising plain data cannot fail")
+    }
+
+    /// The lease whose public address is `ip`.
+    pub fn lease_of(&self, ip: IpAddr) -> Option<(&SubnetKey, &Lease)> {
+        self.leases.iter().find(|(_, l)| l.public_ips().any(|a| a == ip))
+    }
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in mac.iter_mut() {
+        let p = parts.next()?;
+        if p.len() != 2 {
+            return None;
+        }
+        *b = u8::from_str_radix(p, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+/// Formats a MAC as lowercase `aa:bb:cc:dd:ee:ff`.
+pub fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}
+
+/// The `subnet.env` Flannel writes for the CNI plugin.
+pub fn subnet_env(network: Option<IpNet>, subnet: &SubnetKey, ipv6_network: Option<IpNet>, mtu: u32, ipmasq: bool) -> String {
+    let mut s = String::new();
+    if let (Some(n), Some(sub)) = (network, subnet.v4) {
+        s += &format!("FLANNEL_NETWORK={n}\nFLANNEL_SUBNET={}/{}\n", first_host(IpNet::V4(sub)), sub.prefix_len());
+    }
+    if let (Some(n), Some(sub)) = (ipv6_network, subnet.v6) {
+        s += &format!("FLANNEL_IPV6_NETWORK={n}\nFLANNEL_IPV6_SUBNET={}/{}\n", first_host(IpNet::V6(sub)), sub.prefix_len());
+    }
+    s += &format!("FLANNEL_MTU={mtu}\nFLANNEL_IPMASQ={ipmasq}\n");
+    s
+}
+
+/// The first usable address of a subnet (network address + 1).
+pub fn first_host(net: IpNet) -> IpAddr {
+    match net {
+        IpNet::V4(n) => IpAddr::V4(Ipv4Addr::from(u32::from(n.network()).wrapping_add(1))),
+        IpNet::V6(n) => IpAddr::V6(Ipv6Addr::from(u128::from(n.network()).wrapping_add(1))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(name: &str) -> Vec<u8> {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/flannel-etcd").join(name);
+        std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
+
+    #[test]
+    fn subnet_keys_round_trip() {
+        for k in ["10.244.1.0-24", "fd00:0:0:1::-64", "10.244.1.0-24&fd00:0:0:1::-64", "10.42.3.0-24&2001:cafe:42:3::-64"] {
+            let parsed = SubnetKey::parse(k).unwrap();
+            assert_eq!(SubnetKey::parse(&parsed.to_string()).unwrap(), parsed, "{k}");
+        }
+        assert_eq!(SubnetKey::parse("10.244.1.0-24").unwrap().to_string(), "10.244.1.0-24");
+        for bad in ["", "10.244.1.0", "10.244.1.1-24", "10.244.1.0-33", "x-24", "10.0.0.0-8&10.1.0.0-16", "a&b&c", "&", "10.244.1.0-24&"] {
+            assert!(SubnetKey::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn flannel_written_values_are_understood() {
+        // Shapes as flanneld writes them (tests/fixtures/flannel-etcd).
+        let l = Lease::parse(&fixture("subnets_10.244.2.0-24.json")).unwrap();
+        assert_eq!(l.public_ip, Some(Ipv4Addr::new(192, 168, 77, 2)));
+        assert_eq!(l.vxlan_data(false).unwrap(), VxlanData { vni: 1, vtep_mac: [0x0a, 0x58, 0x0a, 0xf4, 2, 0] });
+        let again = Lease::parse(serde_json::to_string(&l).unwrap().as_bytes()).unwrap();
+        assert_eq!(again, l);
+        let l = Lease::parse(&fixture("subnets_10.42.3.0-24&2001:cafe:42:3::-64.json")).unwrap();
+        assert_eq!(l.backend_type, "wireguard");
+        assert_eq!(l.public_ipv6, Some("fd77::3".parse().unwrap()));
+        let c = NetworkConfig::parse(&fixture("config.json")).unwrap();
+        assert_eq!(c.network, Some("10.244.0.0/16".parse().unwrap()));
+        assert_eq!(c.backend_type(), "vxlan");
+    }
+
+    #[test]
+    fn bad_lease_values_are_refused() {
+        let bad_mac = br#"{"PublicIP":"192.168.77.2","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"zz"}}"#;
+        assert!(matches!(Lease::parse(bad_mac).unwrap().vxlan_data(false), Err(DatastoreError::Invalid { .. })));
+        let big_vni = br#"{"PublicIP":"192.168.77.2","BackendType":"vxlan","BackendData":{"VNI":16777216,"VtepMAC":"0a:58:0a:f4:02:00"}}"#;
+        assert!(Lease::parse(big_vni).unwrap().vxlan_data(false).is_err());
+        assert!(Lease::parse(br#"{"PublicIP":"300.1.1.1","BackendType":"vxlan"}"#).is_err());
+        assert!(Lease::parse(b"[]").is_err());
+        assert!(StaticDatastore::parse(br#"{"config":{},"subnets":{"nope":{"BackendType":"vxlan"}}}"#).is_err());
+    }
+
+    #[test]
+    fn static_file_round_trips() {
+        let json = br#"{"config":{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}},
+            "subnets":{"10.244.1.0-24":{"PublicIP":"192.168.77.1","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"0a:58:0a:f4:01:00"}}}}"#;
+        let ds = StaticDatastore::parse(json).unwrap();
+        assert_eq!(StaticDatastore::parse(ds.to_json().as_bytes()).unwrap(), ds);
+        let (key, _) = ds.lease_of("192.168.77.1".parse().unwrap()).unwrap();
+        assert_eq!(key.to_string(), "10.244.1.0-24");
+        assert!(ds.lease_of("192.168.77.9".parse().unwrap()).is_none());
+    }
+
+    #[test]
+    fn subnet_env_matches_flannel() {
+        // The shared fixture: dual-stack, first usable addresses.
+        let key = SubnetKey::parse("10.42.3.0-24&2001:cafe:42:3::-64").unwrap();
+        let env = subnet_env(
+            Some("10.42.0.0/16".parse().unwrap()),
+            &key,
+            Some("2001:cafe:42::/56".parse().unwrap()),
+            1420,
+            true,
+        );
+        let expected = "FLANNEL_NETWORK=10.42.0.0/16\nFLANNEL_SUBNET=10.42.3.1/24\nFLANNEL_IPV6_NETWORK=2001:cafe:42::/56\n\
+                        FLANNEL_IPV6_SUBNET=2001:cafe:42:3::1/64\nFLANNEL_MTU=1420\nFLANNEL_IPMASQ=true\n";
+        assert_eq!(env, expected);
+        let fixture = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/subnet.env")).unwrap();
+        assert_eq!(env, fixture);
+    }
+
+    #[test]
+    fn macs_round_trip() {
+        assert_eq!(parse_mac("0a:58:0A:f4:01:00"), Some([0x0a, 0x58, 0x0a, 0xf4, 1, 0]));
+        assert_eq!(format_mac(&[0x0a, 0x58, 0x0a, 0xf4, 1, 0]), "0a:58:0a:f4:01:00");
+        for bad in ["", "0a:58:0a:f4:01", "0a:58:0a:f4:01:00:00", "0a-58-0a-f4-01-00", "0a:58:0a:f4:01:0"] {
+            assert_eq!(parse_mac(bad), None, "{bad}");
+        }
+    }
+}

@@ -1,0 +1,78 @@
+//! Helpers for labs and tests: run commands, enter network namespaces.
+//!
+//! The lab builds its topology with `ip` and `bridge` (simpler than netlink
+//! for veth pairs across namespaces); the agent itself never runs them.
+//! [`in_netns`] runs a closure on a thread that has joined a namespace, so the
+//! lab can open sockets inside pods without spawning helper processes.
+
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{bail, Context};
+
+/// Runs `program args...`, returning stdout; fails with stderr on a non-zero exit.
+pub fn run(program: &str, args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(program).args(args).output().with_context(|| format!("running {program}"))?;
+    if !out.status.success() {
+        bail!("`{program} {}` failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Runs `ip args...`.
+pub fn ip(args: &[&str]) -> anyhow::Result<()> {
+    run("ip", args).map(|_| ())
+}
+
+/// Runs `program args...` inside namespace `ns`.
+pub fn exec(ns: &str, program: &str, args: &[&str]) -> anyhow::Result<String> {
+    let mut full = vec!["netns", "exec", ns, program];
+    full.extend_from_slice(args);
+    run("ip", &full)
+}
+
+/// Sets a sysctl inside namespace `ns` (`net.ipv4.ip_forward` and the like).
+pub fn sysctl(ns: &str, key: &str, value: &str) -> anyhow::Result<()> {
+    exec(ns, "sysctl", &["-qw", &format!("{key}={value}")]).map(|_| ())
+}
+
+/// Names of the network namespaces that exist.
+pub fn list() -> Vec<String> {
+    std::fs::read_dir("/run/netns")
+        .map(|d| d.flatten().filter_map(|e| e.file_name().into_string().ok()).collect())
+        .unwrap_or_default()
+}
+
+/// Whether namespace `ns` exists.
+pub fn exists(ns: &str) -> bool {
+    Path::new("/run/netns").join(ns).exists()
+}
+
+/// Runs `f` on a new thread that has joined network namespace `ns`.
+pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> anyhow::Result<T> {
+    spawn_in_netns(ns, f)?.join().map_err(|_| anyhow::anyhow!("thread in {ns} panicked"))
+}
+
+/// Starts `f` on a new thread that has joined network namespace `ns`.
+pub fn spawn_in_netns<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> anyhow::Result<std::thread::JoinHandle<T>> {
+    let file = std::fs::File::open(Path::new("/run/netns").join(ns)).with_context(|| format!("opening namespace {ns}"))?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let handle = std::thread::spawn(move || {
+        // A thread may switch its own network namespace; sockets it opens
+        // afterwards live there.
+        if let Err(e) = nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET) {
+            let _ = tx.send(Err(e));
+            panic!("setns failed");
+        }
+        let _ = tx.send(Ok(()));
+        f()
+    });
+    match rx.recv() {
+        Ok(Ok(())) => Ok(handle),
+        Ok(Err(e)) => bail!("entering namespace {ns}: {e}"),
+        Err(_) => bail!("entering namespace {ns}: thread died"),
+    }
+}
