@@ -54,7 +54,10 @@ pub struct DesiredPeer {
 pub fn desired(cfg: &AgentConfig, ds: &StaticDatastore) -> anyhow::Result<Desired> {
     let backend = ds.config.backend_type();
     if backend != cfg.backend {
-        bail!("the datastore's Backend.Type is `{backend}` but flannel-backend is `{}`", cfg.backend);
+        bail!(
+            "the datastore's Backend.Type is `{backend}` but flannel-backend is `{}`",
+            cfg.backend
+        );
     }
     let network = ds.config.network.map(IpNet::V4);
     if let (Some(want), Some(have)) = (cfg.cluster_cidr, network) {
@@ -63,14 +66,24 @@ pub fn desired(cfg: &AgentConfig, ds: &StaticDatastore) -> anyhow::Result<Desire
         }
     }
     let v6 = cfg.node_ip.is_ipv6();
-    let (own_key, own_lease) = ds
-        .lease_of(cfg.node_ip)
-        .with_context(|| format!("no lease in the datastore has PublicIP {} (config key `node-ip`)", cfg.node_ip))?;
+    let (own_key, own_lease) = ds.lease_of(cfg.node_ip).with_context(|| {
+        format!(
+            "no lease in the datastore has PublicIP {} (config key `node-ip`)",
+            cfg.node_ip
+        )
+    })?;
     let own_data = own_lease.vxlan_data(v6).context("this node's lease")?;
     if own_data.vni != cfg.vni {
-        bail!("this node's lease has VNI {} but config key `vni` is {}", own_data.vni, cfg.vni);
+        bail!(
+            "this node's lease has VNI {} but config key `vni` is {}",
+            own_data.vni,
+            cfg.vni
+        );
     }
-    let own = Vtep { addr: cfg.node_ip, mac: own_data.vtep_mac };
+    let own = Vtep {
+        addr: cfg.node_ip,
+        mac: own_data.vtep_mac,
+    };
     let mut peers = Vec::new();
     let mut skipped = Vec::new();
     for (key, lease) in &ds.leases {
@@ -86,12 +99,24 @@ pub fn desired(cfg: &AgentConfig, ds: &StaticDatastore) -> anyhow::Result<Desire
             continue;
         };
         match lease.vxlan_data(v6) {
-            Ok(d) if d.vni == cfg.vni => peers.push(DesiredPeer { key: *key, vtep: Vtep { addr, mac: d.vtep_mac } }),
+            Ok(d) if d.vni == cfg.vni => peers.push(DesiredPeer {
+                key: *key,
+                vtep: Vtep {
+                    addr,
+                    mac: d.vtep_mac,
+                },
+            }),
             Ok(d) => skipped.push((*key, format!("VNI {} is not ours", d.vni))),
             Err(e) => skipped.push((*key, e.to_string())),
         }
     }
-    Ok(Desired { own_key: *own_key, own, network, peers, skipped })
+    Ok(Desired {
+        own_key: *own_key,
+        own,
+        network,
+        peers,
+        skipped,
+    })
 }
 
 /// Routes to add and to delete to go from `old` to `new` subnets.
@@ -116,8 +141,15 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     }
     let mut nl = Netlink::open().context("opening netlink")?;
     let underlay_mtu = underlay_mtu(&mut nl, cfg.node_ip)?;
-    let overhead = if cfg.node_ip.is_ipv6() { OVERHEAD_V6 } else { OVERHEAD_V4 } as u32;
-    let mtu = underlay_mtu.checked_sub(overhead).filter(|m| *m >= 576).context("underlay MTU too small for VXLAN")?;
+    let overhead = if cfg.node_ip.is_ipv6() {
+        OVERHEAD_V6
+    } else {
+        OVERHEAD_V4
+    } as u32;
+    let mtu = underlay_mtu
+        .checked_sub(overhead)
+        .filter(|m| *m >= 576)
+        .context("underlay MTU too small for VXLAN")?;
 
     let mut counters: HashMap<SubnetKey, Arc<PeerCounters>> = HashMap::new();
     let snapshot = Arc::new(build_snapshot(&want, &mut counters));
@@ -126,40 +158,63 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         threads: cfg.threads,
         vxlan: Vxlan::new(cfg.vni, cfg.vxlan_port, want.own),
         port: cfg.vxlan_port,
+        mtu: mtu as usize,
     };
-    let engine = Engine::start(&engine_cfg, snapshot.clone()).context("starting the engine (TUN device, sockets)")?;
+    let engine = Engine::start(&engine_cfg, snapshot.clone())
+        .context("starting the engine (TUN device, sockets)")?;
     let state = Arc::new(MetricsState {
         workers: engine.counters().to_vec(),
         snapshot: Mutex::new(snapshot),
         ready: Default::default(),
     });
     if let Some(addr) = cfg.metrics_addr {
-        metrics::serve(addr, state.clone()).with_context(|| format!("config key `metrics-addr`: cannot listen on {addr}"))?;
+        metrics::serve(addr, state.clone())
+            .with_context(|| format!("config key `metrics-addr`: cannot listen on {addr}"))?;
     }
 
     let tun = Netlink::link_index(&cfg.tun_name)?;
-    nl.set_link(tun, true, Some(mtu)).context("setting the TUN device up")?;
+    nl.set_link(tun, true, Some(mtu))
+        .context("setting the TUN device up")?;
     for net in want.own_key.subnets() {
         let host = if net.addr().is_ipv4() { 32 } else { 128 };
-        nl.add_address(tun, IpNet::new(net.network(), host).expect("a host prefix is valid")).context("addressing the TUN device")?;
+        nl.add_address(
+            tun,
+            IpNet::new(net.network(), host).expect("a host prefix is valid"),
+        )
+        .context("addressing the TUN device")?;
     }
     let mut routed = routed_subnets(&want);
     for net in &routed {
-        nl.replace_route(&tun_route(*net, tun)).with_context(|| format!("adding the route to {net}"))?;
+        nl.replace_route(&tun_route(*net, tun))
+            .with_context(|| format!("adding the route to {net}"))?;
     }
     let env = subnet_env(want.network, &want.own_key, None, mtu, false);
     write_subnet_env(&cfg, &env)?;
     state.ready.store(true, Relaxed);
     tracing::info!(node = %cfg.node_name, subnet = %want.own_key, mtu, peers = want.peers.len(), "agent ready");
 
-    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGHUP, signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT])?;
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGHUP,
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+    ])?;
     for sig in signals.forever() {
         if sig != signal_hook::consts::SIGHUP {
             break;
         }
-        match reload(&cfg, &engine, &mut nl, tun, &mut routed, &mut counters, &state) {
+        match reload(
+            &cfg,
+            &engine,
+            &mut nl,
+            tun,
+            &mut routed,
+            &mut counters,
+            &state,
+        ) {
             Ok(()) => {}
-            Err(e) => tracing::error!(error = %format!("{e:#}"), "reload refused; keeping the previous state"),
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "reload refused; keeping the previous state")
+            }
         }
     }
     tracing::info!("shutting down");
@@ -190,7 +245,8 @@ fn reload(
     // Routes first for new nodes, so their packets reach the TUN as soon as
     // the snapshot knows them; old routes go after the snapshot drops them.
     for net in &add {
-        nl.replace_route(&tun_route(*net, tun)).with_context(|| format!("adding the route to {net}"))?;
+        nl.replace_route(&tun_route(*net, tun))
+            .with_context(|| format!("adding the route to {net}"))?;
     }
     let snapshot = Arc::new(build_snapshot(&want, counters));
     engine.update(snapshot.clone());
@@ -198,10 +254,16 @@ fn reload(
         *s = snapshot;
     }
     for net in &del {
-        nl.delete_route(&tun_route(*net, tun)).with_context(|| format!("removing the route to {net}"))?;
+        nl.delete_route(&tun_route(*net, tun))
+            .with_context(|| format!("removing the route to {net}"))?;
     }
     *routed = new_routed;
-    tracing::info!(added = add.len(), removed = del.len(), peers = want.peers.len(), "datastore reloaded");
+    tracing::info!(
+        added = add.len(),
+        removed = del.len(),
+        peers = want.peers.len(),
+        "datastore reloaded"
+    );
     Ok(())
 }
 
@@ -222,7 +284,12 @@ fn build_snapshot(d: &Desired, counters: &mut HashMap<SubnetKey, Arc<PeerCounter
 }
 
 fn tun_route(dst: IpNet, tun: u32) -> Route {
-    Route { dst, oif: tun, gateway: None, onlink: false }
+    Route {
+        dst,
+        oif: tun,
+        gateway: None,
+        onlink: false,
+    }
 }
 
 /// MTU of the interface that holds `node_ip`.
@@ -230,7 +297,9 @@ fn underlay_mtu(nl: &mut Netlink, node_ip: IpAddr) -> anyhow::Result<u32> {
     let addrs = nix::ifaddrs::getifaddrs().context("listing interface addresses")?;
     for a in addrs {
         let ip = a.address.as_ref().and_then(|s| {
-            s.as_sockaddr_in().map(|v4| IpAddr::V4(v4.ip())).or_else(|| s.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())))
+            s.as_sockaddr_in()
+                .map(|v4| IpAddr::V4(v4.ip()))
+                .or_else(|| s.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())))
         });
         if ip == Some(node_ip) {
             let index = Netlink::link_index(&a.interface_name)?;
@@ -246,7 +315,8 @@ fn write_subnet_env(cfg: &AgentConfig, env: &str) -> anyhow::Result<()> {
     }
     let tmp = cfg.subnet_file.with_extension("tmp");
     std::fs::write(&tmp, env).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, &cfg.subnet_file).with_context(|| format!("writing {}", cfg.subnet_file.display()))?;
+    std::fs::rename(&tmp, &cfg.subnet_file)
+        .with_context(|| format!("writing {}", cfg.subnet_file.display()))?;
     Ok(())
 }
 
@@ -277,8 +347,14 @@ mod tests {
         assert_eq!(d.own_key.to_string(), "10.244.1.0-24");
         assert_eq!(d.own.mac, [0x0a, 0x58, 0x0a, 0xf4, 1, 0]);
         assert_eq!(d.peers.len(), 1);
-        assert_eq!(d.peers[0].vtep.addr, "192.168.77.2".parse::<IpAddr>().unwrap());
-        assert_eq!(routed_subnets(&d), vec!["10.244.2.0/24".parse::<IpNet>().unwrap()]);
+        assert_eq!(
+            d.peers[0].vtep.addr,
+            "192.168.77.2".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(
+            routed_subnets(&d),
+            vec!["10.244.2.0/24".parse::<IpNet>().unwrap()]
+        );
     }
 
     #[test]
@@ -292,12 +368,17 @@ mod tests {
 
     #[test]
     fn missing_own_lease_and_mismatches_are_refused() {
-        let e = desired(&cfg("192.168.77.9"), &ds("")).unwrap_err().to_string();
+        let e = desired(&cfg("192.168.77.9"), &ds(""))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("192.168.77.9") && e.contains("node-ip"), "{e}");
         let mut c = cfg("192.168.77.1");
         c.cluster_cidr = Some("10.42.0.0/16".parse().unwrap());
         let e = desired(&c, &ds("")).unwrap_err().to_string();
-        assert!(e.contains("cluster-cidr") && e.contains("10.244.0.0/16"), "{e}");
+        assert!(
+            e.contains("cluster-cidr") && e.contains("10.244.0.0/16"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -305,7 +386,10 @@ mod tests {
         let n = |s: &str| s.parse::<IpNet>().unwrap();
         let old = vec![n("10.244.2.0/24"), n("10.244.3.0/24")];
         let new = vec![n("10.244.3.0/24"), n("10.244.4.0/24")];
-        assert_eq!(route_changes(&old, &new), (vec![n("10.244.4.0/24")], vec![n("10.244.2.0/24")]));
+        assert_eq!(
+            route_changes(&old, &new),
+            (vec![n("10.244.4.0/24")], vec![n("10.244.2.0/24")])
+        );
         assert_eq!(route_changes(&new, &new), (vec![], vec![]));
     }
 }

@@ -16,16 +16,34 @@ use crate::error::ConfigError;
 /// Every key the agent understands, with a one-line description.
 pub const KEYS: &[(&str, &str)] = &[
     ("node-name", "name of this node (default: the hostname)"),
-    ("node-ip", "this node's underlay address; its lease is the one with this PublicIP"),
+    (
+        "node-ip",
+        "this node's underlay address; its lease is the one with this PublicIP",
+    ),
     ("flannel-backend", "data plane: vxlan"),
-    ("cluster-cidr", "pod network; must match the datastore's Network when both are given"),
+    (
+        "cluster-cidr",
+        "pod network; must match the datastore's Network when both are given",
+    ),
     ("vxlan-port", "UDP port of the VXLAN backend (default 8472)"),
     ("vni", "VXLAN network identifier (default 1)"),
     ("tun-name", "name of the TUN device (default weft0)"),
-    ("threads", "worker threads, one TUN queue each (default: number of cores)"),
-    ("metrics-addr", "address of /metrics, /healthz, /readyz (default 127.0.0.1:9464; empty: off)"),
-    ("datastore-file", "static datastore: Flannel's network config and leases in one JSON file"),
-    ("subnet-file", "where subnet.env is written (default /run/flannel/subnet.env)"),
+    (
+        "threads",
+        "worker threads, one TUN queue each (default: number of cores)",
+    ),
+    (
+        "metrics-addr",
+        "address of /metrics, /healthz, /readyz (default 127.0.0.1:9464; empty: off)",
+    ),
+    (
+        "datastore-file",
+        "static datastore: Flannel's network config and leases in one JSON file",
+    ),
+    (
+        "subnet-file",
+        "where subnet.env is written (default /run/flannel/subnet.env)",
+    ),
 ];
 
 /// Backends this build can run.
@@ -67,7 +85,13 @@ impl AgentConfig {
         let map = match doc {
             serde_yaml::Value::Null => return Ok(out),
             serde_yaml::Value::Mapping(m) => m,
-            other => return Err(ConfigError::new("(file)", yaml_text(&other), "a YAML mapping of key: value")),
+            other => {
+                return Err(ConfigError::new(
+                    "(file)",
+                    yaml_text(&other),
+                    "a YAML mapping of key: value",
+                ))
+            }
         };
         for (k, v) in map {
             let key = match k {
@@ -91,47 +115,90 @@ impl AgentConfig {
         for key in pairs.keys() {
             if !KEYS.iter().any(|(k, _)| k == key) {
                 let known: Vec<&str> = KEYS.iter().map(|(k, _)| *k).collect();
-                return Err(ConfigError::new(key, &pairs[key], format!("unknown key; known keys: {}", known.join(", "))));
+                return Err(ConfigError::new(
+                    key,
+                    &pairs[key],
+                    format!("unknown key; known keys: {}", known.join(", ")),
+                ));
             }
         }
         let get = |k: &str| pairs.get(k).map(|s| s.trim()).filter(|s| !s.is_empty());
         let node_ip = match get("node-ip") {
-            Some(v) => v.parse::<IpAddr>().map_err(|_| ConfigError::new("node-ip", v, "an IPv4 or IPv6 address"))?,
-            None => return Err(ConfigError::new("node-ip", "", "an IPv4 or IPv6 address (required)")),
+            Some(v) => v
+                .parse::<IpAddr>()
+                .map_err(|_| ConfigError::new("node-ip", v, "an IPv4 or IPv6 address"))?,
+            None => {
+                return Err(ConfigError::new(
+                    "node-ip",
+                    "",
+                    "an IPv4 or IPv6 address (required)",
+                ))
+            }
         };
         let backend = get("flannel-backend").unwrap_or("vxlan").to_string();
         if !BACKENDS.contains(&backend.as_str()) {
-            return Err(ConfigError::new("flannel-backend", &backend, format!("one of: {}", BACKENDS.join(", "))));
+            return Err(ConfigError::new(
+                "flannel-backend",
+                &backend,
+                format!("one of: {}", BACKENDS.join(", ")),
+            ));
         }
         let cluster_cidr = get("cluster-cidr")
             .map(|v| {
                 v.parse::<IpNet>()
                     .ok()
                     .filter(|n| n.trunc() == *n)
-                    .ok_or_else(|| ConfigError::new("cluster-cidr", v, "a network in CIDR form, e.g. 10.244.0.0/16"))
+                    .ok_or_else(|| {
+                        ConfigError::new(
+                            "cluster-cidr",
+                            v,
+                            "a network in CIDR form, e.g. 10.244.0.0/16",
+                        )
+                    })
             })
             .transpose()?;
         let vxlan_port = parse_num("vxlan-port", get("vxlan-port"), 8472u16, 1, 65535)?;
         let vni = parse_num("vni", get("vni"), 1u32, 1, weft_tunnel::vxlan::MAX_VNI)?;
         let tun_name = get("tun-name").unwrap_or("weft0").to_string();
         if tun_name.len() > 15 || tun_name.contains(['/', ' ', ':']) {
-            return Err(ConfigError::new("tun-name", &tun_name, "an interface name of 1-15 characters without '/', ':' or spaces"));
+            return Err(ConfigError::new(
+                "tun-name",
+                &tun_name,
+                "an interface name of 1-15 characters without '/', ':' or spaces",
+            ));
         }
-        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
         let threads = parse_num("threads", get("threads"), cores, 1, 256)?;
         let metrics_addr = match pairs.get("metrics-addr").map(|s| s.trim()) {
             Some("") => None,
-            Some(v) => Some(v.parse().map_err(|_| ConfigError::new("metrics-addr", v, "host:port such as 127.0.0.1:9464, or empty for off"))?),
+            Some(v) => Some(v.parse().map_err(|_| {
+                ConfigError::new(
+                    "metrics-addr",
+                    v,
+                    "host:port such as 127.0.0.1:9464, or empty for off",
+                )
+            })?),
             None => Some(SocketAddr::from(([127, 0, 0, 1], 9464))),
         };
         let datastore_file = match get("datastore-file") {
             Some(v) => PathBuf::from(v),
-            None => return Err(ConfigError::new("datastore-file", "", "the path of a static datastore JSON file (required)")),
+            None => {
+                return Err(ConfigError::new(
+                    "datastore-file",
+                    "",
+                    "the path of a static datastore JSON file (required)",
+                ))
+            }
         };
         let subnet_file = PathBuf::from(get("subnet-file").unwrap_or("/run/flannel/subnet.env"));
         let node_name = match get("node-name") {
             Some(v) => v.to_string(),
-            None => nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| node_ip.to_string()),
+            None => nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .unwrap_or_else(|| node_ip.to_string()),
         };
         Ok(AgentConfig {
             node_name,
@@ -156,12 +223,18 @@ where
     let Some(v) = v else { return Ok(default) };
     match v.parse::<T>() {
         Ok(n) if n >= min && n <= max => Ok(n),
-        _ => Err(ConfigError::new(key, v, format!("an integer from {min} to {max}"))),
+        _ => Err(ConfigError::new(
+            key,
+            v,
+            format!("an integer from {min} to {max}"),
+        )),
     }
 }
 
 fn yaml_text(v: &serde_yaml::Value) -> String {
-    serde_yaml::to_string(v).map(|s| s.trim().to_string()).unwrap_or_default()
+    serde_yaml::to_string(v)
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -178,7 +251,10 @@ mod tests {
     fn good_file_with_defaults() {
         let c = parse(GOOD).unwrap();
         assert_eq!(c.node_ip, "192.168.77.1".parse::<IpAddr>().unwrap());
-        assert_eq!((c.vxlan_port, c.vni, c.tun_name.as_str(), c.backend.as_str()), (8472, 1, "weft0", "vxlan"));
+        assert_eq!(
+            (c.vxlan_port, c.vni, c.tun_name.as_str(), c.backend.as_str()),
+            (8472, 1, "weft0", "vxlan")
+        );
         assert_eq!(c.metrics_addr, Some("127.0.0.1:9464".parse().unwrap()));
         assert_eq!(c.subnet_file, PathBuf::from("/run/flannel/subnet.env"));
     }
@@ -208,7 +284,10 @@ mod tests {
         assert_eq!((e.key.as_str(), e.value.as_str()), ("vni", "16777216"));
         assert!(e.accepted.contains("1 to 16777215"), "{e}");
         let e = refused(&format!("{GOOD}flannel-backend: ipsec\n"));
-        assert_eq!((e.key.as_str(), e.value.as_str()), ("flannel-backend", "ipsec"));
+        assert_eq!(
+            (e.key.as_str(), e.value.as_str()),
+            ("flannel-backend", "ipsec")
+        );
         assert!(e.accepted.contains("vxlan"));
         let e = refused(&format!("{GOOD}vxlan-port: 0\n"));
         assert_eq!(e.key, "vxlan-port");
@@ -232,7 +311,10 @@ mod tests {
     fn unknown_keys_and_bad_shapes_are_refused() {
         let e = refused(&format!("{GOOD}vnii: 1\n"));
         assert_eq!(e.key, "vnii");
-        assert!(e.accepted.contains("vxlan-port"), "lists the known keys: {e}");
+        assert!(
+            e.accepted.contains("vxlan-port"),
+            "lists the known keys: {e}"
+        );
         assert_eq!(refused("- a\n- b\n").key, "(file)");
         assert_eq!(refused("node-ip: [1, 2]\n").key, "node-ip");
         assert_eq!(refused("{{{").key, "(file)");

@@ -143,12 +143,28 @@ pub fn plan(opts: &LabOptions) -> Vec<Node> {
     (1..=opts.nodes)
         .map(|i| {
             let ns = format!("{}-n{i}", opts.name);
-            let subnet = Ipv4Net::new(Ipv4Addr::new(10, 244, i as u8, 0), 24).expect("24 is a valid prefix");
-            let kind = if opts.kernel_peer && i == opts.nodes { NodeKind::KernelVxlan } else { NodeKind::Weft };
+            let subnet =
+                Ipv4Net::new(Ipv4Addr::new(10, 244, i as u8, 0), 24).expect("24 is a valid prefix");
+            let kind = if opts.kernel_peer && i == opts.nodes {
+                NodeKind::KernelVxlan
+            } else {
+                NodeKind::Weft
+            };
             let pods = (1..=opts.pods_per_node)
-                .map(|j| Pod { ns: format!("{ns}p{j}"), ip: Ipv4Addr::new(10, 244, i as u8, 1 + j as u8) })
+                .map(|j| Pod {
+                    ns: format!("{ns}p{j}"),
+                    ip: Ipv4Addr::new(10, 244, i as u8, 1 + j as u8),
+                })
                 .collect();
-            Node { index: i, ns, ip: Ipv4Addr::new(192, 168, 77, i as u8), subnet, mac: [0x0a, 0x58, 0x0a, 0xf4, i as u8, 0], kind, pods }
+            Node {
+                index: i,
+                ns,
+                ip: Ipv4Addr::new(192, 168, 77, i as u8),
+                subnet,
+                mac: [0x0a, 0x58, 0x0a, 0xf4, i as u8, 0],
+                kind,
+                pods,
+            }
         })
         .collect()
 }
@@ -173,10 +189,20 @@ pub fn datastore(nodes: &[Node]) -> StaticDatastore {
                 public_ip: Some(n.ip),
                 public_ipv6: None,
                 backend_type: "vxlan".into(),
-                backend_data: VxlanData { vni: 1, vtep_mac: n.mac }.to_value(),
+                backend_data: VxlanData {
+                    vni: 1,
+                    vtep_mac: n.mac,
+                }
+                .to_value(),
                 backend_v6_data: None,
             };
-            (SubnetKey { v4: Some(n.subnet), v6: None }, lease)
+            (
+                SubnetKey {
+                    v4: Some(n.subnet),
+                    v6: None,
+                },
+                lease,
+            )
         })
         .collect();
     StaticDatastore { config, leases }
@@ -191,9 +217,17 @@ pub fn up(opts: &LabOptions) -> anyhow::Result<Lab> {
         bail!("--backend {}: this build's lab runs: vxlan", opts.backend);
     }
     if netns::exists(&format!("{}-ul", opts.name)) {
-        bail!("a lab named {} exists already; remove it with `weft lab down --name {}`", opts.name, opts.name);
+        bail!(
+            "a lab named {} exists already; remove it with `weft lab down --name {}`",
+            opts.name,
+            opts.name
+        );
     }
-    let lab = Lab { opts: opts.clone(), nodes: plan(opts), dir: Path::new(STATE_ROOT).join(&opts.name) };
+    let lab = Lab {
+        opts: opts.clone(),
+        nodes: plan(opts),
+        dir: Path::new(STATE_ROOT).join(&opts.name),
+    };
     match build(&lab) {
         Ok(()) => Ok(lab),
         Err(e) => {
@@ -214,24 +248,100 @@ fn build(lab: &Lab) -> anyhow::Result<()> {
     for n in &lab.nodes {
         ip(&["netns", "add", &n.ns])?;
         let port = format!("n{}", n.index);
-        ip(&["-n", &ul, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &n.ns])?;
+        ip(&[
+            "-n", &ul, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &n.ns,
+        ])?;
         ip(&["-n", &ul, "link", "set", &port, "master", "br0", "up"])?;
         ip(&["-n", &n.ns, "link", "set", "lo", "up"])?;
-        ip(&["-n", &n.ns, "link", "set", "eth0", "mtu", &UNDERLAY_MTU.to_string(), "up"])?;
-        ip(&["-n", &n.ns, "addr", "add", &format!("{}/24", n.ip), "dev", "eth0"])?;
+        ip(&[
+            "-n",
+            &n.ns,
+            "link",
+            "set",
+            "eth0",
+            "mtu",
+            &UNDERLAY_MTU.to_string(),
+            "up",
+        ])?;
+        ip(&[
+            "-n",
+            &n.ns,
+            "addr",
+            "add",
+            &format!("{}/24", n.ip),
+            "dev",
+            "eth0",
+        ])?;
         netns::sysctl(&n.ns, "net.ipv4.ip_forward", "1")?;
         ip(&["-n", &n.ns, "link", "add", "cni0", "type", "bridge"])?;
-        ip(&["-n", &n.ns, "addr", "add", &format!("{}/24", crate::datastore::first_host(n.subnet.into())), "dev", "cni0"])?;
-        ip(&["-n", &n.ns, "link", "set", "cni0", "mtu", &POD_MTU.to_string(), "up"])?;
+        ip(&[
+            "-n",
+            &n.ns,
+            "addr",
+            "add",
+            &format!("{}/24", crate::datastore::first_host(n.subnet.into())),
+            "dev",
+            "cni0",
+        ])?;
+        ip(&[
+            "-n",
+            &n.ns,
+            "link",
+            "set",
+            "cni0",
+            "mtu",
+            &POD_MTU.to_string(),
+            "up",
+        ])?;
         for (j, p) in n.pods.iter().enumerate() {
             ip(&["netns", "add", &p.ns])?;
             let veth = format!("vp{}", j + 1);
-            ip(&["-n", &n.ns, "link", "add", &veth, "mtu", &POD_MTU.to_string(), "type", "veth", "peer", "name", "eth0", "netns", &p.ns])?;
+            ip(&[
+                "-n",
+                &n.ns,
+                "link",
+                "add",
+                &veth,
+                "mtu",
+                &POD_MTU.to_string(),
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                &p.ns,
+            ])?;
             ip(&["-n", &n.ns, "link", "set", &veth, "master", "cni0", "up"])?;
             ip(&["-n", &p.ns, "link", "set", "lo", "up"])?;
-            ip(&["-n", &p.ns, "link", "set", "eth0", "mtu", &POD_MTU.to_string(), "up"])?;
-            ip(&["-n", &p.ns, "addr", "add", &format!("{}/24", p.ip), "dev", "eth0"])?;
-            ip(&["-n", &p.ns, "route", "add", "default", "via", &crate::datastore::first_host(n.subnet.into()).to_string()])?;
+            ip(&[
+                "-n",
+                &p.ns,
+                "link",
+                "set",
+                "eth0",
+                "mtu",
+                &POD_MTU.to_string(),
+                "up",
+            ])?;
+            ip(&[
+                "-n",
+                &p.ns,
+                "addr",
+                "add",
+                &format!("{}/24", p.ip),
+                "dev",
+                "eth0",
+            ])?;
+            ip(&[
+                "-n",
+                &p.ns,
+                "route",
+                "add",
+                "default",
+                "via",
+                &crate::datastore::first_host(n.subnet.into()).to_string(),
+            ])?;
         }
     }
     let ds = datastore(&lab.nodes);
@@ -250,15 +360,86 @@ fn build(lab: &Lab) -> anyhow::Result<()> {
 fn kernel_flannel_node(n: &Node, all: &[Node]) -> anyhow::Result<()> {
     let ns = n.ns.as_str();
     let ip_s = n.ip.to_string();
-    ip(&["-n", ns, "link", "add", "flannel.1", "type", "vxlan", "id", "1", "local", &ip_s, "dev", "eth0", "dstport", "8472", "nolearning"])?;
-    ip(&["-n", ns, "link", "set", "flannel.1", "address", &format_mac(&n.mac), "mtu", &POD_MTU.to_string(), "up"])?;
-    ip(&["-n", ns, "addr", "add", &format!("{}/32", n.subnet.network()), "dev", "flannel.1"])?;
+    ip(&[
+        "-n",
+        ns,
+        "link",
+        "add",
+        "flannel.1",
+        "type",
+        "vxlan",
+        "id",
+        "1",
+        "local",
+        &ip_s,
+        "dev",
+        "eth0",
+        "dstport",
+        "8472",
+        "nolearning",
+    ])?;
+    ip(&[
+        "-n",
+        ns,
+        "link",
+        "set",
+        "flannel.1",
+        "address",
+        &format_mac(&n.mac),
+        "mtu",
+        &POD_MTU.to_string(),
+        "up",
+    ])?;
+    ip(&[
+        "-n",
+        ns,
+        "addr",
+        "add",
+        &format!("{}/32", n.subnet.network()),
+        "dev",
+        "flannel.1",
+    ])?;
     for r in all.iter().filter(|r| r.index != n.index) {
         let gw = r.subnet.network().to_string();
         let mac = format_mac(&r.mac);
-        ip(&["-n", ns, "neigh", "replace", &gw, "lladdr", &mac, "dev", "flannel.1", "nud", "permanent"])?;
-        exec(ns, "bridge", &["fdb", "append", &mac, "dev", "flannel.1", "dst", &r.ip.to_string()])?;
-        ip(&["-n", ns, "route", "replace", &r.subnet.to_string(), "via", &gw, "dev", "flannel.1", "onlink"])?;
+        ip(&[
+            "-n",
+            ns,
+            "neigh",
+            "replace",
+            &gw,
+            "lladdr",
+            &mac,
+            "dev",
+            "flannel.1",
+            "nud",
+            "permanent",
+        ])?;
+        exec(
+            ns,
+            "bridge",
+            &[
+                "fdb",
+                "append",
+                &mac,
+                "dev",
+                "flannel.1",
+                "dst",
+                &r.ip.to_string(),
+            ],
+        )?;
+        ip(&[
+            "-n",
+            ns,
+            "route",
+            "replace",
+            &r.subnet.to_string(),
+            "via",
+            &gw,
+            "dev",
+            "flannel.1",
+            "onlink",
+        ])?;
     }
     Ok(())
 }
@@ -283,7 +464,10 @@ fn start_agent(lab: &Lab, n: &Node, ds_path: &Path) -> anyhow::Result<()> {
     use std::os::unix::process::CommandExt;
     let child = Command::new("ip")
         .args(["netns", "exec", &n.ns, &bin, "agent", "--config", &cfg_s])
-        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+        )
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
@@ -292,7 +476,10 @@ fn start_agent(lab: &Lab, n: &Node, ds_path: &Path) -> anyhow::Result<()> {
         .process_group(0)
         .spawn()
         .with_context(|| format!("starting the agent of {}", n.ns))?;
-    std::fs::write(lab.dir.join(format!("n{}.pid", n.index)), child.id().to_string())?;
+    std::fs::write(
+        lab.dir.join(format!("n{}.pid", n.index)),
+        child.id().to_string(),
+    )?;
     Ok(())
 }
 
@@ -379,26 +566,48 @@ impl Lab {
         let name = format!("counters {} ({})", n.ns, n.ip);
         let m = match self.metrics(n) {
             Ok(m) => m,
-            Err(e) => return Check { name, passed: false, detail: format!("{e:#}") },
+            Err(e) => {
+                return Check {
+                    name,
+                    passed: false,
+                    detail: format!("{e:#}"),
+                }
+            }
         };
         let get = |k: &str| m.get(k).copied().unwrap_or(0.0) as u64;
-        let decap_drops: u64 = weft_tunnel::DropReason::ALL.iter().map(|r| get(&format!("weft_drops_total{{reason=\"{}\"}}", r.label()))).sum();
-        let (tx, rx) = (get("weft_udp_tx_packets_total"), get("weft_tun_tx_packets_total"));
+        let decap_drops: u64 = weft_tunnel::DropReason::ALL
+            .iter()
+            .map(|r| get(&format!("weft_drops_total{{reason=\"{}\"}}", r.label())))
+            .sum();
+        let (tx, rx) = (
+            get("weft_udp_tx_packets_total"),
+            get("weft_tun_tx_packets_total"),
+        );
         let passed = tx > 0 && rx > 0 && decap_drops == 0;
         let detail = format!(
             "sent {tx} pkts, delivered {rx} pkts, decap drops {decap_drops}, syscalls {}",
             get("weft_syscalls_total")
         );
-        Check { name, passed, detail }
+        Check {
+            name,
+            passed,
+            detail,
+        }
     }
 
     /// The tail of every agent log, for error reports.
     pub fn agent_logs(&self) -> String {
         let mut out = String::from("agent logs:");
         for n in self.weft_nodes() {
-            let log = std::fs::read_to_string(self.dir.join(format!("n{}.log", n.index))).unwrap_or_default();
+            let log = std::fs::read_to_string(self.dir.join(format!("n{}.log", n.index)))
+                .unwrap_or_default();
             let tail: Vec<&str> = log.lines().rev().take(8).collect();
-            let _ = write!(out, "\n--- {} ---\n{}", n.ns, tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
+            let _ = write!(
+                out,
+                "\n--- {} ---\n{}",
+                n.ns,
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
         }
         out
     }
@@ -411,13 +620,25 @@ fn ping_check(a: &Pod, b: &Pod) -> Check {
     for _ in 0..3 {
         match exec(&a.ns, "ping", &["-c", "1", "-W", "2", "-q", &target]) {
             Ok(out) => {
-                let rtt = out.lines().find(|l| l.contains("min/avg")).and_then(|l| l.split('/').nth(4)).unwrap_or("?");
-                return Check { name, passed: true, detail: format!("rtt {rtt} ms") };
+                let rtt = out
+                    .lines()
+                    .find(|l| l.contains("min/avg"))
+                    .and_then(|l| l.split('/').nth(4))
+                    .unwrap_or("?");
+                return Check {
+                    name,
+                    passed: true,
+                    detail: format!("rtt {rtt} ms"),
+                };
             }
             Err(e) => last = format!("{e:#}"),
         }
     }
-    Check { name, passed: false, detail: last }
+    Check {
+        name,
+        passed: false,
+        detail: last,
+    }
 }
 
 /// Deterministic test data: an xorshift stream.
@@ -437,10 +658,25 @@ pub fn transfer_check(a: &Pod, b: &Pod, bytes: usize) -> Check {
     match transfer(a, b, bytes) {
         Ok((sent, got, secs)) if sent == got => {
             let gbps = bytes as f64 * 8.0 / secs / 1e9;
-            Check { name, passed: true, detail: format!("sha256 {}… at both ends, {gbps:.2} Gbit/s", &hex(&sent)[..16]) }
+            Check {
+                name,
+                passed: true,
+                detail: format!(
+                    "sha256 {}… at both ends, {gbps:.2} Gbit/s",
+                    &hex(&sent)[..16]
+                ),
+            }
         }
-        Ok((sent, got, _)) => Check { name, passed: false, detail: format!("sha256 sent {} got {}", hex(&sent), hex(&got)) },
-        Err(e) => Check { name, passed: false, detail: format!("{e:#}") },
+        Ok((sent, got, _)) => Check {
+            name,
+            passed: false,
+            detail: format!("sha256 sent {} got {}", hex(&sent), hex(&got)),
+        },
+        Err(e) => Check {
+            name,
+            passed: false,
+            detail: format!("{e:#}"),
+        },
     }
 }
 
@@ -456,7 +692,9 @@ fn transfer(a: &Pod, b: &Pod, bytes: usize) -> anyhow::Result<(Digest32, Digest3
         let mut s = loop {
             match l.accept() {
                 Ok((s, _)) => break s,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline =>
+                {
                     std::thread::sleep(Duration::from_millis(10))
                 }
                 Err(e) => return Err(e).context("accepting the transfer"),
@@ -477,11 +715,14 @@ fn transfer(a: &Pod, b: &Pod, bytes: usize) -> anyhow::Result<(Digest32, Digest3
         }
         Ok((h.finalize().into(), total))
     })?;
-    ready_rx.recv_timeout(Duration::from_secs(5)).context("receiver did not start")?;
+    ready_rx
+        .recv_timeout(Duration::from_secs(5))
+        .context("receiver did not start")?;
     let dst = SocketAddr::from((b.ip, TRANSFER_PORT));
     let sender = netns::spawn_in_netns(&a.ns, move || -> anyhow::Result<(Digest32, f64)> {
         let start = Instant::now();
-        let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(5)).context("connecting")?;
+        let mut s =
+            TcpStream::connect_timeout(&dst, Duration::from_secs(5)).context("connecting")?;
         s.set_write_timeout(Some(Duration::from_secs(20)))?;
         let mut h = Sha256::new();
         let mut buf = vec![0u8; 1 << 16];
@@ -499,8 +740,12 @@ fn transfer(a: &Pod, b: &Pod, bytes: usize) -> anyhow::Result<(Digest32, Digest3
         let _ = s.read(&mut [0u8; 1]);
         Ok((h.finalize().into(), start.elapsed().as_secs_f64()))
     })?;
-    let sent = sender.join().map_err(|_| anyhow::anyhow!("sender panicked"))?;
-    let (got, total) = receiver.join().map_err(|_| anyhow::anyhow!("receiver panicked"))??;
+    let sent = sender
+        .join()
+        .map_err(|_| anyhow::anyhow!("sender panicked"))?;
+    let (got, total) = receiver
+        .join()
+        .map_err(|_| anyhow::anyhow!("receiver panicked"))??;
     let (sent, secs) = sent?;
     if total != bytes {
         bail!("received {total} of {bytes} bytes");
@@ -513,7 +758,12 @@ fn hex(d: &[u8]) -> String {
 }
 
 fn read_pid(path: &Path) -> Option<nix::unistd::Pid> {
-    std::fs::read_to_string(path).ok()?.trim().parse().ok().map(nix::unistd::Pid::from_raw)
+    std::fs::read_to_string(path)
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+        .map(nix::unistd::Pid::from_raw)
 }
 
 /// Removes lab `name`: stops its agents (SIGTERM, then SIGKILL after 5 s),
@@ -522,7 +772,12 @@ pub fn down(name: &str) {
     use nix::sys::signal::{kill, Signal};
     let dir = Path::new(STATE_ROOT).join(name);
     let pids: Vec<_> = std::fs::read_dir(&dir)
-        .map(|d| d.flatten().filter(|e| e.path().extension().is_some_and(|x| x == "pid")).filter_map(|e| read_pid(&e.path())).collect())
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.path().extension().is_some_and(|x| x == "pid"))
+                .filter_map(|e| read_pid(&e.path()))
+                .collect()
+        })
         .unwrap_or_default();
     for pid in &pids {
         let _ = kill(*pid, Signal::SIGTERM);
@@ -540,7 +795,10 @@ pub fn down(name: &str) {
         }
     }
     let prefix = format!("{name}-");
-    let mut spaces: Vec<String> = netns::list().into_iter().filter(|n| n.starts_with(&prefix)).collect();
+    let mut spaces: Vec<String> = netns::list()
+        .into_iter()
+        .filter(|n| n.starts_with(&prefix))
+        .collect();
     // Pods before nodes before the underlay: longest names first.
     spaces.sort_by_key(|n| std::cmp::Reverse(n.len()));
     for ns in spaces {
@@ -551,10 +809,21 @@ pub fn down(name: &str) {
 
 /// Formats checks as the table `weft lab` prints.
 pub fn table(checks: &[Check]) -> String {
-    let width = checks.iter().map(|c| c.name.len()).max().unwrap_or(10).max(5);
+    let width = checks
+        .iter()
+        .map(|c| c.name.len())
+        .max()
+        .unwrap_or(10)
+        .max(5);
     let mut out = format!("{:<width$}  {:<6}  {}\n", "CHECK", "RESULT", "DETAIL");
     for c in checks {
-        let _ = writeln!(out, "{:<width$}  {:<6}  {}", c.name, if c.passed { "pass" } else { "FAIL" }, c.detail);
+        let _ = writeln!(
+            out,
+            "{:<width$}  {:<6}  {}",
+            c.name,
+            if c.passed { "pass" } else { "FAIL" },
+            c.detail
+        );
     }
     out
 }
@@ -562,7 +831,9 @@ pub fn table(checks: &[Check]) -> String {
 /// Whether lab names are valid: short (interface and namespace names derive
 /// from them) and plain.
 pub fn valid_name(name: &str) -> bool {
-    !name.is_empty() && name.len() <= 16 && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+    !name.is_empty()
+        && name.len() <= 16
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
 #[cfg(test)]
@@ -583,7 +854,10 @@ mod tests {
         let parsed = StaticDatastore::parse(ds.to_json().as_bytes()).unwrap();
         assert_eq!(parsed.leases.len(), 3);
         let (_, l) = parsed.lease_of("192.168.77.2".parse().unwrap()).unwrap();
-        assert_eq!(l.vxlan_data(false).unwrap().vtep_mac, [0x0a, 0x58, 0x0a, 0xf4, 2, 0]);
+        assert_eq!(
+            l.vxlan_data(false).unwrap().vtep_mac,
+            [0x0a, 0x58, 0x0a, 0xf4, 2, 0]
+        );
     }
 
     #[test]

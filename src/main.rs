@@ -11,7 +11,11 @@ use weft::config::AgentConfig;
 use weft::lab::{self, LabOptions};
 
 #[derive(Parser)]
-#[command(name = "weft", version, about = "Userspace pod-network data plane, compatible with Flannel")]
+#[command(
+    name = "weft",
+    version,
+    about = "Userspace pod-network data plane, compatible with Flannel"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -98,7 +102,9 @@ enum LabAction {
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
@@ -118,7 +124,8 @@ fn main() -> ExitCode {
 fn agent(a: AgentArgs) -> anyhow::Result<()> {
     let mut pairs = match &a.config {
         Some(path) => {
-            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
             AgentConfig::pairs_from_yaml(&text)?
         }
         None => BTreeMap::new(),
@@ -167,7 +174,10 @@ fn run_lab(l: LabArgs) -> anyhow::Result<ExitCode> {
 
     // Ctrl-C or SIGTERM: remove everything, then leave.
     let name = opts.name.clone();
-    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])?;
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ])?;
     std::thread::spawn(move || {
         if signals.forever().next().is_some() {
             eprintln!("\ninterrupted: removing lab {name}");
@@ -176,21 +186,44 @@ fn run_lab(l: LabArgs) -> anyhow::Result<ExitCode> {
         }
     });
 
-    println!("building lab {}: {} nodes{}", opts.name, opts.nodes, if opts.kernel_peer { ", the last one a kernel Flannel node" } else { "" });
+    println!(
+        "building lab {}: {} nodes{}",
+        opts.name,
+        opts.nodes,
+        if opts.kernel_peer {
+            ", the last one a kernel Flannel node"
+        } else {
+            ""
+        }
+    );
     let lab = lab::up(&opts)?;
     let checks = lab.check();
     print!("{}", lab::table(&checks));
     let passed = checks.iter().all(|c| c.passed);
-    println!("{}", if passed { "all checks passed" } else { "some checks FAILED" });
+    println!(
+        "{}",
+        if passed {
+            "all checks passed"
+        } else {
+            "some checks FAILED"
+        }
+    );
     if !passed {
         eprintln!("{}", lab.agent_logs());
     }
     if l.keep {
         let pod = &lab.nodes[0].pods[0];
-        println!("lab {} left running. Enter a pod:  ip netns exec {} bash", opts.name, pod.ns);
+        println!(
+            "lab {} left running. Enter a pod:  ip netns exec {} bash",
+            opts.name, pod.ns
+        );
         println!("remove it with:  weft lab down --name {}", opts.name);
     } else {
         lab::down(&opts.name);
     }
-    Ok(if passed { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if passed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

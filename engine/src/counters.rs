@@ -24,8 +24,13 @@ pub enum EngineDrop {
 
 impl EngineDrop {
     /// Every reason, in counter order.
-    pub const ALL: [EngineDrop; 5] =
-        [EngineDrop::NoRoute, EngineDrop::NotIp, EngineDrop::Encap, EngineDrop::SendError, EngineDrop::TunWriteError];
+    pub const ALL: [EngineDrop; 5] = [
+        EngineDrop::NoRoute,
+        EngineDrop::NotIp,
+        EngineDrop::Encap,
+        EngineDrop::SendError,
+        EngineDrop::TunWriteError,
+    ];
 
     /// Stable snake_case label for metrics.
     pub fn label(self) -> &'static str {
@@ -61,7 +66,10 @@ impl DropCause {
 
     /// Every reason with its label, in slot order.
     pub fn all() -> impl Iterator<Item = DropCause> {
-        DropReason::ALL.into_iter().map(DropCause::Decap).chain(EngineDrop::ALL.into_iter().map(DropCause::Engine))
+        DropReason::ALL
+            .into_iter()
+            .map(DropCause::Decap)
+            .chain(EngineDrop::ALL.into_iter().map(DropCause::Engine))
     }
 
     /// Stable label for metrics.
@@ -91,6 +99,11 @@ pub struct WorkerCounters {
     pub tun_tx_packets: AtomicU64,
     /// Bytes written to the TUN.
     pub tun_tx_bytes: AtomicU64,
+    /// Inner TCP/UDP checksums left partial by the sender's offload and
+    /// completed here.
+    pub csum_completed: AtomicU64,
+    /// TCP super-packets received uncut and segmented in software.
+    pub sw_segmented: AtomicU64,
     /// Syscalls made on the packet path.
     pub syscalls: AtomicU64,
     /// Set when the worker's loop has ended (stopped or failed).

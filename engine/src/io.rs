@@ -55,7 +55,9 @@ pub struct Batch {
 impl Default for Batch {
     fn default() -> Self {
         Batch {
-            bufs: (0..BATCH_SIZE).map(|_| vec![0u8; BUF_LEN].into_boxed_slice()).collect(),
+            bufs: (0..BATCH_SIZE)
+                .map(|_| vec![0u8; BUF_LEN].into_boxed_slice())
+                .collect(),
             meta: vec![Meta::default(); BATCH_SIZE],
             count: 0,
         }
@@ -94,7 +96,12 @@ pub trait TunIo {
     fn capabilities(&self) -> Capabilities;
     /// Reads up to a batch of packets, each at `headroom` in its buffer.
     /// Returns how many were read; fewer than a batch means the queue is empty.
-    fn read_batch(&mut self, batch: &mut Batch, headroom: usize, counters: &WorkerCounters) -> io::Result<usize>;
+    fn read_batch(
+        &mut self,
+        batch: &mut Batch,
+        headroom: usize,
+        counters: &WorkerCounters,
+    ) -> io::Result<usize>;
     /// Writes the batch's live packets, counting failures as drops.
     fn write_batch(&mut self, batch: &Batch, counters: &WorkerCounters);
 }
@@ -109,21 +116,34 @@ pub trait UnderlayIo {
     fn send_batch(&mut self, batch: &Batch, counters: &WorkerCounters);
 }
 
-const ONE_BY_ONE: Capabilities = Capabilities { batch_size: BATCH_SIZE, max_gso_segments: 1, gro: false };
+const ONE_BY_ONE: Capabilities = Capabilities {
+    batch_size: BATCH_SIZE,
+    max_gso_segments: 1,
+    gro: false,
+};
 
 impl TunIo for TunQueue {
     fn capabilities(&self) -> Capabilities {
         ONE_BY_ONE
     }
 
-    fn read_batch(&mut self, batch: &mut Batch, headroom: usize, counters: &WorkerCounters) -> io::Result<usize> {
+    fn read_batch(
+        &mut self,
+        batch: &mut Batch,
+        headroom: usize,
+        counters: &WorkerCounters,
+    ) -> io::Result<usize> {
         batch.count = 0;
         while batch.count < BATCH_SIZE {
             let (buf, meta) = batch.slot_mut(batch.count);
             add(&counters.syscalls, 1);
             match self.recv(&mut buf[headroom..]) {
                 Ok(n) => {
-                    *meta = Meta { start: headroom, len: n, addr: None };
+                    *meta = Meta {
+                        start: headroom,
+                        len: n,
+                        addr: None,
+                    };
                     batch.count += 1;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -169,7 +189,11 @@ impl UnderlayIo for UdpUnderlay {
             add(&counters.syscalls, 1);
             match self.rx.recv_from(buf) {
                 Ok((n, from)) => {
-                    *meta = Meta { start: 0, len: n, addr: Some(canonical(from)) };
+                    *meta = Meta {
+                        start: 0,
+                        len: n,
+                        addr: Some(canonical(from)),
+                    };
                     add(&counters.udp_rx_packets, 1);
                     add(&counters.udp_rx_bytes, n as u64);
                     batch.count += 1;
@@ -198,7 +222,10 @@ impl UnderlayIo for UdpUnderlay {
 /// The IP of a socket address, IPv4-mapped IPv6 unmapped.
 fn canonical(a: SocketAddr) -> IpAddr {
     match a.ip() {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map(IpAddr::V4)
+            .unwrap_or(IpAddr::V6(v6)),
         v4 => v4,
     }
 }

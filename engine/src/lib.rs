@@ -9,6 +9,7 @@
 pub mod counters;
 pub mod io;
 pub mod route;
+pub mod segment;
 pub mod snapshot;
 pub mod sys;
 pub mod worker;
@@ -40,6 +41,8 @@ pub struct EngineConfig {
     pub vxlan: Vxlan,
     /// UDP port to receive on.
     pub port: u16,
+    /// MTU of the TUN device.
+    pub mtu: usize,
 }
 
 struct WorkerHandle {
@@ -67,7 +70,10 @@ impl Engine {
             let waker = Arc::new(mio::Waker::new(poll.registry(), WAKER)?);
             let (tx, rx) = crossbeam_channel::unbounded();
             let c = Arc::new(WorkerCounters::default());
-            let underlay = io::UdpUnderlay { rx: udp_socket(local, cfg.port)?, tx: sys::raw::RawUdpTx::open(local)? };
+            let underlay = io::UdpUnderlay {
+                rx: udp_socket(local, cfg.port)?,
+                tx: sys::raw::RawUdpTx::open(local)?,
+            };
             let w = Worker {
                 poll,
                 tun,
@@ -76,17 +82,27 @@ impl Engine {
                 snapshot: snapshot.clone(),
                 control: rx,
                 counters: c.clone(),
+                mtu: cfg.mtu,
+                scratch: vec![0u8; cfg.mtu],
             };
-            let thread = std::thread::Builder::new().name(format!("weft-worker-{id}")).spawn(move || {
-                let counters = w.counters.clone();
-                let r = w.run();
-                counters.stopped.store(true, std::sync::atomic::Ordering::Relaxed);
-                if let Err(e) = &r {
-                    tracing::error!(worker = id, error = %e, "worker stopped");
-                }
-                r
-            })?;
-            workers.push(WorkerHandle { thread, control: tx, waker });
+            let thread = std::thread::Builder::new()
+                .name(format!("weft-worker-{id}"))
+                .spawn(move || {
+                    let counters = w.counters.clone();
+                    let r = w.run();
+                    counters
+                        .stopped
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                    if let Err(e) = &r {
+                        tracing::error!(worker = id, error = %e, "worker stopped");
+                    }
+                    r
+                })?;
+            workers.push(WorkerHandle {
+                thread,
+                control: tx,
+                waker,
+            });
             counters.push(c);
         }
         tracing::info!(tun = %cfg.tun_name, threads, port = cfg.port, "engine started");

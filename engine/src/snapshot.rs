@@ -47,7 +47,11 @@ impl Snapshot {
             }
             by_underlay.insert(p.vtep.addr, i);
         }
-        Snapshot { peers, routes, by_underlay }
+        Snapshot {
+            peers,
+            routes,
+            by_underlay,
+        }
     }
 
     /// The peers, in index order.
@@ -68,6 +72,8 @@ impl Peers for Snapshot {
     }
 
     fn peer_owns(&self, peer: usize, inner_src: IpAddr) -> bool {
-        self.peers.get(peer).is_some_and(|p| p.subnets.iter().any(|n| n.contains(&inner_src)))
+        self.peers
+            .get(peer)
+            .is_some_and(|p| p.subnets.iter().any(|n| n.contains(&inner_src)))
     }
 }

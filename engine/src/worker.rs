@@ -24,6 +24,7 @@ use weft_tunnel::vxlan::{Vxlan, HEADROOM};
 
 use crate::counters::{add, DropCause, EngineDrop, WorkerCounters};
 use crate::io::{Batch, TunIo, UdpUnderlay, UnderlayIo, BATCH_SIZE};
+use crate::segment::segment_tcp;
 use crate::snapshot::Snapshot;
 use crate::sys::tun::TunQueue;
 
@@ -52,14 +53,22 @@ pub(crate) struct Worker {
     pub snapshot: Arc<Snapshot>,
     pub control: Receiver<Control>,
     pub counters: Arc<WorkerCounters>,
+    /// MTU of the TUN: larger decapsulated packets are cut before writing.
+    pub mtu: usize,
+    /// Where segments are built, one at a time.
+    pub scratch: Vec<u8>,
 }
 
 impl Worker {
     /// Runs until told to stop.
     pub fn run(mut self) -> io::Result<()> {
         let tun_fd = self.tun.as_raw_fd();
-        self.poll.registry().register(&mut SourceFd(&tun_fd), TUN, Interest::READABLE)?;
-        self.poll.registry().register(&mut self.underlay.rx, UDP, Interest::READABLE)?;
+        self.poll
+            .registry()
+            .register(&mut SourceFd(&tun_fd), TUN, Interest::READABLE)?;
+        self.poll
+            .registry()
+            .register(&mut self.underlay.rx, UDP, Interest::READABLE)?;
         let mut events = Events::with_capacity(16);
         let mut tun_batch = Batch::default();
         let mut udp_batch = Batch::default();
@@ -108,11 +117,13 @@ impl Worker {
             let inner_len = meta.len;
             meta.len = 0;
             let Some(dst) = ip_destination(&buf[HEADROOM..HEADROOM + inner_len]) else {
-                self.counters.count_drop(DropCause::Engine(EngineDrop::NotIp));
+                self.counters
+                    .count_drop(DropCause::Engine(EngineDrop::NotIp));
                 continue;
             };
             let Some((_, peer)) = self.snapshot.route(dst) else {
-                self.counters.count_drop(DropCause::Engine(EngineDrop::NoRoute));
+                self.counters
+                    .count_drop(DropCause::Engine(EngineDrop::NoRoute));
                 continue;
             };
             match self.vxlan.encapsulate(&peer.vtep, buf, inner_len) {
@@ -123,7 +134,9 @@ impl Worker {
                     add(&peer.counters.tx_packets, 1);
                     add(&peer.counters.tx_bytes, inner_len as u64);
                 }
-                Err(_) => self.counters.count_drop(DropCause::Engine(EngineDrop::Encap)),
+                Err(_) => self
+                    .counters
+                    .count_drop(DropCause::Engine(EngineDrop::Encap)),
             }
         }
         self.underlay.send_batch(batch, &self.counters);
@@ -136,11 +149,22 @@ impl Worker {
         for i in 0..n {
             let (buf, meta) = batch.slot_mut(i);
             let Some(src) = meta.addr else { continue };
-            match self.vxlan.decapsulate(src, &buf[..meta.len], &*self.snapshot) {
+            match self
+                .vxlan
+                .decapsulate(src, &buf[..meta.len], &*self.snapshot)
+            {
                 Ok(d) => {
                     let peer = &self.snapshot.peers()[d.peer];
                     add(&peer.counters.rx_packets, 1);
                     add(&peer.counters.rx_bytes, d.inner.len() as u64);
+                    meta.len = 0;
+                    if d.inner.len() > self.mtu {
+                        self.write_segmented(&buf[d.inner]);
+                        continue;
+                    }
+                    if weft_tunnel::checksum::complete_partial(&mut buf[d.inner.clone()]) {
+                        add(&self.counters.csum_completed, 1);
+                    }
                     meta.start = d.inner.start;
                     meta.len = d.inner.len();
                 }
@@ -152,6 +176,28 @@ impl Worker {
         }
         self.tun.write_batch(batch, &self.counters);
         Ok(n)
+    }
+
+    /// Writes a TCP super-packet (a sender's TSO frame that crossed a veth
+    /// or a host-internal virtio link uncut) to the TUN as MTU-sized
+    /// segments; anything else that large is written as it is and left to
+    /// the kernel (fragmentation or ICMP "too big").
+    fn write_segmented(&mut self, packet: &[u8]) {
+        let (tun, counters) = (&self.tun, &*self.counters);
+        let mut write = |seg: &[u8]| {
+            add(&counters.syscalls, 1);
+            match tun.send(seg) {
+                Ok(_) => {
+                    add(&counters.tun_tx_packets, 1);
+                    add(&counters.tun_tx_bytes, seg.len() as u64);
+                }
+                Err(_) => counters.count_drop(DropCause::Engine(EngineDrop::TunWriteError)),
+            }
+        };
+        match segment_tcp(packet, self.mtu, &mut self.scratch, &mut write) {
+            Ok(_) => add(&counters.sw_segmented, 1),
+            Err(_) => write(packet),
+        }
     }
 }
 

@@ -1,0 +1,270 @@
+//! Software segmentation of TCP super-packets (software GSO).
+//!
+//! Linux senders hand 64 KiB TCP segments to devices that promise to cut
+//! them (TSO). Over veth, or between VMs on one host, no device does, and a
+//! VXLAN datagram can reach our UDP socket carrying one such super-packet.
+//! Before it is written to the TUN it is cut here into segments that fit the
+//! pod MTU, each with its own IP length, IPv4 ID and checksums, TCP sequence
+//! number and flags (FIN and PSH only on the last segment, CWR only on the
+//! first), the way the kernel's own `tcp_gso_segment` cuts them. Only TCP
+//! directly after the IP header is cut; anything else is left alone.
+
+use std::net::IpAddr;
+
+use weft_tunnel::checksum;
+
+/// Why a packet was not segmented.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SegmentError {
+    /// Not TCP over IPv4/IPv6 without options that prevent cutting.
+    NotTcp,
+    /// Headers malformed or lengths inconsistent.
+    Malformed,
+    /// The MTU leaves no room for payload.
+    MtuTooSmall,
+    /// The scratch buffer is smaller than one segment.
+    NoRoom,
+}
+
+/// Cuts the TCP/IP `packet` into segments of at most `mtu` bytes, building
+/// each in `scratch` and handing it to `emit`. Returns the number of
+/// segments. A packet that already fits is emitted unchanged.
+pub fn segment_tcp(
+    packet: &[u8],
+    mtu: usize,
+    scratch: &mut [u8],
+    mut emit: impl FnMut(&[u8]),
+) -> Result<usize, SegmentError> {
+    let first = *packet.first().ok_or(SegmentError::Malformed)?;
+    let (ip_len, total, src, dst, v4) = match first >> 4 {
+        4 if packet.len() >= 20 => {
+            let ihl = ((first & 0x0f) as usize) * 4;
+            let total = u16::from_be_bytes([packet[2], packet[3]]) as usize;
+            let frag = u16::from_be_bytes([packet[6], packet[7]]) & 0x3fff;
+            if packet[9] != 6 {
+                return Err(SegmentError::NotTcp);
+            }
+            if ihl < 20 || total > packet.len() || frag != 0 {
+                return Err(SegmentError::Malformed);
+            }
+            let s: [u8; 4] = packet[12..16]
+                .try_into()
+                .map_err(|_| SegmentError::Malformed)?;
+            let d: [u8; 4] = packet[16..20]
+                .try_into()
+                .map_err(|_| SegmentError::Malformed)?;
+            (ihl, total, IpAddr::from(s), IpAddr::from(d), true)
+        }
+        6 if packet.len() >= 40 => {
+            if packet[6] != 6 {
+                return Err(SegmentError::NotTcp);
+            }
+            let total = 40 + u16::from_be_bytes([packet[4], packet[5]]) as usize;
+            if total > packet.len() {
+                return Err(SegmentError::Malformed);
+            }
+            let s: [u8; 16] = packet[8..24]
+                .try_into()
+                .map_err(|_| SegmentError::Malformed)?;
+            let d: [u8; 16] = packet[24..40]
+                .try_into()
+                .map_err(|_| SegmentError::Malformed)?;
+            (40, total, IpAddr::from(s), IpAddr::from(d), false)
+        }
+        _ => return Err(SegmentError::NotTcp),
+    };
+    let packet = &packet[..total];
+    if total <= mtu {
+        emit(packet);
+        return Ok(1);
+    }
+    let tcp = packet
+        .get(ip_len..ip_len + 20)
+        .ok_or(SegmentError::Malformed)?;
+    let tcp_len = ((tcp[12] >> 4) as usize) * 4;
+    let hdr_len = ip_len + tcp_len;
+    if tcp_len < 20 || hdr_len > total {
+        return Err(SegmentError::Malformed);
+    }
+    let mss = mtu
+        .checked_sub(hdr_len)
+        .filter(|m| *m > 0)
+        .ok_or(SegmentError::MtuTooSmall)?;
+    if scratch.len() < hdr_len + mss.min(total - hdr_len) {
+        return Err(SegmentError::NoRoom);
+    }
+    let payload = &packet[hdr_len..];
+    let seq0 = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
+    let id0 = u16::from_be_bytes([packet[4], packet[5]]);
+    let flags0 = tcp[13];
+    let count = payload.len().div_ceil(mss);
+    for (i, chunk) in payload.chunks(mss).enumerate() {
+        let len = hdr_len + chunk.len();
+        let seg = &mut scratch[..len];
+        seg[..hdr_len].copy_from_slice(&packet[..hdr_len]);
+        seg[hdr_len..].copy_from_slice(chunk);
+        if v4 {
+            seg[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+            seg[4..6].copy_from_slice(&id0.wrapping_add(i as u16).to_be_bytes());
+            seg[10..12].copy_from_slice(&[0, 0]);
+            let c = !checksum::fold(checksum::sum(0, &seg[..ip_len]));
+            seg[10..12].copy_from_slice(&c.to_be_bytes());
+        } else {
+            seg[4..6].copy_from_slice(&((len - 40) as u16).to_be_bytes());
+        }
+        let t = &mut seg[ip_len..];
+        let seq = seq0.wrapping_add((i * mss) as u32);
+        t[4..8].copy_from_slice(&seq.to_be_bytes());
+        let mut flags = flags0;
+        if i + 1 < count {
+            flags &= !(0x01 | 0x08); // FIN, PSH
+        }
+        if i > 0 {
+            flags &= !0x80; // CWR
+        }
+        t[13] = flags;
+        t[16..18].copy_from_slice(&[0, 0]);
+        let pseudo =
+            checksum::pseudo_header(src, dst, 6, t.len() as u32).ok_or(SegmentError::Malformed)?;
+        let c = !checksum::fold(checksum::sum(pseudo, t));
+        t[16..18].copy_from_slice(&c.to_be_bytes());
+        emit(seg);
+    }
+    Ok(count)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tcp_packet(v6: bool, payload_len: usize, flags: u8) -> Vec<u8> {
+        let ip_len = if v6 { 40 } else { 20 };
+        let total = ip_len + 20 + payload_len;
+        let mut p = vec![0u8; total];
+        let (src, dst): (IpAddr, IpAddr) = if v6 {
+            p[0] = 0x60;
+            p[4..6].copy_from_slice(&((total - 40) as u16).to_be_bytes());
+            p[6] = 6;
+            p[7] = 64;
+            p[8..24].copy_from_slice(&"fd00::1".parse::<std::net::Ipv6Addr>().unwrap().octets());
+            p[24..40].copy_from_slice(&"fd00::2".parse::<std::net::Ipv6Addr>().unwrap().octets());
+            ("fd00::1".parse().unwrap(), "fd00::2".parse().unwrap())
+        } else {
+            p[0] = 0x45;
+            p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+            p[4..6].copy_from_slice(&0xfff0u16.to_be_bytes());
+            p[6] = 0x40;
+            p[8] = 64;
+            p[9] = 6;
+            p[12..16].copy_from_slice(&[10, 244, 3, 2]);
+            p[16..20].copy_from_slice(&[10, 244, 1, 2]);
+            ([10, 244, 3, 2].into(), [10, 244, 1, 2].into())
+        };
+        let t = &mut p[ip_len..];
+        t[4..8].copy_from_slice(&0xffff_ff00u32.to_be_bytes());
+        t[12] = 0x50;
+        t[13] = flags;
+        for (i, b) in t[20..].iter_mut().enumerate() {
+            *b = (i * 7 % 251) as u8;
+        }
+        let c = !checksum::fold(checksum::sum(
+            checksum::pseudo_header(src, dst, 6, t.len() as u32).unwrap(),
+            t,
+        ));
+        t[16..18].copy_from_slice(&c.to_be_bytes());
+        if !v6 {
+            let c = !checksum::fold(checksum::sum(0, &p[..20]));
+            p[10..12].copy_from_slice(&c.to_be_bytes());
+        }
+        p
+    }
+
+    fn check_segment(seg: &[u8], v6: bool) -> (u32, u8, Vec<u8>) {
+        let ip_len = if v6 { 40 } else { 20 };
+        let (src, dst): (IpAddr, IpAddr) = if v6 {
+            (
+                <[u8; 16]>::try_from(&seg[8..24]).unwrap().into(),
+                <[u8; 16]>::try_from(&seg[24..40]).unwrap().into(),
+            )
+        } else {
+            assert_eq!(
+                checksum::fold(checksum::sum(0, &seg[..20])),
+                0xffff,
+                "IPv4 header checksum"
+            );
+            assert_eq!(u16::from_be_bytes([seg[2], seg[3]]) as usize, seg.len());
+            (
+                <[u8; 4]>::try_from(&seg[12..16]).unwrap().into(),
+                <[u8; 4]>::try_from(&seg[16..20]).unwrap().into(),
+            )
+        };
+        let t = &seg[ip_len..];
+        let pseudo = checksum::pseudo_header(src, dst, 6, t.len() as u32).unwrap();
+        assert_eq!(
+            checksum::fold(checksum::sum(pseudo, t)),
+            0xffff,
+            "TCP checksum"
+        );
+        (
+            u32::from_be_bytes([t[4], t[5], t[6], t[7]]),
+            t[13],
+            t[20..].to_vec(),
+        )
+    }
+
+    #[test]
+    fn cut_then_joined_gives_the_original_payload() {
+        for v6 in [false, true] {
+            for payload_len in [1, 1409, 1410, 1411, 30000, 65000 - 60] {
+                let p = tcp_packet(v6, payload_len, 0x18 | 0x01 | 0x80); // PSH ACK FIN CWR
+                let mut scratch = vec![0u8; 2000];
+                let mut segs = Vec::new();
+                let n = segment_tcp(&p, 1450, &mut scratch, |s| segs.push(s.to_vec())).unwrap();
+                assert_eq!(n, segs.len());
+                let mut joined = Vec::new();
+                let mut expected_seq = 0xffff_ff00u32;
+                for (i, s) in segs.iter().enumerate() {
+                    assert!(s.len() <= 1450, "segment of {} bytes", s.len());
+                    let (seq, flags, payload) = check_segment(s, v6);
+                    assert_eq!(seq, expected_seq, "sequence numbers follow on (and wrap)");
+                    expected_seq = expected_seq.wrapping_add(payload.len() as u32);
+                    let last = i + 1 == segs.len();
+                    assert_eq!(flags & 0x01 != 0, last, "FIN only on the last");
+                    assert_eq!(flags & 0x08 != 0, last, "PSH only on the last");
+                    assert_eq!(flags & 0x80 != 0, i == 0, "CWR only on the first");
+                    assert_eq!(flags & 0x10, 0x10, "ACK on all");
+                    joined.extend(payload);
+                }
+                let hdr = if v6 { 60 } else { 40 };
+                assert_eq!(joined, p[hdr..], "v6 {v6} len {payload_len}");
+            }
+        }
+    }
+
+    #[test]
+    fn refuses_what_it_cannot_cut() {
+        let mut scratch = vec![0u8; 2000];
+        let mut udp = tcp_packet(false, 3000, 0x10);
+        udp[9] = 17;
+        assert_eq!(
+            segment_tcp(&udp, 1450, &mut scratch, |_| {}),
+            Err(SegmentError::NotTcp)
+        );
+        let p = tcp_packet(false, 3000, 0x10);
+        assert_eq!(
+            segment_tcp(&p, 40, &mut scratch, |_| {}),
+            Err(SegmentError::MtuTooSmall)
+        );
+        assert_eq!(
+            segment_tcp(&p, 1450, &mut [0u8; 100], |_| {}),
+            Err(SegmentError::NoRoom)
+        );
+        assert_eq!(
+            segment_tcp(&p[..2000], 1450, &mut scratch, |_| {}),
+            Err(SegmentError::Malformed)
+        );
+        for len in 0..60 {
+            let _ = segment_tcp(&vec![0x45; len], 1450, &mut scratch, |_| {});
+        }
+    }
+}
