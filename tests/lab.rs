@@ -1,0 +1,527 @@
+//! Network-namespace labs (root): weft nodes, a kernel Flannel node, a packet
+//! dissector on the underlay, spoofed packets, reloads and shutdown.
+
+mod common;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{assert_all_passed, options, up};
+use weft::lab::{self, Lab, Node};
+use weft::netns;
+use weft_tunnel::checksum;
+use weft_tunnel::vxlan::{Vtep, Vxlan, DEFAULT_PORT, HEADROOM, UDP_HEADER_LEN};
+
+#[test]
+fn three_weft_nodes_pass_every_check() {
+    let (lab, _g) = up(&options("a"));
+    let checks = lab.check();
+    assert_eq!(
+        checks.iter().filter(|c| c.name.starts_with("ping")).count(),
+        6,
+        "every ordered pair of pods"
+    );
+    assert_all_passed(&lab, &checks);
+}
+
+#[test]
+fn kernel_flannel_node_and_weft_nodes_reach_each_other() {
+    let mut o = options("k");
+    o.kernel_peer = true;
+    let (lab, _g) = up(&o);
+    assert_eq!(lab.nodes[2].kind, lab::NodeKind::KernelVxlan);
+    let checks = lab.check();
+    // Both TCP directions between node 1 (weft) and node 3 (kernel) are in.
+    assert!(checks
+        .iter()
+        .any(|c| c.name == "tcp 64 MiB 10.244.1.2 -> 10.244.3.2"));
+    assert!(checks
+        .iter()
+        .any(|c| c.name == "tcp 64 MiB 10.244.3.2 -> 10.244.1.2"));
+    assert_all_passed(&lab, &checks);
+}
+
+#[test]
+fn one_worker_and_several_workers_both_forward() {
+    for threads in [1, 3] {
+        let mut o = options("t");
+        o.nodes = 2;
+        o.threads = Some(threads);
+        o.transfer_mib = 16;
+        let (lab, _g) = up(&o);
+        assert_all_passed(&lab, &lab.check());
+        let m = lab.metrics(&lab.nodes[0]).unwrap();
+        assert_eq!(m.get("weft_workers"), Some(&(threads as f64)));
+    }
+}
+
+#[test]
+fn underlay_capture_is_vxlan_vni_1_with_the_pods_inside() {
+    let mut o = options("c");
+    o.nodes = 2;
+    let (lab, _g) = up(&o);
+    let pcap = lab.dir.join("underlay.pcap");
+    let pcap_s = pcap.display().to_string();
+    let ul = format!("{}-ul", lab.opts.name);
+    let mut dump = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ul,
+            "tcpdump",
+            "-Z",
+            "root",
+            "--immediate-mode",
+            "-i",
+            "br0",
+            "-U",
+            "-n",
+            "-w",
+            &pcap_s,
+            "udp",
+            "port",
+            "8472",
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("tcpdump");
+    // tcpdump says "listening on br0" once its capture is open.
+    let mut stderr = std::io::BufReader::new(dump.stderr.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut stderr, &mut line).unwrap();
+    assert!(line.contains("listening on"), "tcpdump: {line}");
+    // Keep reading, so tcpdump's closing words never meet a closed pipe.
+    let drain = std::thread::spawn(move || {
+        let mut rest = String::new();
+        let _ = std::io::Read::read_to_string(&mut stderr, &mut rest);
+        rest
+    });
+    let (a, b) = (&lab.nodes[0].pods[0], &lab.nodes[1].pods[0]);
+    netns::exec(
+        &a.ns,
+        "ping",
+        &["-c", "3", "-i", "0.2", "-W", "2", &b.ip.to_string()],
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(dump.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    );
+    let _ = dump.wait();
+    let tcpdump_said = drain.join().unwrap_or_default();
+    let out = netns::run(
+        "tshark",
+        &[
+            "-r",
+            &pcap_s,
+            "-d",
+            "udp.port==8472,vxlan",
+            "-Y",
+            "vxlan && icmp",
+            "-T",
+            "fields",
+            "-E",
+            "separator=|",
+            "-e",
+            "vxlan.vni",
+            "-e",
+            "ip.src",
+            "-e",
+            "ip.dst",
+            "-e",
+            "udp.srcport",
+            "-e",
+            "eth.dst",
+        ],
+    )
+    .unwrap();
+    let lines: Vec<&str> = out.lines().filter(|l| !l.is_empty()).collect();
+    assert!(
+        lines.len() >= 6,
+        "3 echo requests and 3 replies, got:\n{out}\ntcpdump: {tcpdump_said}"
+    );
+    for line in &lines {
+        let f: Vec<&str> = line.split('|').collect();
+        assert_eq!(f[0], "1", "VNI in {line}");
+        // Outer then inner addresses.
+        let src: Vec<&str> = f[1].split(',').collect();
+        let dst: Vec<&str> = f[2].split(',').collect();
+        assert!(
+            src.len() == 2 && dst.len() == 2,
+            "outer and inner IP in {line}"
+        );
+        let inner = (src[1], dst[1]);
+        assert!(
+            inner == ("10.244.1.2", "10.244.2.2") || inner == ("10.244.2.2", "10.244.1.2"),
+            "inner addresses in {line}"
+        );
+        let sport: u16 = f[3].parse().unwrap();
+        assert!(
+            (32768..=60999).contains(&sport),
+            "flow-hashed source port in {line}"
+        );
+        // The inner frame is addressed to the receiving node's VTEP MAC.
+        let inner_dst_mac = f[4].split(',').nth(1).unwrap_or("");
+        assert!(
+            inner_dst_mac.starts_with("0a:58:0a:f4:0"),
+            "inner destination MAC in {line}"
+        );
+    }
+}
+
+/// Builds a VXLAN payload (UDP payload: VXLAN header onwards) carrying an
+/// IPv4 UDP packet `inner_src -> dst:port` with `marker` as payload.
+fn crafted(
+    vni: u32,
+    from: Vtep,
+    to: Vtep,
+    inner_src: Ipv4Addr,
+    dst: Ipv4Addr,
+    port: u16,
+    marker: &[u8],
+) -> Vec<u8> {
+    let total = 20 + 8 + marker.len();
+    let mut ip = vec![0u8; total];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+    ip[8] = 64;
+    ip[9] = 17;
+    ip[12..16].copy_from_slice(&inner_src.octets());
+    ip[16..20].copy_from_slice(&dst.octets());
+    let c = !checksum::fold(checksum::sum(0, &ip[..20]));
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    ip[20..22].copy_from_slice(&40000u16.to_be_bytes());
+    ip[22..24].copy_from_slice(&port.to_be_bytes());
+    ip[24..26].copy_from_slice(&((8 + marker.len()) as u16).to_be_bytes());
+    ip[28..].copy_from_slice(marker); // UDP checksum 0: none, allowed on IPv4
+    let mut buf = vec![0u8; HEADROOM + total];
+    buf[HEADROOM..].copy_from_slice(&ip);
+    let len = Vxlan::new(vni, DEFAULT_PORT, from)
+        .encapsulate(&to, &mut buf, total)
+        .unwrap();
+    buf[UDP_HEADER_LEN..len].to_vec()
+}
+
+fn vtep(n: &Node) -> Vtep {
+    Vtep {
+        addr: IpAddr::V4(n.ip),
+        mac: n.mac,
+    }
+}
+
+/// Sends `payload` from `src` (inside namespace `ns`) to node `to`'s VXLAN port.
+fn send_from(ns: &str, src: Ipv4Addr, to: &Node, payload: Vec<u8>) {
+    let dst = SocketAddr::from((to.ip, DEFAULT_PORT));
+    netns::in_netns(ns, move || {
+        let s = UdpSocket::bind((src, 0)).expect("bind sender");
+        s.send_to(&payload, dst).expect("send");
+    })
+    .unwrap();
+}
+
+fn drops(lab: &Lab, n: &Node, reason: &str) -> f64 {
+    lab.metrics(n)
+        .unwrap()
+        .get(&format!("weft_drops_total{{reason=\"{reason}\"}}"))
+        .copied()
+        .unwrap_or(-1.0)
+}
+
+#[test]
+fn spoofed_vxlan_never_reaches_a_pod_and_is_counted() {
+    let mut o = options("s");
+    o.nodes = 3;
+    let (lab, _g) = up(&o);
+    let (n1, n2) = (&lab.nodes[0], &lab.nodes[1]);
+    let pod = &n1.pods[0];
+    let ul = format!("{}-ul", lab.opts.name);
+    // The underlay namespace plays an attacker at an address no lease has.
+    let attacker = Ipv4Addr::new(192, 168, 77, 99);
+    netns::ip(&["-n", &ul, "addr", "add", "192.168.77.99/24", "dev", "br0"]).unwrap();
+
+    // A listener in the pod collects whatever reaches UDP port 7777.
+    let listener = netns::spawn_in_netns(&pod.ns, || {
+        let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 7777)).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(1500)))
+            .unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 2048];
+        while let Ok(n) = s.recv(&mut buf) {
+            got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+        got
+    })
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let n2_pod = lab.nodes[1].pods[0].ip;
+    let n3_pod = lab.nodes[2].pods[0].ip;
+    let wrong_mac = Vtep {
+        addr: vtep(n1).addr,
+        mac: [0x0a, 0x58, 0x0a, 0xf4, 0x63, 0x00],
+    };
+    let cases = [
+        (
+            "unknown_source",
+            &ul,
+            attacker,
+            crafted(
+                1,
+                vtep(n2),
+                vtep(n1),
+                n2_pod,
+                pod.ip,
+                7777,
+                b"from-unknown-node",
+            ),
+        ),
+        (
+            "wrong_vni",
+            &n2.ns,
+            n2.ip,
+            crafted(2, vtep(n2), vtep(n1), n2_pod, pod.ip, 7777, b"wrong-vni"),
+        ),
+        (
+            "spoofed_source",
+            &n2.ns,
+            n2.ip,
+            crafted(
+                1,
+                vtep(n2),
+                vtep(n1),
+                n3_pod,
+                pod.ip,
+                7777,
+                b"spoofed-inner",
+            ),
+        ),
+        (
+            "wrong_dst_mac",
+            &n2.ns,
+            n2.ip,
+            crafted(1, vtep(n2), wrong_mac, n2_pod, pod.ip, 7777, b"wrong-mac"),
+        ),
+    ];
+    for (reason, ns, src, payload) in cases {
+        let before = drops(&lab, n1, reason);
+        send_from(ns, src, n1, payload);
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while drops(&lab, n1, reason) < before + 1.0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(
+            drops(&lab, n1, reason),
+            before + 1.0,
+            "drop counter {reason}"
+        );
+    }
+    // The control: the same packet from the real node with its own pod as
+    // source does arrive, so the listener would have seen the others.
+    send_from(
+        &n2.ns,
+        n2.ip,
+        n1,
+        crafted(1, vtep(n2), vtep(n1), n2_pod, pod.ip, 7777, b"legitimate"),
+    );
+    let got = listener.join().unwrap();
+    assert_eq!(
+        got,
+        vec!["legitimate".to_string()],
+        "only the legitimate packet reaches the pod"
+    );
+}
+
+fn route_exists(ns: &str, prefix: &str) -> bool {
+    !netns::run("ip", &["-n", ns, "route", "show", prefix])
+        .unwrap()
+        .trim()
+        .is_empty()
+}
+
+#[test]
+fn sighup_applies_datastore_changes_without_dropping_others() {
+    let mut o = options("h");
+    o.transfer_mib = 128;
+    let (lab, _g) = up(&o);
+    let (n1, n2, n3) = (&lab.nodes[0], &lab.nodes[1], &lab.nodes[2]);
+    let ds_path = lab.dir.join("datastore.json");
+    let full = std::fs::read_to_string(&ds_path).unwrap();
+
+    // A transfer n1 -> n2 runs across two reloads; it must lose nothing.
+    let (a, b) = (n1.pods[0].clone(), n2.pods[0].clone());
+    let transfer = std::thread::spawn(move || lab::transfer_check(&a, &b, 128 << 20));
+
+    // Node 3 leaves the datastore.
+    let mut ds = weft::datastore::StaticDatastore::parse(full.as_bytes()).unwrap();
+    ds.leases.retain(|k, _| k.v4 != Some(n3.subnet));
+    std::fs::write(&ds_path, ds.to_json()).unwrap();
+    lab.reload(n1).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while route_exists(&n1.ns, "10.244.3.0/24") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        !route_exists(&n1.ns, "10.244.3.0/24"),
+        "route to the removed node is gone"
+    );
+    assert!(
+        route_exists(&n1.ns, "10.244.2.0/24"),
+        "route to the unchanged node stays"
+    );
+    assert_eq!(lab.metrics(n1).unwrap().get("weft_peers"), Some(&1.0));
+    assert!(netns::exec(
+        &n1.pods[0].ns,
+        "ping",
+        &["-c", "1", "-W", "1", &n3.pods[0].ip.to_string()]
+    )
+    .is_err());
+
+    // Node 3 comes back.
+    std::fs::write(&ds_path, &full).unwrap();
+    lab.reload(n1).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !route_exists(&n1.ns, "10.244.3.0/24") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    netns::exec(
+        &n1.pods[0].ns,
+        "ping",
+        &["-c", "1", "-W", "2", &n3.pods[0].ip.to_string()],
+    )
+    .expect("node 3 reachable again");
+
+    let t = transfer.join().unwrap();
+    assert!(
+        t.passed,
+        "transfer to the unchanged node across reloads: {}",
+        t.detail
+    );
+    // A datastore that no longer parses is refused and the old state kept.
+    std::fs::write(&ds_path, "{ not json").unwrap();
+    lab.reload(n1).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(route_exists(&n1.ns, "10.244.3.0/24"));
+    assert!(lab
+        .http_get(n1, "/healthz")
+        .unwrap()
+        .starts_with("HTTP/1.0 200"));
+}
+
+#[test]
+fn sigterm_removes_routes_and_the_device() {
+    let mut o = options("q");
+    o.nodes = 2;
+    let (lab, _g) = up(&o);
+    let n1 = &lab.nodes[0];
+    assert!(route_exists(&n1.ns, "10.244.2.0/24"));
+    let pid: i32 = std::fs::read_to_string(lab.dir.join("n1.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+        && Instant::now() < deadline
+    {
+        let _ = nix::sys::wait::waitpid(
+            nix::unistd::Pid::from_raw(pid),
+            Some(nix::sys::wait::WaitPidFlag::WNOHANG),
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!route_exists(&n1.ns, "10.244.2.0/24"), "route removed");
+    assert!(
+        netns::run("ip", &["-n", &n1.ns, "link", "show", "weft0"]).is_err(),
+        "device removed"
+    );
+    let env = std::fs::read_to_string(lab.dir.join("n1-subnet.env")).unwrap();
+    assert_eq!(env, "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.1.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n");
+}
+
+#[test]
+fn lab_command_keeps_and_removes_a_lab() {
+    common::require_root();
+    let name = common::unique_name("l");
+    let _g = common::Guard(name.clone());
+    let weft = common::weft_bin();
+    let out = Command::new(&weft)
+        .args([
+            "lab",
+            "--nodes",
+            "2",
+            "--keep",
+            "--transfer-mib",
+            "4",
+            "--name",
+            &name,
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("all checks passed"), "{stdout}");
+    assert!(
+        stdout.contains(&format!("ip netns exec {name}-n1p1")),
+        "{stdout}"
+    );
+    assert!(netns::exists(&format!("{name}-n1p1")), "kept");
+    let out = Command::new(&weft)
+        .args(["lab", "down", "--name", &name])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(
+        netns::list()
+            .iter()
+            .all(|n| !n.starts_with(&format!("{name}-"))),
+        "every namespace removed"
+    );
+    assert!(
+        !std::path::Path::new(lab::STATE_ROOT).join(&name).exists(),
+        "state removed"
+    );
+}
+
+#[test]
+fn bad_configuration_is_refused_at_start_with_key_value_and_rule() {
+    let out = Command::new(common::weft_bin())
+        .args([
+            "agent",
+            "--node-ip",
+            "192.168.77.1",
+            "--datastore-file",
+            "unused.json",
+            "--vni",
+            "0",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("`vni`") && err.contains("`0`") && err.contains("1 to 16777215"),
+        "{err}"
+    );
+    let out = Command::new(common::weft_bin())
+        .args([
+            "agent",
+            "--node-ip",
+            "192.168.77.1",
+            "--datastore-file",
+            "/nonexistent/ds.json",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/ds.json"));
+}
