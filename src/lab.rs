@@ -533,6 +533,25 @@ impl Lab {
             .collect())
     }
 
+    /// Kills a node's agent with SIGKILL (no cleanup at all) and waits for it.
+    pub fn kill_agent(&self, n: &Node) -> anyhow::Result<()> {
+        let pid = read_pid(&self.dir.join(format!("n{}.pid", n.index))).context("agent pid")?;
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL)?;
+        let _ = nix::sys::wait::waitpid(pid, None);
+        Ok(())
+    }
+
+    /// Starts a node's agent again with its config and waits until it is ready.
+    pub fn restart_agent(&self, n: &Node) -> anyhow::Result<()> {
+        start_agent(self, n, &self.dir.join("datastore.json"))?;
+        let one = Lab {
+            opts: self.opts.clone(),
+            nodes: vec![n.clone()],
+            dir: self.dir.clone(),
+        };
+        wait_ready(&one, Duration::from_secs(15))
+    }
+
     /// Sends SIGHUP to a node's agent.
     pub fn reload(&self, n: &Node) -> anyhow::Result<()> {
         let pid = read_pid(&self.dir.join(format!("n{}.pid", n.index))).context("agent pid")?;

@@ -445,6 +445,27 @@ fn sigterm_removes_routes_and_the_device() {
 }
 
 #[test]
+fn killed_agent_restarts_and_traffic_resumes() {
+    let mut o = options("r");
+    o.nodes = 2;
+    o.transfer_mib = 16;
+    let (lab, _g) = up(&o);
+    let (n1, n2) = (&lab.nodes[0], &lab.nodes[1]);
+    let (a, b) = (&n1.pods[0], &n2.pods[0]);
+    netns::exec(&a.ns, "ping", &["-c", "1", "-W", "2", &b.ip.to_string()]).unwrap();
+    lab.kill_agent(n2).unwrap();
+    assert!(
+        netns::exec(&a.ns, "ping", &["-c", "1", "-W", "1", &b.ip.to_string()]).is_err(),
+        "node 2 is down"
+    );
+    lab.restart_agent(n2).unwrap();
+    netns::exec(&a.ns, "ping", &["-c", "1", "-W", "2", &b.ip.to_string()])
+        .expect("traffic resumes after the restart");
+    let t = lab::transfer_check(b, a, 16 << 20);
+    assert!(t.passed, "{}", t.detail);
+}
+
+#[test]
 fn lab_command_keeps_and_removes_a_lab() {
     common::require_root();
     let name = common::unique_name("l");
