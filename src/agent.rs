@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::{bail, Context};
 use ipnet::IpNet;
 use weft_engine::sys::netlink::{Netlink, Route};
-use weft_engine::{Engine, EngineConfig, Peer, PeerCounters, Snapshot};
+use weft_engine::{Engine, EngineConfig, Families, Peer, PeerCounters, Snapshot};
 use weft_tunnel::vxlan::{Vtep, Vxlan, OVERHEAD_V4, OVERHEAD_V6};
 
 use crate::config::AgentConfig;
@@ -31,13 +31,15 @@ use crate::metrics::{self, MetricsState};
 pub struct Desired {
     /// This node's lease key.
     pub own_key: SubnetKey,
-    /// This node's VTEP.
-    pub own: Vtep,
-    /// The pod network (IPv4), from the datastore config.
+    /// This node's VTEPs, one per underlay family it has (IPv4 first).
+    pub own: Vec<Vtep>,
+    /// The IPv4 pod network, from the datastore config.
     pub network: Option<IpNet>,
+    /// The IPv6 pod network, from the datastore config.
+    pub ipv6_network: Option<IpNet>,
     /// The other nodes.
     pub peers: Vec<DesiredPeer>,
-    /// Leases skipped, with why (other backend, other family, bad data).
+    /// Leases skipped, with why (other backend, no shared family, bad data).
     pub skipped: Vec<(SubnetKey, String)>,
 }
 
@@ -46,90 +48,155 @@ pub struct Desired {
 pub struct DesiredPeer {
     /// Its lease key.
     pub key: SubnetKey,
-    /// Its VTEP.
-    pub vtep: Vtep,
+    /// Its IPv4 underlay address and VTEP MAC (host-gw: the MAC is unused).
+    pub vtep4: Option<Vtep>,
+    /// Its IPv6 underlay address and VTEP MAC.
+    pub vtep6: Option<Vtep>,
+}
+
+/// The lease `BackendType` a backend writes and reads.
+fn lease_type(backend: &str) -> &str {
+    backend
 }
 
 /// Derives the desired state from the config and the datastore.
 pub fn desired(cfg: &AgentConfig, ds: &StaticDatastore) -> anyhow::Result<Desired> {
     let backend = ds.config.backend_type();
     if backend != cfg.backend {
-        bail!(
-            "the datastore's Backend.Type is `{backend}` but flannel-backend is `{}`",
-            cfg.backend
-        );
+        bail!("the datastore's Backend.Type is `{backend}` but flannel-backend is `{}`", cfg.backend);
     }
     let network = ds.config.network.map(IpNet::V4);
-    if let (Some(want), Some(have)) = (cfg.cluster_cidr, network) {
-        if want != have {
-            bail!("config key `cluster-cidr`: value `{want}` refused: it must match the datastore's Network `{have}`");
+    let ipv6_network = ds.config.ipv6_network.map(IpNet::V6);
+    if let Some(want) = cfg.cluster_cidr {
+        let have = if want.addr().is_ipv4() { network } else { ipv6_network };
+        if have != Some(want) {
+            let have = have.map(|h| h.to_string()).unwrap_or_else(|| "none".into());
+            bail!("config key `cluster-cidr`: value `{want}` refused: it must match the datastore's network `{have}`");
         }
     }
-    let v6 = cfg.node_ip.is_ipv6();
-    let (own_key, own_lease) = ds.lease_of(cfg.node_ip).with_context(|| {
-        format!(
-            "no lease in the datastore has PublicIP {} (config key `node-ip`)",
-            cfg.node_ip
-        )
+    let (own_key, own_lease) = cfg.node_ips.iter().find_map(|ip| ds.lease_of(*ip)).with_context(|| {
+        format!("no lease in the datastore has a PublicIP of config key `node-ip` {:?}", cfg.node_ips)
     })?;
-    let own_data = own_lease.vxlan_data(v6).context("this node's lease")?;
-    if own_data.vni != cfg.vni {
-        bail!(
-            "this node's lease has VNI {} but config key `vni` is {}",
-            own_data.vni,
-            cfg.vni
-        );
+    let vxlan = cfg.backend == "vxlan";
+    let mut own = Vec::new();
+    for ip in own_lease.public_ips() {
+        if !cfg.node_ips.contains(&ip) {
+            bail!("this node's lease {own_key} announces {ip}, which is not in config key `node-ip`");
+        }
+        let mac = if vxlan {
+            let data = own_lease.vxlan_data(ip.is_ipv6()).context("this node's lease")?;
+            if data.vni != cfg.vni {
+                bail!("this node's lease has VNI {} but config key `vni` is {}", data.vni, cfg.vni);
+            }
+            data.vtep_mac
+        } else {
+            [0; 6]
+        };
+        own.push(Vtep { addr: ip, mac });
     }
-    let own = Vtep {
-        addr: cfg.node_ip,
-        mac: own_data.vtep_mac,
-    };
     let mut peers = Vec::new();
     let mut skipped = Vec::new();
     for (key, lease) in &ds.leases {
         if key == own_key {
             continue;
         }
-        if lease.backend_type != "vxlan" {
+        if lease.backend_type != lease_type(&cfg.backend) {
             skipped.push((*key, format!("backend {}", lease.backend_type)));
             continue;
         }
-        let Some(addr) = lease.public_ips().find(|a| a.is_ipv6() == v6) else {
-            skipped.push((*key, "no public address of the underlay's family".into()));
-            continue;
-        };
-        match lease.vxlan_data(v6) {
-            Ok(d) if d.vni == cfg.vni => peers.push(DesiredPeer {
-                key: *key,
-                vtep: Vtep {
-                    addr,
-                    mac: d.vtep_mac,
-                },
-            }),
-            Ok(d) => skipped.push((*key, format!("VNI {} is not ours", d.vni))),
-            Err(e) => skipped.push((*key, e.to_string())),
+        let mut vteps = [None, None];
+        let mut refused = None;
+        for ip in lease.public_ips().filter(|ip| own.iter().any(|o| o.addr.is_ipv6() == ip.is_ipv6())) {
+            let mac = if vxlan {
+                match lease.vxlan_data(ip.is_ipv6()) {
+                    Ok(d) if d.vni == cfg.vni => d.vtep_mac,
+                    Ok(d) => {
+                        refused = Some(format!("VNI {} is not ours", d.vni));
+                        continue;
+                    }
+                    Err(e) => {
+                        refused = Some(e.to_string());
+                        continue;
+                    }
+                }
+            } else {
+                [0; 6]
+            };
+            vteps[ip.is_ipv6() as usize] = Some(Vtep { addr: ip, mac });
         }
+        if vteps.iter().all(|v| v.is_none()) {
+            let why = refused.unwrap_or_else(|| "no public address of an underlay family of ours".into());
+            skipped.push((*key, why));
+            continue;
+        }
+        peers.push(DesiredPeer { key: *key, vtep4: vteps[0], vtep6: vteps[1] });
     }
-    Ok(Desired {
-        own_key: *own_key,
-        own,
-        network,
-        peers,
-        skipped,
-    })
+    Ok(Desired { own_key: *own_key, own, network, ipv6_network, peers, skipped })
 }
 
-/// Routes to add and to delete to go from `old` to `new` subnets.
-pub fn route_changes(old: &[IpNet], new: &[IpNet]) -> (Vec<IpNet>, Vec<IpNet>) {
-    let add = new.iter().filter(|n| !old.contains(n)).copied().collect();
-    let del = old.iter().filter(|n| !new.contains(n)).copied().collect();
+/// Routes to add (or replace) and to delete to go from `old` to `new`: a
+/// destination kept with another next hop is replaced, not deleted.
+pub fn route_changes(old: &[Route], new: &[Route]) -> (Vec<Route>, Vec<Route>) {
+    let add = new.iter().filter(|r| !old.contains(r)).cloned().collect();
+    let del = old.iter().filter(|r| !new.iter().any(|n| n.dst == r.dst)).cloned().collect();
     (add, del)
 }
 
-/// The subnets routed into the TUN for `d` (every peer subnet of our family
-/// set; the node's own subnet is local).
-pub fn routed_subnets(d: &Desired) -> Vec<IpNet> {
-    d.peers.iter().flat_map(|p| p.key.subnets()).collect()
+/// An interface address of this node: the address, its prefix, its link.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LocalAddr {
+    /// The address with its prefix length.
+    pub net: IpNet,
+    /// Interface index.
+    pub index: u32,
+}
+
+/// The kernel routes backend `backend` needs for `d`: vxlan routes every
+/// peer subnet into the TUN; host-gw routes each via the peer's address on
+/// the link that reaches it, and refuses a peer that is not on-link; none
+/// routes nothing.
+pub fn routes_for(backend: &str, d: &Desired, tun: u32, local: &[LocalAddr]) -> anyhow::Result<Vec<Route>> {
+    let mut routes = Vec::new();
+    for p in &d.peers {
+        for dst in p.key.subnets() {
+            match backend {
+                "vxlan" => routes.push(Route { dst, oif: tun, gateway: None, onlink: false }),
+                "host-gw" => {
+                    let via = if dst.addr().is_ipv6() { p.vtep6 } else { p.vtep4 };
+                    let Some(via) = via else {
+                        bail!("host-gw: node {} has no public address of the family of {dst}", p.key);
+                    };
+                    let link = local.iter().find(|l| l.net.contains(&via.addr)).with_context(|| {
+                        format!(
+                            "host-gw needs every node on-link, and node {} ({}) is on no link of this node",
+                            p.key, via.addr
+                        )
+                    })?;
+                    routes.push(Route { dst, oif: link.index, gateway: Some(via.addr), onlink: false });
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(routes)
+}
+
+/// This node's interface addresses.
+pub fn local_addrs() -> anyhow::Result<Vec<LocalAddr>> {
+    let mut out = Vec::new();
+    for a in nix::ifaddrs::getifaddrs().context("listing interface addresses")? {
+        let (Some(addr), Some(mask)) = (a.address.as_ref(), a.netmask.as_ref()) else { continue };
+        let net = if let (Some(ip), Some(m)) = (addr.as_sockaddr_in(), mask.as_sockaddr_in()) {
+            IpNet::new(IpAddr::V4(ip.ip()), u32::from(m.ip()).count_ones() as u8)
+        } else if let (Some(ip), Some(m)) = (addr.as_sockaddr_in6(), mask.as_sockaddr_in6()) {
+            IpNet::new(IpAddr::V6(ip.ip()), u128::from(m.ip()).count_ones() as u8)
+        } else {
+            continue;
+        };
+        let Ok(net) = net else { continue };
+        out.push(LocalAddr { net, index: Netlink::link_index(&a.interface_name)? });
+    }
+    Ok(out)
 }
 
 /// Runs the agent until SIGTERM or SIGINT.
@@ -140,30 +207,39 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         tracing::warn!(lease = %key, why, "lease skipped");
     }
     let mut nl = Netlink::open().context("opening netlink")?;
-    let underlay_mtu = underlay_mtu(&mut nl, cfg.node_ip)?;
-    let overhead = if cfg.node_ip.is_ipv6() {
+    let local = local_addrs()?;
+    let first = want.own.first().context("this node's lease announces no public address")?;
+    let link = local.iter().find(|l| l.net.addr() == first.addr).with_context(|| {
+        format!("config key `node-ip`: value `{}` refused: no interface of this node has that address", first.addr)
+    })?;
+    let underlay_mtu = nl.link_mtu(link.index)?;
+    let vxlan = cfg.backend == "vxlan";
+    let overhead = if !vxlan {
+        0
+    } else if want.own.iter().any(|v| v.addr.is_ipv6()) {
         OVERHEAD_V6
     } else {
         OVERHEAD_V4
     } as u32;
-    let mtu = underlay_mtu
-        .checked_sub(overhead)
-        .filter(|m| *m >= 576)
-        .context("underlay MTU too small for VXLAN")?;
+    let mtu = underlay_mtu.checked_sub(overhead).filter(|m| *m >= 576).context("underlay MTU too small for VXLAN")?;
 
     let mut counters: HashMap<SubnetKey, Arc<PeerCounters>> = HashMap::new();
-    let snapshot = Arc::new(build_snapshot(&want, &mut counters));
-    let engine_cfg = EngineConfig {
-        tun_name: cfg.tun_name.clone(),
-        threads: cfg.threads,
-        vxlan: Vxlan::new(cfg.vni, cfg.vxlan_port, want.own),
-        port: cfg.vxlan_port,
-        mtu: mtu as usize,
+    let families = families(&want);
+    let snapshot = Arc::new(build_snapshot(&want, families, &mut counters));
+    let engine = if vxlan {
+        let engine_cfg = EngineConfig {
+            tun_name: cfg.tun_name.clone(),
+            threads: cfg.threads,
+            vxlan: want.own.iter().map(|v| Vxlan::new(cfg.vni, cfg.vxlan_port, *v)).collect(),
+            port: cfg.vxlan_port,
+            mtu: mtu as usize,
+        };
+        Some(Engine::start(&engine_cfg, snapshot.clone()).context("starting the engine (TUN device, sockets)")?)
+    } else {
+        None
     };
-    let engine = Engine::start(&engine_cfg, snapshot.clone())
-        .context("starting the engine (TUN device, sockets)")?;
     let state = Arc::new(MetricsState {
-        workers: engine.counters().to_vec(),
+        workers: engine.as_ref().map(|e| e.counters().to_vec()).unwrap_or_default(),
         snapshot: Mutex::new(snapshot),
         ready: Default::default(),
     });
@@ -172,26 +248,24 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             .with_context(|| format!("config key `metrics-addr`: cannot listen on {addr}"))?;
     }
 
-    let tun = Netlink::link_index(&cfg.tun_name)?;
-    nl.set_link(tun, true, Some(mtu))
-        .context("setting the TUN device up")?;
-    for net in want.own_key.subnets() {
-        let host = if net.addr().is_ipv4() { 32 } else { 128 };
-        nl.add_address(
-            tun,
-            IpNet::new(net.network(), host).expect("a host prefix is valid"),
-        )
-        .context("addressing the TUN device")?;
+    let mut tun = 0;
+    if engine.is_some() {
+        tun = Netlink::link_index(&cfg.tun_name)?;
+        nl.set_link(tun, true, Some(mtu)).context("setting the TUN device up")?;
+        for net in want.own_key.subnets() {
+            let host = if net.addr().is_ipv4() { 32 } else { 128 };
+            let addr = IpNet::new(net.network(), host).expect("a host prefix is valid");
+            nl.add_address(tun, addr).context("addressing the TUN device")?;
+        }
     }
-    let mut routed = routed_subnets(&want);
-    for net in &routed {
-        nl.replace_route(&tun_route(*net, tun))
-            .with_context(|| format!("adding the route to {net}"))?;
+    let mut routed = routes_for(&cfg.backend, &want, tun, &local)?;
+    for r in &routed {
+        nl.replace_route(r).with_context(|| format!("adding the route to {}", r.dst))?;
     }
-    let env = subnet_env(want.network, &want.own_key, None, mtu, false);
+    let env = subnet_env(want.network, &want.own_key, want.ipv6_network, mtu, false);
     write_subnet_env(&cfg, &env)?;
     state.ready.store(true, Relaxed);
-    tracing::info!(node = %cfg.node_name, subnet = %want.own_key, mtu, peers = want.peers.len(), "agent ready");
+    tracing::info!(node = %cfg.node_name, subnet = %want.own_key, backend = %cfg.backend, mtu, peers = want.peers.len(), "agent ready");
 
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGHUP,
@@ -202,111 +276,86 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         if sig != signal_hook::consts::SIGHUP {
             break;
         }
-        match reload(
-            &cfg,
-            &engine,
-            &mut nl,
-            tun,
-            &mut routed,
-            &mut counters,
-            &state,
-        ) {
-            Ok(()) => {}
-            Err(e) => {
-                tracing::error!(error = %format!("{e:#}"), "reload refused; keeping the previous state")
-            }
+        let mut plane = Plane { engine: engine.as_ref(), nl: &mut nl, tun, local: &local };
+        if let Err(e) = plane.reload(&cfg, &mut routed, &mut counters, &state) {
+            tracing::error!(error = %format!("{e:#}"), "reload refused; keeping the previous state");
         }
     }
     tracing::info!("shutting down");
     state.ready.store(false, Relaxed);
-    for net in &routed {
-        if let Err(e) = nl.delete_route(&tun_route(*net, tun)) {
-            tracing::warn!(route = %net, error = %e, "removing route");
+    for r in &routed {
+        if let Err(e) = nl.delete_route(r) {
+            tracing::warn!(route = %r.dst, error = %e, "removing route");
         }
     }
-    engine.stop();
+    if let Some(engine) = engine {
+        engine.stop();
+    }
     Ok(())
 }
 
-/// Re-reads the datastore and applies the difference.
-fn reload(
-    cfg: &AgentConfig,
-    engine: &Engine,
-    nl: &mut Netlink,
+/// What a reload changes: the engine's snapshot and the kernel's routes.
+struct Plane<'a> {
+    engine: Option<&'a Engine>,
+    nl: &'a mut Netlink,
     tun: u32,
-    routed: &mut Vec<IpNet>,
-    counters: &mut HashMap<SubnetKey, Arc<PeerCounters>>,
-    state: &MetricsState,
-) -> anyhow::Result<()> {
-    let ds = StaticDatastore::load(&cfg.datastore_file)?;
-    let want = desired(cfg, &ds)?;
-    let new_routed = routed_subnets(&want);
-    let (add, del) = route_changes(routed, &new_routed);
-    // Routes first for new nodes, so their packets reach the TUN as soon as
-    // the snapshot knows them; old routes go after the snapshot drops them.
-    for net in &add {
-        nl.replace_route(&tun_route(*net, tun))
-            .with_context(|| format!("adding the route to {net}"))?;
+    local: &'a [LocalAddr],
+}
+
+impl Plane<'_> {
+    /// Re-reads the datastore and applies the difference.
+    fn reload(
+        &mut self,
+        cfg: &AgentConfig,
+        routed: &mut Vec<Route>,
+        counters: &mut HashMap<SubnetKey, Arc<PeerCounters>>,
+        state: &MetricsState,
+    ) -> anyhow::Result<()> {
+        let ds = StaticDatastore::load(&cfg.datastore_file)?;
+        let want = desired(cfg, &ds)?;
+        let new_routes = routes_for(&cfg.backend, &want, self.tun, self.local)?;
+        let (add, del) = route_changes(routed, &new_routes);
+        // Routes first for new nodes, so their packets reach the TUN as soon
+        // as the snapshot knows them; old routes go after the snapshot drops them.
+        for r in &add {
+            self.nl.replace_route(r).with_context(|| format!("adding the route to {}", r.dst))?;
+        }
+        let snapshot = Arc::new(build_snapshot(&want, families(&want), counters));
+        if let Some(engine) = self.engine {
+            engine.update(snapshot.clone());
+        }
+        if let Ok(mut s) = state.snapshot.lock() {
+            *s = snapshot;
+        }
+        for r in &del {
+            self.nl.delete_route(r).with_context(|| format!("removing the route to {}", r.dst))?;
+        }
+        *routed = new_routes;
+        tracing::info!(added = add.len(), removed = del.len(), peers = want.peers.len(), "datastore reloaded");
+        Ok(())
     }
-    let snapshot = Arc::new(build_snapshot(&want, counters));
-    engine.update(snapshot.clone());
-    if let Ok(mut s) = state.snapshot.lock() {
-        *s = snapshot;
-    }
-    for net in &del {
-        nl.delete_route(&tun_route(*net, tun))
-            .with_context(|| format!("removing the route to {net}"))?;
-    }
-    *routed = new_routed;
-    tracing::info!(
-        added = add.len(),
-        removed = del.len(),
-        peers = want.peers.len(),
-        "datastore reloaded"
-    );
-    Ok(())
+}
+
+/// The underlay families this node has.
+fn families(d: &Desired) -> Families {
+    Families { v4: d.own.iter().any(|v| v.addr.is_ipv4()), v6: d.own.iter().any(|v| v.addr.is_ipv6()) }
 }
 
 /// The engine's snapshot for `d`, keeping the counters of known nodes.
-fn build_snapshot(d: &Desired, counters: &mut HashMap<SubnetKey, Arc<PeerCounters>>) -> Snapshot {
+fn build_snapshot(d: &Desired, local: Families, counters: &mut HashMap<SubnetKey, Arc<PeerCounters>>) -> Snapshot {
     counters.retain(|k, _| d.peers.iter().any(|p| p.key == *k));
     let peers = d
         .peers
         .iter()
         .map(|p| Peer {
             name: p.key.to_string(),
-            vtep: p.vtep,
+            vtep4: p.vtep4,
+            vtep6: p.vtep6,
             subnets: p.key.subnets(),
             counters: counters.entry(p.key).or_default().clone(),
         })
         .collect();
-    Snapshot::new(peers)
-}
-
-fn tun_route(dst: IpNet, tun: u32) -> Route {
-    Route {
-        dst,
-        oif: tun,
-        gateway: None,
-        onlink: false,
-    }
-}
-
-/// MTU of the interface that holds `node_ip`.
-fn underlay_mtu(nl: &mut Netlink, node_ip: IpAddr) -> anyhow::Result<u32> {
-    let addrs = nix::ifaddrs::getifaddrs().context("listing interface addresses")?;
-    for a in addrs {
-        let ip = a.address.as_ref().and_then(|s| {
-            s.as_sockaddr_in()
-                .map(|v4| IpAddr::V4(v4.ip()))
-                .or_else(|| s.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())))
-        });
-        if ip == Some(node_ip) {
-            let index = Netlink::link_index(&a.interface_name)?;
-            return Ok(nl.link_mtu(index)?);
-        }
-    }
-    bail!("config key `node-ip`: value `{node_ip}` refused: no interface of this node has that address")
+    Snapshot::new(peers, local)
 }
 
 fn write_subnet_env(cfg: &AgentConfig, env: &str) -> anyhow::Result<()> {
@@ -315,8 +364,7 @@ fn write_subnet_env(cfg: &AgentConfig, env: &str) -> anyhow::Result<()> {
     }
     let tmp = cfg.subnet_file.with_extension("tmp");
     std::fs::write(&tmp, env).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, &cfg.subnet_file)
-        .with_context(|| format!("writing {}", cfg.subnet_file.display()))?;
+    std::fs::rename(&tmp, &cfg.subnet_file).with_context(|| format!("writing {}", cfg.subnet_file.display()))?;
     Ok(())
 }
 
@@ -345,16 +393,56 @@ mod tests {
     fn own_lease_and_peers() {
         let d = desired(&cfg("192.168.77.1"), &ds("")).unwrap();
         assert_eq!(d.own_key.to_string(), "10.244.1.0-24");
-        assert_eq!(d.own.mac, [0x0a, 0x58, 0x0a, 0xf4, 1, 0]);
+        assert_eq!(d.own.len(), 1);
+        assert_eq!(d.own[0].mac, [0x0a, 0x58, 0x0a, 0xf4, 1, 0]);
         assert_eq!(d.peers.len(), 1);
+        assert_eq!(d.peers[0].vtep4.unwrap().addr, "192.168.77.2".parse::<IpAddr>().unwrap());
+        let routes = routes_for("vxlan", &d, 7, &[]).unwrap();
+        assert_eq!(routes, vec![Route { dst: "10.244.2.0/24".parse().unwrap(), oif: 7, gateway: None, onlink: false }]);
+        assert!(routes_for("none", &d, 7, &[]).unwrap().is_empty());
+    }
+
+    #[test]
+    fn dual_stack_leases_give_a_vtep_per_family() {
+        let json = r#"{"config":{"Network":"10.244.0.0/16","IPv6Network":"fd00::/56","EnableIPv6":true,"Backend":{"Type":"vxlan"}},"subnets":{
+            "10.244.1.0-24&fd00:0:0:1::-64":{"PublicIP":"192.168.77.1","PublicIPv6":"fd77::1","BackendType":"vxlan",
+                "BackendData":{"VNI":1,"VtepMAC":"0a:58:0a:f4:01:00"},"BackendV6Data":{"VNI":1,"VtepMAC":"0a:58:0a:f4:01:06"}},
+            "10.244.2.0-24&fd00:0:0:2::-64":{"PublicIP":"192.168.77.2","PublicIPv6":"fd77::2","BackendType":"vxlan",
+                "BackendData":{"VNI":1,"VtepMAC":"0a:58:0a:f4:02:00"},"BackendV6Data":{"VNI":1,"VtepMAC":"0a:58:0a:f4:02:06"}}}}"#;
+        let ds = StaticDatastore::parse(json.as_bytes()).unwrap();
+        let d = desired(&cfg("192.168.77.1,fd77::1"), &ds).unwrap();
+        assert_eq!(d.own.len(), 2);
+        assert_eq!(d.own[1].mac, [0x0a, 0x58, 0x0a, 0xf4, 1, 6], "the IPv6 VTEP takes BackendV6Data's MAC");
+        let p = &d.peers[0];
+        assert_eq!(p.vtep6.unwrap().mac, [0x0a, 0x58, 0x0a, 0xf4, 2, 6]);
+        assert_eq!(routes_for("vxlan", &d, 7, &[]).unwrap().len(), 2, "both pod subnets routed");
+        // A node whose node-ip lacks the lease's IPv6 address is refused.
+        assert!(desired(&cfg("192.168.77.1"), &ds).is_err());
+    }
+
+    #[test]
+    fn host_gw_routes_via_on_link_peers_and_refuses_others() {
+        let json = r#"{"config":{"Network":"10.244.0.0/16","Backend":{"Type":"host-gw"}},"subnets":{
+            "10.244.1.0-24":{"PublicIP":"192.168.77.1","BackendType":"host-gw"},
+            "10.244.2.0-24":{"PublicIP":"192.168.77.2","BackendType":"host-gw"}}}"#;
+        let ds = StaticDatastore::parse(json.as_bytes()).unwrap();
+        let mut c = cfg("192.168.77.1");
+        c.backend = "host-gw".into();
+        let d = desired(&c, &ds).unwrap();
+        let local = [LocalAddr { net: "192.168.77.1/24".parse().unwrap(), index: 3 }];
+        let routes = routes_for("host-gw", &d, 0, &local).unwrap();
         assert_eq!(
-            d.peers[0].vtep.addr,
-            "192.168.77.2".parse::<IpAddr>().unwrap()
+            routes,
+            vec![Route {
+                dst: "10.244.2.0/24".parse().unwrap(),
+                oif: 3,
+                gateway: Some("192.168.77.2".parse().unwrap()),
+                onlink: false
+            }]
         );
-        assert_eq!(
-            routed_subnets(&d),
-            vec!["10.244.2.0/24".parse::<IpNet>().unwrap()]
-        );
+        let elsewhere = [LocalAddr { net: "192.168.78.1/24".parse().unwrap(), index: 3 }];
+        let e = routes_for("host-gw", &d, 0, &elsewhere).unwrap_err().to_string();
+        assert!(e.contains("on-link") && e.contains("192.168.77.2"), "{e}");
     }
 
     #[test]
@@ -368,28 +456,28 @@ mod tests {
 
     #[test]
     fn missing_own_lease_and_mismatches_are_refused() {
-        let e = desired(&cfg("192.168.77.9"), &ds(""))
-            .unwrap_err()
-            .to_string();
+        let e = desired(&cfg("192.168.77.9"), &ds("")).unwrap_err().to_string();
         assert!(e.contains("192.168.77.9") && e.contains("node-ip"), "{e}");
         let mut c = cfg("192.168.77.1");
         c.cluster_cidr = Some("10.42.0.0/16".parse().unwrap());
         let e = desired(&c, &ds("")).unwrap_err().to_string();
-        assert!(
-            e.contains("cluster-cidr") && e.contains("10.244.0.0/16"),
-            "{e}"
-        );
+        assert!(e.contains("cluster-cidr") && e.contains("10.244.0.0/16"), "{e}");
     }
 
     #[test]
     fn route_changes_touch_only_the_difference() {
-        let n = |s: &str| s.parse::<IpNet>().unwrap();
-        let old = vec![n("10.244.2.0/24"), n("10.244.3.0/24")];
-        let new = vec![n("10.244.3.0/24"), n("10.244.4.0/24")];
-        assert_eq!(
-            route_changes(&old, &new),
-            (vec![n("10.244.4.0/24")], vec![n("10.244.2.0/24")])
-        );
+        let r = |s: &str, gw: Option<&str>| Route {
+            dst: s.parse().unwrap(),
+            oif: 1,
+            gateway: gw.map(|g| g.parse().unwrap()),
+            onlink: false,
+        };
+        let old = vec![r("10.244.2.0/24", None), r("10.244.3.0/24", None)];
+        let new = vec![r("10.244.3.0/24", None), r("10.244.4.0/24", None)];
+        assert_eq!(route_changes(&old, &new), (vec![r("10.244.4.0/24", None)], vec![r("10.244.2.0/24", None)]));
         assert_eq!(route_changes(&new, &new), (vec![], vec![]));
+        // A new next hop for a kept destination is a replacement, not a delete.
+        let moved = vec![r("10.244.3.0/24", Some("192.168.77.9")), r("10.244.4.0/24", None)];
+        assert_eq!(route_changes(&new, &moved), (vec![r("10.244.3.0/24", Some("192.168.77.9"))], vec![]));
     }
 }

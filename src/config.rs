@@ -16,46 +16,31 @@ use crate::error::ConfigError;
 /// Every key the agent understands, with a one-line description.
 pub const KEYS: &[(&str, &str)] = &[
     ("node-name", "name of this node (default: the hostname)"),
+    ("node-ip", "this node's underlay address; its lease is the one with this PublicIP"),
     (
-        "node-ip",
-        "this node's underlay address; its lease is the one with this PublicIP",
+        "flannel-backend",
+        "data plane: vxlan, host-gw (kernel routes, no encapsulation) or none (leases and subnet.env only)",
     ),
-    ("flannel-backend", "data plane: vxlan"),
-    (
-        "cluster-cidr",
-        "pod network; must match the datastore's Network when both are given",
-    ),
+    ("cluster-cidr", "pod network; must match the datastore's Network when both are given"),
     ("vxlan-port", "UDP port of the VXLAN backend (default 8472)"),
     ("vni", "VXLAN network identifier (default 1)"),
     ("tun-name", "name of the TUN device (default weft0)"),
-    (
-        "threads",
-        "worker threads, one TUN queue each (default: number of cores)",
-    ),
-    (
-        "metrics-addr",
-        "address of /metrics, /healthz, /readyz (default 127.0.0.1:9464; empty: off)",
-    ),
-    (
-        "datastore-file",
-        "static datastore: Flannel's network config and leases in one JSON file",
-    ),
-    (
-        "subnet-file",
-        "where subnet.env is written (default /run/flannel/subnet.env)",
-    ),
+    ("threads", "worker threads, one TUN queue each (default: number of cores)"),
+    ("metrics-addr", "address of /metrics, /healthz, /readyz (default 127.0.0.1:9464; empty: off)"),
+    ("datastore-file", "static datastore: Flannel's network config and leases in one JSON file"),
+    ("subnet-file", "where subnet.env is written (default /run/flannel/subnet.env)"),
 ];
 
 /// Backends this build can run.
-pub const BACKENDS: &[&str] = &["vxlan"];
+pub const BACKENDS: &[&str] = &["vxlan", "host-gw", "none"];
 
 /// The agent's configuration, validated.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AgentConfig {
     /// Node name.
     pub node_name: String,
-    /// Underlay address of this node.
-    pub node_ip: IpAddr,
+    /// Underlay addresses of this node, at most one per family, in the order given.
+    pub node_ips: Vec<IpAddr>,
     /// Backend (`vxlan`).
     pub backend: String,
     /// Pod network, if given.
@@ -79,19 +64,13 @@ pub struct AgentConfig {
 impl AgentConfig {
     /// Reads the YAML text of a config file into key/value pairs.
     pub fn pairs_from_yaml(text: &str) -> Result<BTreeMap<String, String>, ConfigError> {
-        let doc: serde_yaml::Value = serde_yaml::from_str(text)
-            .map_err(|e| ConfigError::new("(file)", e, "a YAML mapping of key: value"))?;
+        let doc: serde_yaml::Value =
+            serde_yaml::from_str(text).map_err(|e| ConfigError::new("(file)", e, "a YAML mapping of key: value"))?;
         let mut out = BTreeMap::new();
         let map = match doc {
             serde_yaml::Value::Null => return Ok(out),
             serde_yaml::Value::Mapping(m) => m,
-            other => {
-                return Err(ConfigError::new(
-                    "(file)",
-                    yaml_text(&other),
-                    "a YAML mapping of key: value",
-                ))
-            }
+            other => return Err(ConfigError::new("(file)", yaml_text(&other), "a YAML mapping of key: value")),
         };
         for (k, v) in map {
             let key = match k {
@@ -123,38 +102,17 @@ impl AgentConfig {
             }
         }
         let get = |k: &str| pairs.get(k).map(|s| s.trim()).filter(|s| !s.is_empty());
-        let node_ip = match get("node-ip") {
-            Some(v) => v
-                .parse::<IpAddr>()
-                .map_err(|_| ConfigError::new("node-ip", v, "an IPv4 or IPv6 address"))?,
-            None => {
-                return Err(ConfigError::new(
-                    "node-ip",
-                    "",
-                    "an IPv4 or IPv6 address (required)",
-                ))
-            }
-        };
+        let node_ips = parse_node_ips(get("node-ip"))?;
         let backend = get("flannel-backend").unwrap_or("vxlan").to_string();
         if !BACKENDS.contains(&backend.as_str()) {
-            return Err(ConfigError::new(
-                "flannel-backend",
-                &backend,
-                format!("one of: {}", BACKENDS.join(", ")),
-            ));
+            return Err(ConfigError::new("flannel-backend", &backend, format!("one of: {}", BACKENDS.join(", "))));
         }
         let cluster_cidr = get("cluster-cidr")
             .map(|v| {
                 v.parse::<IpNet>()
                     .ok()
                     .filter(|n| n.trunc() == *n)
-                    .ok_or_else(|| {
-                        ConfigError::new(
-                            "cluster-cidr",
-                            v,
-                            "a network in CIDR form, e.g. 10.244.0.0/16",
-                        )
-                    })
+                    .ok_or_else(|| ConfigError::new("cluster-cidr", v, "a network in CIDR form, e.g. 10.244.0.0/16"))
             })
             .transpose()?;
         let vxlan_port = parse_num("vxlan-port", get("vxlan-port"), 8472u16, 1, 65535)?;
@@ -167,18 +125,12 @@ impl AgentConfig {
                 "an interface name of 1-15 characters without '/', ':' or spaces",
             ));
         }
-        let cores = std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1);
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
         let threads = parse_num("threads", get("threads"), cores, 1, 256)?;
         let metrics_addr = match pairs.get("metrics-addr").map(|s| s.trim()) {
             Some("") => None,
             Some(v) => Some(v.parse().map_err(|_| {
-                ConfigError::new(
-                    "metrics-addr",
-                    v,
-                    "host:port such as 127.0.0.1:9464, or empty for off",
-                )
+                ConfigError::new("metrics-addr", v, "host:port such as 127.0.0.1:9464, or empty for off")
             })?),
             None => Some(SocketAddr::from(([127, 0, 0, 1], 9464))),
         };
@@ -198,11 +150,11 @@ impl AgentConfig {
             None => nix::unistd::gethostname()
                 .ok()
                 .and_then(|h| h.into_string().ok())
-                .unwrap_or_else(|| node_ip.to_string()),
+                .unwrap_or_else(|| node_ips[0].to_string()),
         };
         Ok(AgentConfig {
             node_name,
-            node_ip,
+            node_ips,
             backend,
             cluster_cidr,
             vxlan_port,
@@ -216,6 +168,21 @@ impl AgentConfig {
     }
 }
 
+/// `node-ip`: one address, or two of different families separated by a comma.
+fn parse_node_ips(v: Option<&str>) -> Result<Vec<IpAddr>, ConfigError> {
+    const ACCEPTED: &str = "an IPv4 and/or an IPv6 address, comma separated, one per family (required)";
+    let v = v.ok_or_else(|| ConfigError::new("node-ip", "", ACCEPTED))?;
+    let ips: Vec<IpAddr> = v
+        .split(',')
+        .map(|s| s.trim().parse::<IpAddr>())
+        .collect::<Result<_, _>>()
+        .map_err(|_| ConfigError::new("node-ip", v, ACCEPTED))?;
+    if ips.len() > 2 || (ips.len() == 2 && ips[0].is_ipv6() == ips[1].is_ipv6()) {
+        return Err(ConfigError::new("node-ip", v, ACCEPTED));
+    }
+    Ok(ips)
+}
+
 fn parse_num<T>(key: &str, v: Option<&str>, default: T, min: T, max: T) -> Result<T, ConfigError>
 where
     T: std::str::FromStr + PartialOrd + std::fmt::Display + Copy,
@@ -223,18 +190,12 @@ where
     let Some(v) = v else { return Ok(default) };
     match v.parse::<T>() {
         Ok(n) if n >= min && n <= max => Ok(n),
-        _ => Err(ConfigError::new(
-            key,
-            v,
-            format!("an integer from {min} to {max}"),
-        )),
+        _ => Err(ConfigError::new(key, v, format!("an integer from {min} to {max}"))),
     }
 }
 
 fn yaml_text(v: &serde_yaml::Value) -> String {
-    serde_yaml::to_string(v)
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
+    serde_yaml::to_string(v).map(|s| s.trim().to_string()).unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -250,11 +211,8 @@ mod tests {
     #[test]
     fn good_file_with_defaults() {
         let c = parse(GOOD).unwrap();
-        assert_eq!(c.node_ip, "192.168.77.1".parse::<IpAddr>().unwrap());
-        assert_eq!(
-            (c.vxlan_port, c.vni, c.tun_name.as_str(), c.backend.as_str()),
-            (8472, 1, "weft0", "vxlan")
-        );
+        assert_eq!(c.node_ips, vec!["192.168.77.1".parse::<IpAddr>().unwrap()]);
+        assert_eq!((c.vxlan_port, c.vni, c.tun_name.as_str(), c.backend.as_str()), (8472, 1, "weft0", "vxlan"));
         assert_eq!(c.metrics_addr, Some("127.0.0.1:9464".parse().unwrap()));
         assert_eq!(c.subnet_file, PathBuf::from("/run/flannel/subnet.env"));
     }
@@ -284,10 +242,7 @@ mod tests {
         assert_eq!((e.key.as_str(), e.value.as_str()), ("vni", "16777216"));
         assert!(e.accepted.contains("1 to 16777215"), "{e}");
         let e = refused(&format!("{GOOD}flannel-backend: ipsec\n"));
-        assert_eq!(
-            (e.key.as_str(), e.value.as_str()),
-            ("flannel-backend", "ipsec")
-        );
+        assert_eq!((e.key.as_str(), e.value.as_str()), ("flannel-backend", "ipsec"));
         assert!(e.accepted.contains("vxlan"));
         let e = refused(&format!("{GOOD}vxlan-port: 0\n"));
         assert_eq!(e.key, "vxlan-port");
@@ -311,10 +266,7 @@ mod tests {
     fn unknown_keys_and_bad_shapes_are_refused() {
         let e = refused(&format!("{GOOD}vnii: 1\n"));
         assert_eq!(e.key, "vnii");
-        assert!(
-            e.accepted.contains("vxlan-port"),
-            "lists the known keys: {e}"
-        );
+        assert!(e.accepted.contains("vxlan-port"), "lists the known keys: {e}");
         assert_eq!(refused("- a\n- b\n").key, "(file)");
         assert_eq!(refused("node-ip: [1, 2]\n").key, "node-ip");
         assert_eq!(refused("{{{").key, "(file)");

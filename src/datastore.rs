@@ -32,35 +32,19 @@ pub struct NetworkConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<Ipv4Net>,
     /// IPv6 pod network.
-    #[serde(
-        default,
-        rename = "IPv6Network",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, rename = "IPv6Network", skip_serializing_if = "Option::is_none")]
     pub ipv6_network: Option<Ipv6Net>,
     /// Whether IPv4 is on (default true).
-    #[serde(
-        default,
-        rename = "EnableIPv4",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, rename = "EnableIPv4", skip_serializing_if = "Option::is_none")]
     pub enable_ipv4: Option<bool>,
     /// Whether IPv6 is on (default false).
-    #[serde(
-        default,
-        rename = "EnableIPv6",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, rename = "EnableIPv6", skip_serializing_if = "Option::is_none")]
     pub enable_ipv6: Option<bool>,
     /// IPv4 node subnet length (default 24).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subnet_len: Option<u8>,
     /// IPv6 node subnet length (default 64).
-    #[serde(
-        default,
-        rename = "IPv6SubnetLen",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, rename = "IPv6SubnetLen", skip_serializing_if = "Option::is_none")]
     pub ipv6_subnet_len: Option<u8>,
     /// Lowest IPv4 subnet to allocate.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -76,18 +60,12 @@ pub struct NetworkConfig {
 impl NetworkConfig {
     /// Parses the config JSON.
     pub fn parse(json: &[u8]) -> Result<Self, DatastoreError> {
-        serde_json::from_slice(json).map_err(|source| DatastoreError::Json {
-            what: "network config".into(),
-            source,
-        })
+        serde_json::from_slice(json).map_err(|source| DatastoreError::Json { what: "network config".into(), source })
     }
 
     /// The backend type (`Backend.Type`), `vxlan` when absent as in Flannel.
     pub fn backend_type(&self) -> &str {
-        self.backend
-            .get("Type")
-            .and_then(|t| t.as_str())
-            .unwrap_or("vxlan")
+        self.backend.get("Type").and_then(|t| t.as_str()).unwrap_or("vxlan")
     }
 }
 
@@ -107,38 +85,24 @@ pub struct Lease {
     #[serde(default)]
     pub backend_data: serde_json::Value,
     /// Backend data for IPv6.
-    #[serde(
-        rename = "BackendV6Data",
-        default,
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "BackendV6Data", default, skip_serializing_if = "Option::is_none")]
     pub backend_v6_data: Option<serde_json::Value>,
 }
 
 impl Lease {
     /// Parses a lease value.
     pub fn parse(json: &[u8]) -> Result<Self, DatastoreError> {
-        serde_json::from_slice(json).map_err(|source| DatastoreError::Json {
-            what: "lease".into(),
-            source,
-        })
+        serde_json::from_slice(json).map_err(|source| DatastoreError::Json { what: "lease".into(), source })
     }
 
     /// The underlay addresses this lease announces.
     pub fn public_ips(&self) -> impl Iterator<Item = IpAddr> {
-        self.public_ip
-            .map(IpAddr::V4)
-            .into_iter()
-            .chain(self.public_ipv6.map(IpAddr::V6))
+        self.public_ip.map(IpAddr::V4).into_iter().chain(self.public_ipv6.map(IpAddr::V6))
     }
 
     /// VXLAN backend data for the given underlay family.
     pub fn vxlan_data(&self, v6: bool) -> Result<VxlanData, DatastoreError> {
-        let data = if v6 {
-            self.backend_v6_data.as_ref().unwrap_or(&self.backend_data)
-        } else {
-            &self.backend_data
-        };
+        let data = if v6 { self.backend_v6_data.as_ref().unwrap_or(&self.backend_data) } else { &self.backend_data };
         VxlanData::from_value(data)
     }
 }
@@ -154,28 +118,24 @@ pub struct VxlanData {
 
 impl VxlanData {
     fn from_value(v: &serde_json::Value) -> Result<Self, DatastoreError> {
-        let invalid =
-            |what: &str, value: &serde_json::Value, accepted: &str| DatastoreError::Invalid {
-                what: what.into(),
-                value: value.to_string(),
-                accepted: accepted.into(),
-            };
+        let invalid = |what: &str, value: &serde_json::Value, accepted: &str| DatastoreError::Invalid {
+            what: what.into(),
+            value: value.to_string(),
+            accepted: accepted.into(),
+        };
         let vni = match v.get("VNI") {
             None => 1,
-            Some(n) => n
-                .as_u64()
-                .filter(|n| *n <= weft_tunnel::vxlan::MAX_VNI as u64)
-                .ok_or_else(|| invalid("BackendData.VNI", n, "an integer up to 16777215"))?
-                as u32,
+            Some(n) => {
+                n.as_u64()
+                    .filter(|n| *n <= weft_tunnel::vxlan::MAX_VNI as u64)
+                    .ok_or_else(|| invalid("BackendData.VNI", n, "an integer up to 16777215"))? as u32
+            }
         };
         let mac = v.get("VtepMAC").unwrap_or(&serde_json::Value::Null);
-        let vtep_mac = mac.as_str().and_then(parse_mac).ok_or_else(|| {
-            invalid(
-                "BackendData.VtepMAC",
-                mac,
-                "a MAC such as 0a:58:0a:f4:01:00",
-            )
-        })?;
+        let vtep_mac = mac
+            .as_str()
+            .and_then(parse_mac)
+            .ok_or_else(|| invalid("BackendData.VtepMAC", mac, "a MAC such as 0a:58:0a:f4:01:00"))?;
         Ok(VxlanData { vni, vtep_mac })
     }
 
@@ -221,11 +181,7 @@ impl SubnetKey {
 
     /// The subnets of the key.
     pub fn subnets(&self) -> Vec<IpNet> {
-        self.v4
-            .map(IpNet::V4)
-            .into_iter()
-            .chain(self.v6.map(IpNet::V6))
-            .collect()
+        self.v4.map(IpNet::V4).into_iter().chain(self.v6.map(IpNet::V6)).collect()
     }
 }
 
@@ -263,27 +219,19 @@ struct StaticFile {
 impl StaticDatastore {
     /// Parses the static file's JSON.
     pub fn parse(json: &[u8]) -> Result<Self, DatastoreError> {
-        let file: StaticFile =
-            serde_json::from_slice(json).map_err(|source| DatastoreError::Json {
-                what: "static datastore".into(),
-                source,
-            })?;
+        let file: StaticFile = serde_json::from_slice(json)
+            .map_err(|source| DatastoreError::Json { what: "static datastore".into(), source })?;
         let mut leases = BTreeMap::new();
         for (k, v) in file.subnets {
             leases.insert(SubnetKey::parse(&k)?, v);
         }
-        Ok(StaticDatastore {
-            config: file.config,
-            leases,
-        })
+        Ok(StaticDatastore { config: file.config, leases })
     }
 
     /// Reads and parses the file at `path`.
     pub fn load(path: &Path) -> Result<Self, DatastoreError> {
-        let bytes = std::fs::read(path).map_err(|source| DatastoreError::Io {
-            path: path.display().to_string(),
-            source,
-        })?;
+        let bytes =
+            std::fs::read(path).map_err(|source| DatastoreError::Io { path: path.display().to_string(), source })?;
         Self::parse(&bytes)
     }
 
@@ -291,20 +239,14 @@ impl StaticDatastore {
     pub fn to_json(&self) -> String {
         let file = StaticFile {
             config: self.config.clone(),
-            subnets: self
-                .leases
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.clone()))
-                .collect(),
+            subnets: self.leases.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(),
         };
         serde_json::to_string_pretty(&file).expect("serialising plain data cannot fail")
     }
 
     /// The lease whose public address is `ip`.
     pub fn lease_of(&self, ip: IpAddr) -> Option<(&SubnetKey, &Lease)> {
-        self.leases
-            .iter()
-            .find(|(_, l)| l.public_ips().any(|a| a == ip))
+        self.leases.iter().find(|(_, l)| l.public_ips().any(|a| a == ip))
     }
 }
 
@@ -324,10 +266,7 @@ pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
 
 /// Formats a MAC as lowercase `aa:bb:cc:dd:ee:ff`.
 pub fn format_mac(mac: &[u8; 6]) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
+    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
 }
 
 /// The `subnet.env` Flannel writes for the CNI plugin.
@@ -340,11 +279,7 @@ pub fn subnet_env(
 ) -> String {
     let mut s = String::new();
     if let (Some(n), Some(sub)) = (network, subnet.v4) {
-        s += &format!(
-            "FLANNEL_NETWORK={n}\nFLANNEL_SUBNET={}/{}\n",
-            first_host(IpNet::V4(sub)),
-            sub.prefix_len()
-        );
+        s += &format!("FLANNEL_NETWORK={n}\nFLANNEL_SUBNET={}/{}\n", first_host(IpNet::V4(sub)), sub.prefix_len());
     }
     if let (Some(n), Some(sub)) = (ipv6_network, subnet.v6) {
         s += &format!(
@@ -370,31 +305,19 @@ mod tests {
     use super::*;
 
     fn fixture(name: &str) -> Vec<u8> {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/flannel-etcd")
-            .join(name);
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/flannel-etcd").join(name);
         std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
     }
 
     #[test]
     fn subnet_keys_round_trip() {
-        for k in [
-            "10.244.1.0-24",
-            "fd00:0:0:1::-64",
-            "10.244.1.0-24&fd00:0:0:1::-64",
-            "10.42.3.0-24&2001:cafe:42:3::-64",
-        ] {
+        for k in
+            ["10.244.1.0-24", "fd00:0:0:1::-64", "10.244.1.0-24&fd00:0:0:1::-64", "10.42.3.0-24&2001:cafe:42:3::-64"]
+        {
             let parsed = SubnetKey::parse(k).unwrap();
-            assert_eq!(
-                SubnetKey::parse(&parsed.to_string()).unwrap(),
-                parsed,
-                "{k}"
-            );
+            assert_eq!(SubnetKey::parse(&parsed.to_string()).unwrap(), parsed, "{k}");
         }
-        assert_eq!(
-            SubnetKey::parse("10.244.1.0-24").unwrap().to_string(),
-            "10.244.1.0-24"
-        );
+        assert_eq!(SubnetKey::parse("10.244.1.0-24").unwrap().to_string(), "10.244.1.0-24");
         for bad in [
             "",
             "10.244.1.0",
@@ -415,13 +338,7 @@ mod tests {
         // Shapes as flanneld writes them (tests/fixtures/flannel-etcd).
         let l = Lease::parse(&fixture("subnets_10.244.2.0-24.json")).unwrap();
         assert_eq!(l.public_ip, Some(Ipv4Addr::new(192, 168, 77, 2)));
-        assert_eq!(
-            l.vxlan_data(false).unwrap(),
-            VxlanData {
-                vni: 1,
-                vtep_mac: [0x0a, 0x58, 0x0a, 0xf4, 2, 0]
-            }
-        );
+        assert_eq!(l.vxlan_data(false).unwrap(), VxlanData { vni: 1, vtep_mac: [0x0a, 0x58, 0x0a, 0xf4, 2, 0] });
         let again = Lease::parse(serde_json::to_string(&l).unwrap().as_bytes()).unwrap();
         assert_eq!(again, l);
         let l = Lease::parse(&fixture("subnets_10.42.3.0-24&2001:cafe:42:3::-64.json")).unwrap();
@@ -435,18 +352,12 @@ mod tests {
     #[test]
     fn bad_lease_values_are_refused() {
         let bad_mac = br#"{"PublicIP":"192.168.77.2","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"zz"}}"#;
-        assert!(matches!(
-            Lease::parse(bad_mac).unwrap().vxlan_data(false),
-            Err(DatastoreError::Invalid { .. })
-        ));
+        assert!(matches!(Lease::parse(bad_mac).unwrap().vxlan_data(false), Err(DatastoreError::Invalid { .. })));
         let big_vni = br#"{"PublicIP":"192.168.77.2","BackendType":"vxlan","BackendData":{"VNI":16777216,"VtepMAC":"0a:58:0a:f4:02:00"}}"#;
         assert!(Lease::parse(big_vni).unwrap().vxlan_data(false).is_err());
         assert!(Lease::parse(br#"{"PublicIP":"300.1.1.1","BackendType":"vxlan"}"#).is_err());
         assert!(Lease::parse(b"[]").is_err());
-        assert!(StaticDatastore::parse(
-            br#"{"config":{},"subnets":{"nope":{"BackendType":"vxlan"}}}"#
-        )
-        .is_err());
+        assert!(StaticDatastore::parse(br#"{"config":{},"subnets":{"nope":{"BackendType":"vxlan"}}}"#).is_err());
     }
 
     #[test]
@@ -471,33 +382,20 @@ mod tests {
             1420,
             true,
         );
-        let expected = "FLANNEL_NETWORK=10.42.0.0/16\nFLANNEL_SUBNET=10.42.3.1/24\nFLANNEL_IPV6_NETWORK=2001:cafe:42::/56\n\
+        let expected =
+            "FLANNEL_NETWORK=10.42.0.0/16\nFLANNEL_SUBNET=10.42.3.1/24\nFLANNEL_IPV6_NETWORK=2001:cafe:42::/56\n\
                         FLANNEL_IPV6_SUBNET=2001:cafe:42:3::1/64\nFLANNEL_MTU=1420\nFLANNEL_IPMASQ=true\n";
         assert_eq!(env, expected);
-        let fixture = std::fs::read_to_string(
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/subnet.env"),
-        )
-        .unwrap();
+        let fixture =
+            std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/subnet.env")).unwrap();
         assert_eq!(env, fixture);
     }
 
     #[test]
     fn macs_round_trip() {
-        assert_eq!(
-            parse_mac("0a:58:0A:f4:01:00"),
-            Some([0x0a, 0x58, 0x0a, 0xf4, 1, 0])
-        );
-        assert_eq!(
-            format_mac(&[0x0a, 0x58, 0x0a, 0xf4, 1, 0]),
-            "0a:58:0a:f4:01:00"
-        );
-        for bad in [
-            "",
-            "0a:58:0a:f4:01",
-            "0a:58:0a:f4:01:00:00",
-            "0a-58-0a-f4-01-00",
-            "0a:58:0a:f4:01:0",
-        ] {
+        assert_eq!(parse_mac("0a:58:0A:f4:01:00"), Some([0x0a, 0x58, 0x0a, 0xf4, 1, 0]));
+        assert_eq!(format_mac(&[0x0a, 0x58, 0x0a, 0xf4, 1, 0]), "0a:58:0a:f4:01:00");
+        for bad in ["", "0a:58:0a:f4:01", "0a:58:0a:f4:01:00:00", "0a-58-0a-f4-01-00", "0a:58:0a:f4:01:0"] {
             assert_eq!(parse_mac(bad), None, "{bad}");
         }
     }

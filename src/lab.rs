@@ -19,28 +19,31 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use sha2::{Digest, Sha256};
 
-use crate::datastore::{format_mac, Lease, NetworkConfig, StaticDatastore, SubnetKey, VxlanData};
+use weft_tunnel::vxlan::OVERHEAD_V4;
+
+use crate::cni::SubnetEnv;
+use crate::datastore::{format_mac, subnet_env, Lease, NetworkConfig, StaticDatastore, SubnetKey, VxlanData};
 use crate::netns::{self, exec, ip};
 
 /// Where lab state (datastore, configs, logs, pids) lives.
 pub const STATE_ROOT: &str = "/run/weft/lab";
 /// Underlay MTU of the lab's veths.
 pub const UNDERLAY_MTU: u32 = 1500;
-/// Pod MTU: underlay minus Flannel's VXLAN overhead.
-pub const POD_MTU: u32 = UNDERLAY_MTU - 50;
 /// Metrics port of every agent (inside its own node namespace).
 pub const METRICS_PORT: u16 = 9464;
 /// Port the TCP check listens on inside the receiving pod.
 const TRANSFER_PORT: u16 = 5201;
+/// Where Debian's containernetworking-plugins live.
+pub const CNI_PATH: &str = "/usr/lib/cni";
 
 /// What runs on a node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,7 +63,7 @@ pub struct LabOptions {
     pub nodes: usize,
     /// Pods per node.
     pub pods_per_node: usize,
-    /// Backend of the weft nodes.
+    /// Backend of the weft nodes: vxlan, host-gw or none.
     pub backend: String,
     /// Run the last node as a kernel Flannel node.
     pub kernel_peer: bool,
@@ -70,6 +73,12 @@ pub struct LabOptions {
     pub threads: Option<usize>,
     /// The weft binary the agents run.
     pub weft_bin: PathBuf,
+    /// Pod networks: one IPv4 and/or one IPv6 (K3s `cluster-cidr`).
+    pub cluster_cidrs: Vec<IpNet>,
+    /// Node subnet prefix lengths (K3s `node-cidr-mask-size-ipv4` / `-ipv6`).
+    pub node_mask_v4: u8,
+    /// See `node_mask_v4`.
+    pub node_mask_v6: u8,
 }
 
 impl LabOptions {
@@ -84,8 +93,20 @@ impl LabOptions {
             transfer_mib: 64,
             threads: None,
             weft_bin,
+            cluster_cidrs: vec!["10.244.0.0/16".parse().expect("a valid network")],
+            node_mask_v4: 24,
+            node_mask_v6: 64,
         }
     }
+
+    fn cluster_v4(&self) -> Option<Ipv4Net> {
+        self.cluster_cidrs.iter().find_map(|n| if let IpNet::V4(n) = n { Some(*n) } else { None })
+    }
+
+    fn cluster_v6(&self) -> Option<Ipv6Net> {
+        self.cluster_cidrs.iter().find_map(|n| if let IpNet::V6(n) = n { Some(*n) } else { None })
+    }
+
 }
 
 /// A node of the lab.
@@ -95,16 +116,27 @@ pub struct Node {
     pub index: usize,
     /// Namespace.
     pub ns: String,
-    /// Underlay address.
-    pub ip: Ipv4Addr,
-    /// Pod subnet.
-    pub subnet: Ipv4Net,
-    /// VTEP MAC.
+    /// IPv4 underlay address (when the cluster has IPv4).
+    pub ip4: Option<Ipv4Addr>,
+    /// IPv6 underlay address (when the cluster has IPv6).
+    pub ip6: Option<Ipv6Addr>,
+    /// Pod subnets, as a lease key.
+    pub key: SubnetKey,
+    /// VTEP MAC of the IPv4 underlay (BackendData).
     pub mac: [u8; 6],
+    /// VTEP MAC of the IPv6 underlay (BackendV6Data).
+    pub mac6: [u8; 6],
     /// What runs on it.
     pub kind: NodeKind,
     /// Its pods.
     pub pods: Vec<Pod>,
+}
+
+impl Node {
+    /// The node's underlay addresses, IPv4 first.
+    pub fn ips(&self) -> Vec<IpAddr> {
+        self.ip4.map(IpAddr::V4).into_iter().chain(self.ip6.map(IpAddr::V6)).collect()
+    }
 }
 
 /// A pod of the lab.
@@ -112,8 +144,15 @@ pub struct Node {
 pub struct Pod {
     /// Namespace.
     pub ns: String,
-    /// Address.
-    pub ip: Ipv4Addr,
+    /// Addresses given by the CNI plugins (IPv4 first).
+    pub ips: Vec<IpAddr>,
+}
+
+impl Pod {
+    /// The pod's address of one family.
+    pub fn ip(&self, v6: bool) -> Option<IpAddr> {
+        self.ips.iter().copied().find(|a| a.is_ipv6() == v6)
+    }
 }
 
 /// A lab that has been built; [`down`] removes it.
@@ -138,71 +177,83 @@ pub struct Check {
     pub detail: String,
 }
 
-/// Plans the nodes and pods of a lab (pure).
-pub fn plan(opts: &LabOptions) -> Vec<Node> {
+/// The `i`-th subnet of length `len` in `net` (pure).
+fn nth_v4(net: Ipv4Net, len: u8, i: usize) -> Option<Ipv4Net> {
+    let base = u32::from(net.network()).checked_add((i as u32).checked_mul(1u32.checked_shl(32 - len as u32)?)?)?;
+    let sub = Ipv4Net::new(Ipv4Addr::from(base), len).ok()?;
+    net.contains(&sub).then_some(sub)
+}
+
+fn nth_v6(net: Ipv6Net, len: u8, i: usize) -> Option<Ipv6Net> {
+    let base = u128::from(net.network()).checked_add((i as u128).checked_mul(1u128.checked_shl(128 - len as u32)?)?)?;
+    let sub = Ipv6Net::new(Ipv6Addr::from(base), len).ok()?;
+    net.contains(&sub).then_some(sub)
+}
+
+/// Plans the nodes of a lab (pure). Node `i` takes the `i`-th node subnet of
+/// each pod network (the first is skipped, as Flannel skips it), the
+/// underlay addresses 192.168.77.`i` and fd77::`i`.
+pub fn plan(opts: &LabOptions) -> anyhow::Result<Vec<Node>> {
+    let (v4, v6) = (opts.cluster_v4(), opts.cluster_v6());
+    if v4.is_none() && v6.is_none() {
+        bail!("--cluster-cidr: give an IPv4 and/or an IPv6 network");
+    }
     (1..=opts.nodes)
         .map(|i| {
-            let ns = format!("{}-n{i}", opts.name);
-            let subnet =
-                Ipv4Net::new(Ipv4Addr::new(10, 244, i as u8, 0), 24).expect("24 is a valid prefix");
-            let kind = if opts.kernel_peer && i == opts.nodes {
-                NodeKind::KernelVxlan
-            } else {
-                NodeKind::Weft
+            let key = SubnetKey {
+                v4: match v4 {
+                    Some(n) => Some(nth_v4(n, opts.node_mask_v4, i).with_context(|| format!("{n} has no room for {i} node subnets of /{}", opts.node_mask_v4))?),
+                    None => None,
+                },
+                v6: match v6 {
+                    Some(n) => Some(nth_v6(n, opts.node_mask_v6, i).with_context(|| format!("{n} has no room for {i} node subnets of /{}", opts.node_mask_v6))?),
+                    None => None,
+                },
             };
-            let pods = (1..=opts.pods_per_node)
-                .map(|j| Pod {
-                    ns: format!("{ns}p{j}"),
-                    ip: Ipv4Addr::new(10, 244, i as u8, 1 + j as u8),
-                })
-                .collect();
-            Node {
+            let ns = format!("{}-n{i}", opts.name);
+            let kind = if opts.kernel_peer && i == opts.nodes { NodeKind::KernelVxlan } else { NodeKind::Weft };
+            let pods = (1..=opts.pods_per_node).map(|j| Pod { ns: format!("{ns}p{j}"), ips: Vec::new() }).collect();
+            Ok(Node {
                 index: i,
                 ns,
-                ip: Ipv4Addr::new(192, 168, 77, i as u8),
-                subnet,
+                ip4: v4.map(|_| Ipv4Addr::new(192, 168, 77, i as u8)),
+                ip6: v6.map(|_| Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, i as u16)),
+                key,
                 mac: [0x0a, 0x58, 0x0a, 0xf4, i as u8, 0],
+                mac6: [0x0a, 0x58, 0x0a, 0xf6, i as u8, 0],
                 kind,
                 pods,
-            }
+            })
         })
         .collect()
 }
 
 /// The static datastore of a lab (pure).
-pub fn datastore(nodes: &[Node]) -> StaticDatastore {
+pub fn datastore(opts: &LabOptions, nodes: &[Node]) -> StaticDatastore {
     let config = NetworkConfig {
-        network: Some("10.244.0.0/16".parse().expect("a valid network")),
-        ipv6_network: None,
-        enable_ipv4: None,
-        enable_ipv6: None,
-        subnet_len: Some(24),
-        ipv6_subnet_len: None,
+        network: opts.cluster_v4(),
+        ipv6_network: opts.cluster_v6(),
+        enable_ipv4: Some(opts.cluster_v4().is_some()),
+        enable_ipv6: Some(opts.cluster_v6().is_some()),
+        subnet_len: opts.cluster_v4().map(|_| opts.node_mask_v4),
+        ipv6_subnet_len: opts.cluster_v6().map(|_| opts.node_mask_v6),
         subnet_min: None,
         subnet_max: None,
-        backend: serde_json::json!({"Type": "vxlan"}),
+        backend: serde_json::json!({"Type": opts.backend}),
     };
+    let vxlan = opts.backend == "vxlan";
     let leases = nodes
         .iter()
         .map(|n| {
+            let data = |mac| if vxlan { VxlanData { vni: 1, vtep_mac: mac }.to_value() } else { serde_json::Value::Null };
             let lease = Lease {
-                public_ip: Some(n.ip),
-                public_ipv6: None,
-                backend_type: "vxlan".into(),
-                backend_data: VxlanData {
-                    vni: 1,
-                    vtep_mac: n.mac,
-                }
-                .to_value(),
-                backend_v6_data: None,
+                public_ip: n.ip4,
+                public_ipv6: n.ip6,
+                backend_type: opts.backend.clone(),
+                backend_data: if n.ip4.is_some() { data(n.mac) } else { data(n.mac6) },
+                backend_v6_data: n.ip6.filter(|_| vxlan).map(|_| data(n.mac6)),
             };
-            (
-                SubnetKey {
-                    v4: Some(n.subnet),
-                    v6: None,
-                },
-                lease,
-            )
+            (n.key, lease)
         })
         .collect();
     StaticDatastore { config, leases }
@@ -213,22 +264,17 @@ pub fn up(opts: &LabOptions) -> anyhow::Result<Lab> {
     if opts.nodes < 2 || opts.nodes > 200 {
         bail!("--nodes {}: a lab needs 2 to 200 nodes", opts.nodes);
     }
-    if opts.backend != "vxlan" {
-        bail!("--backend {}: this build's lab runs: vxlan", opts.backend);
+    if !["vxlan", "host-gw", "none"].contains(&opts.backend.as_str()) {
+        bail!("--backend {}: this build's lab runs vxlan, host-gw or none", opts.backend);
+    }
+    if opts.kernel_peer && (opts.backend != "vxlan" || opts.cluster_v4().is_none()) {
+        bail!("--peer kernel-vxlan needs --backend vxlan and an IPv4 cluster-cidr");
     }
     if netns::exists(&format!("{}-ul", opts.name)) {
-        bail!(
-            "a lab named {} exists already; remove it with `weft lab down --name {}`",
-            opts.name,
-            opts.name
-        );
+        bail!("a lab named {} exists already; remove it with `weft lab down --name {}`", opts.name, opts.name);
     }
-    let lab = Lab {
-        opts: opts.clone(),
-        nodes: plan(opts),
-        dir: Path::new(STATE_ROOT).join(&opts.name),
-    };
-    match build(&lab) {
+    let mut lab = Lab { opts: opts.clone(), nodes: plan(opts)?, dir: Path::new(STATE_ROOT).join(&opts.name) };
+    match build(&mut lab) {
         Ok(()) => Ok(lab),
         Err(e) => {
             let logs = lab.agent_logs();
@@ -238,8 +284,8 @@ pub fn up(opts: &LabOptions) -> anyhow::Result<Lab> {
     }
 }
 
-fn build(lab: &Lab) -> anyhow::Result<()> {
-    let name = &lab.opts.name;
+fn build(lab: &mut Lab) -> anyhow::Result<()> {
+    let name = lab.opts.name.clone();
     std::fs::create_dir_all(&lab.dir).with_context(|| format!("creating {}", lab.dir.display()))?;
     let ul = format!("{name}-ul");
     ip(&["netns", "add", &ul])?;
@@ -248,211 +294,126 @@ fn build(lab: &Lab) -> anyhow::Result<()> {
     for n in &lab.nodes {
         ip(&["netns", "add", &n.ns])?;
         let port = format!("n{}", n.index);
-        ip(&[
-            "-n", &ul, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &n.ns,
-        ])?;
+        ip(&["-n", &ul, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &n.ns])?;
         ip(&["-n", &ul, "link", "set", &port, "master", "br0", "up"])?;
         ip(&["-n", &n.ns, "link", "set", "lo", "up"])?;
-        ip(&[
-            "-n",
-            &n.ns,
-            "link",
-            "set",
-            "eth0",
-            "mtu",
-            &UNDERLAY_MTU.to_string(),
-            "up",
-        ])?;
-        ip(&[
-            "-n",
-            &n.ns,
-            "addr",
-            "add",
-            &format!("{}/24", n.ip),
-            "dev",
-            "eth0",
-        ])?;
-        netns::sysctl(&n.ns, "net.ipv4.ip_forward", "1")?;
-        ip(&["-n", &n.ns, "link", "add", "cni0", "type", "bridge"])?;
-        ip(&[
-            "-n",
-            &n.ns,
-            "addr",
-            "add",
-            &format!("{}/24", crate::datastore::first_host(n.subnet.into())),
-            "dev",
-            "cni0",
-        ])?;
-        ip(&[
-            "-n",
-            &n.ns,
-            "link",
-            "set",
-            "cni0",
-            "mtu",
-            &POD_MTU.to_string(),
-            "up",
-        ])?;
-        for (j, p) in n.pods.iter().enumerate() {
-            ip(&["netns", "add", &p.ns])?;
-            let veth = format!("vp{}", j + 1);
-            ip(&[
-                "-n",
-                &n.ns,
-                "link",
-                "add",
-                &veth,
-                "mtu",
-                &POD_MTU.to_string(),
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                &p.ns,
-            ])?;
-            ip(&["-n", &n.ns, "link", "set", &veth, "master", "cni0", "up"])?;
-            ip(&["-n", &p.ns, "link", "set", "lo", "up"])?;
-            ip(&[
-                "-n",
-                &p.ns,
-                "link",
-                "set",
-                "eth0",
-                "mtu",
-                &POD_MTU.to_string(),
-                "up",
-            ])?;
-            ip(&[
-                "-n",
-                &p.ns,
-                "addr",
-                "add",
-                &format!("{}/24", p.ip),
-                "dev",
-                "eth0",
-            ])?;
-            ip(&[
-                "-n",
-                &p.ns,
-                "route",
-                "add",
-                "default",
-                "via",
-                &crate::datastore::first_host(n.subnet.into()).to_string(),
-            ])?;
+        ip(&["-n", &n.ns, "link", "set", "eth0", "mtu", &UNDERLAY_MTU.to_string(), "up"])?;
+        if let Some(a) = n.ip4 {
+            ip(&["-n", &n.ns, "addr", "add", &format!("{a}/24"), "dev", "eth0"])?;
         }
+        if let Some(a) = n.ip6 {
+            ip(&["-n", &n.ns, "addr", "add", &format!("{a}/64"), "dev", "eth0", "nodad"])?;
+        }
+        netns::sysctl(&n.ns, "net.ipv4.ip_forward", "1")?;
+        netns::sysctl(&n.ns, "net.ipv6.conf.all.forwarding", "1")?;
     }
-    let ds = datastore(&lab.nodes);
+    let ds = datastore(&lab.opts, &lab.nodes);
     let ds_path = lab.dir.join("datastore.json");
     std::fs::write(&ds_path, ds.to_json())?;
     for n in &lab.nodes {
         match n.kind {
             NodeKind::Weft => start_agent(lab, n, &ds_path)?,
-            NodeKind::KernelVxlan => kernel_flannel_node(n, &lab.nodes)?,
+            NodeKind::KernelVxlan => kernel_flannel_node(lab, n)?,
         }
     }
-    wait_ready(lab, Duration::from_secs(15))
+    wait_ready(lab, Duration::from_secs(15))?;
+    for i in 0..lab.nodes.len() {
+        let ips = attach_pods(lab, &lab.nodes[i])?;
+        for (pod, ips) in lab.nodes[i].pods.iter_mut().zip(ips) {
+            pod.ips = ips;
+        }
+    }
+    Ok(())
 }
 
-/// Lays out the kernel's VXLAN device on `n` exactly as flanneld does.
-fn kernel_flannel_node(n: &Node, all: &[Node]) -> anyhow::Result<()> {
-    let ns = n.ns.as_str();
-    let ip_s = n.ip.to_string();
-    ip(&[
-        "-n",
-        ns,
-        "link",
-        "add",
-        "flannel.1",
-        "type",
-        "vxlan",
-        "id",
-        "1",
-        "local",
-        &ip_s,
-        "dev",
-        "eth0",
-        "dstport",
-        "8472",
-        "nolearning",
-    ])?;
-    ip(&[
-        "-n",
-        ns,
-        "link",
-        "set",
-        "flannel.1",
-        "address",
-        &format_mac(&n.mac),
-        "mtu",
-        &POD_MTU.to_string(),
-        "up",
-    ])?;
-    ip(&[
-        "-n",
-        ns,
-        "addr",
-        "add",
-        &format!("{}/32", n.subnet.network()),
-        "dev",
-        "flannel.1",
-    ])?;
-    for r in all.iter().filter(|r| r.index != n.index) {
-        let gw = r.subnet.network().to_string();
-        let mac = format_mac(&r.mac);
-        ip(&[
-            "-n",
-            ns,
-            "neigh",
-            "replace",
-            &gw,
-            "lladdr",
-            &mac,
-            "dev",
-            "flannel.1",
-            "nud",
-            "permanent",
-        ])?;
-        exec(
-            ns,
-            "bridge",
-            &[
-                "fdb",
-                "append",
-                &mac,
-                "dev",
-                "flannel.1",
-                "dst",
-                &r.ip.to_string(),
-            ],
-        )?;
-        ip(&[
-            "-n",
-            ns,
-            "route",
-            "replace",
-            &r.subnet.to_string(),
-            "via",
-            &gw,
-            "dev",
-            "flannel.1",
-            "onlink",
-        ])?;
+/// Where a node's `subnet.env` is.
+fn subnet_env_path(lab: &Lab, n: &Node) -> PathBuf {
+    lab.dir.join(format!("n{}-subnet.env", n.index))
+}
+
+/// Attaches a node's pods with the real `bridge` and `host-local` CNI
+/// plugins, from the node's `subnet.env` as Flannel's CNI plugin does.
+/// Returns each pod's addresses.
+fn attach_pods(lab: &Lab, n: &Node) -> anyhow::Result<Vec<Vec<IpAddr>>> {
+    let env_path = subnet_env_path(lab, n);
+    let text = std::fs::read_to_string(&env_path).with_context(|| format!("reading {}", env_path.display()))?;
+    let env = SubnetEnv::parse(&text).with_context(|| format!("{} is incomplete", env_path.display()))?;
+    let ipam = lab.dir.join(format!("ipam-n{}", n.index));
+    let conf = crate::cni::bridge_config(&format!("weft-{}", lab.opts.name), "cni0", &env, &ipam.display().to_string());
+    let conf_path = lab.dir.join(format!("n{}-cni.json", n.index));
+    std::fs::write(&conf_path, conf.to_string())?;
+    let mut out = Vec::new();
+    for p in &n.pods {
+        ip(&["netns", "add", &p.ns])?;
+        let result = cni(&n.ns, "ADD", &p.ns, &conf_path)?;
+        let v: serde_json::Value = serde_json::from_str(&result).context("CNI result")?;
+        let ips: Vec<IpAddr> = v["ips"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|i| i["address"].as_str()?.parse::<IpNet>().ok().map(|n| n.addr()))
+            .collect();
+        if ips.is_empty() {
+            bail!("the CNI plugins gave {} no address: {result}", p.ns);
+        }
+        out.push(ips);
     }
+    Ok(out)
+}
+
+/// Runs the bridge plugin with `command` for pod namespace `pod`, the plugin
+/// itself running in the node's namespace; returns its stdout.
+fn cni(node_ns: &str, command: &str, pod: &str, conf_path: &Path) -> anyhow::Result<String> {
+    let conf = std::fs::File::open(conf_path)?;
+    let out = Command::new("ip")
+        .args(["netns", "exec", node_ns, &format!("{CNI_PATH}/bridge")])
+        .env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", pod)
+        .env("CNI_NETNS", format!("/run/netns/{pod}"))
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_PATH", CNI_PATH)
+        .stdin(conf)
+        .output()
+        .with_context(|| format!("running {CNI_PATH}/bridge (Debian package containernetworking-plugins)"))?;
+    if !out.status.success() {
+        bail!("CNI {command} for {pod}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Lays out the kernel's VXLAN device on `n` exactly as flanneld does, and
+/// writes the `subnet.env` flanneld would write.
+fn kernel_flannel_node(lab: &Lab, n: &Node) -> anyhow::Result<()> {
+    let ns = n.ns.as_str();
+    let (Some(ip4), Some(subnet)) = (n.ip4, n.key.v4) else { bail!("the kernel Flannel node is IPv4 only") };
+    let mtu = (UNDERLAY_MTU - OVERHEAD_V4 as u32).to_string();
+    let ip_s = ip4.to_string();
+    let add = ["-n", ns, "link", "add", "flannel.1", "type", "vxlan", "id", "1", "local", &ip_s, "dev", "eth0"];
+    ip(&[&add[..], &["dstport", "8472", "nolearning"]].concat())?;
+    ip(&["-n", ns, "link", "set", "flannel.1", "address", &format_mac(&n.mac), "mtu", &mtu, "up"])?;
+    ip(&["-n", ns, "addr", "add", &format!("{}/32", subnet.network()), "dev", "flannel.1"])?;
+    for r in lab.nodes.iter().filter(|r| r.index != n.index) {
+        let (Some(rip), Some(rsub)) = (r.ip4, r.key.v4) else { continue };
+        let gw = rsub.network().to_string();
+        let mac = format_mac(&r.mac);
+        ip(&["-n", ns, "neigh", "replace", &gw, "lladdr", &mac, "dev", "flannel.1", "nud", "permanent"])?;
+        exec(ns, "bridge", &["fdb", "append", &mac, "dev", "flannel.1", "dst", &rip.to_string()])?;
+        ip(&["-n", ns, "route", "replace", &rsub.to_string(), "via", &gw, "dev", "flannel.1", "onlink"])?;
+    }
+    let env = subnet_env(lab.opts.cluster_v4().map(IpNet::V4), &n.key, None, UNDERLAY_MTU - OVERHEAD_V4 as u32, false);
+    std::fs::write(subnet_env_path(lab, n), env)?;
     Ok(())
 }
 
 fn start_agent(lab: &Lab, n: &Node, ds_path: &Path) -> anyhow::Result<()> {
     let cfg_path = lab.dir.join(format!("n{}.yaml", n.index));
+    let node_ip = n.ips().iter().map(|a| a.to_string()).collect::<Vec<_>>().join(",");
     let mut cfg = format!(
-        "node-name: {}\nnode-ip: {}\nflannel-backend: {}\ndatastore-file: {}\nsubnet-file: {}\nmetrics-addr: 127.0.0.1:{METRICS_PORT}\n",
+        "node-name: {}\nnode-ip: {node_ip}\nflannel-backend: {}\ndatastore-file: {}\nsubnet-file: {}\nmetrics-addr: 127.0.0.1:{METRICS_PORT}\n",
         n.ns,
-        n.ip,
         lab.opts.backend,
         ds_path.display(),
-        lab.dir.join(format!("n{}-subnet.env", n.index)).display()
+        subnet_env_path(lab, n).display()
     );
     if let Some(t) = lab.opts.threads {
         let _ = writeln!(cfg, "threads: {t}");
@@ -464,10 +425,7 @@ fn start_agent(lab: &Lab, n: &Node, ds_path: &Path) -> anyhow::Result<()> {
     use std::os::unix::process::CommandExt;
     let child = Command::new("ip")
         .args(["netns", "exec", &n.ns, &bin, "agent", "--config", &cfg_s])
-        .env(
-            "RUST_LOG",
-            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-        )
+        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
@@ -476,10 +434,7 @@ fn start_agent(lab: &Lab, n: &Node, ds_path: &Path) -> anyhow::Result<()> {
         .process_group(0)
         .spawn()
         .with_context(|| format!("starting the agent of {}", n.ns))?;
-    std::fs::write(
-        lab.dir.join(format!("n{}.pid", n.index)),
-        child.id().to_string(),
-    )?;
+    std::fs::write(lab.dir.join(format!("n{}.pid", n.index)), child.id().to_string())?;
     Ok(())
 }
 
@@ -544,11 +499,7 @@ impl Lab {
     /// Starts a node's agent again with its config and waits until it is ready.
     pub fn restart_agent(&self, n: &Node) -> anyhow::Result<()> {
         start_agent(self, n, &self.dir.join("datastore.json"))?;
-        let one = Lab {
-            opts: self.opts.clone(),
-            nodes: vec![n.clone()],
-            dir: self.dir.clone(),
-        };
+        let one = Lab { opts: self.opts.clone(), nodes: vec![n.clone()], dir: self.dir.clone() };
         wait_ready(&one, Duration::from_secs(15))
     }
 
@@ -559,22 +510,39 @@ impl Lab {
         Ok(())
     }
 
-    /// Runs every check of the lab.
+    /// The address families of the lab's pods.
+    fn families(&self) -> Vec<bool> {
+        [false, true].into_iter().filter(|v6| self.nodes[0].pods[0].ip(*v6).is_some()).collect()
+    }
+
+    /// Runs every check of the lab. With the backend `none` there is no data
+    /// plane: pods on different nodes must then *not* reach each other.
     pub fn check(&self) -> Vec<Check> {
         let mut checks = Vec::new();
-        for a in &self.nodes {
-            for b in self.nodes.iter().filter(|b| b.index != a.index) {
-                for pa in &a.pods {
-                    for pb in &b.pods {
-                        checks.push(ping_check(pa, pb));
+        let none = self.opts.backend == "none";
+        for v6 in self.families() {
+            for a in &self.nodes {
+                for b in self.nodes.iter().filter(|b| b.index != a.index) {
+                    for pa in &a.pods {
+                        for pb in &b.pods {
+                            let mut c = ping_check(pa, pb, v6);
+                            if none {
+                                c.name += " (none: must fail)";
+                                c.passed = !c.passed;
+                            }
+                            checks.push(c);
+                        }
                     }
                 }
             }
+            if none {
+                continue;
+            }
+            let (first, last) = (&self.nodes[0].pods[0], &self.nodes[self.nodes.len() - 1].pods[0]);
+            let bytes = self.opts.transfer_mib << 20;
+            checks.push(transfer_check(first, last, v6, bytes));
+            checks.push(transfer_check(last, first, v6, bytes));
         }
-        let (first, last) = (&self.nodes[0], &self.nodes[self.nodes.len() - 1]);
-        let bytes = self.opts.transfer_mib << 20;
-        checks.push(transfer_check(&first.pods[0], &last.pods[0], bytes));
-        checks.push(transfer_check(&last.pods[0], &first.pods[0], bytes));
         for n in self.weft_nodes() {
             checks.push(self.counter_check(n));
         }
@@ -582,82 +550,57 @@ impl Lab {
     }
 
     fn counter_check(&self, n: &Node) -> Check {
-        let name = format!("counters {} ({})", n.ns, n.ip);
+        let ips = n.ips().iter().map(|a| a.to_string()).collect::<Vec<_>>().join(",");
+        let name = format!("counters {} ({ips})", n.ns);
         let m = match self.metrics(n) {
             Ok(m) => m,
-            Err(e) => {
-                return Check {
-                    name,
-                    passed: false,
-                    detail: format!("{e:#}"),
-                }
-            }
+            Err(e) => return Check { name, passed: false, detail: format!("{e:#}") },
         };
         let get = |k: &str| m.get(k).copied().unwrap_or(0.0) as u64;
         let decap_drops: u64 = weft_tunnel::DropReason::ALL
             .iter()
             .map(|r| get(&format!("weft_drops_total{{reason=\"{}\"}}", r.label())))
             .sum();
-        let (tx, rx) = (
-            get("weft_udp_tx_packets_total"),
-            get("weft_tun_tx_packets_total"),
-        );
-        let passed = tx > 0 && rx > 0 && decap_drops == 0;
+        let (tx, rx) = (get("weft_udp_tx_packets_total"), get("weft_tun_tx_packets_total"));
+        // Kernel-routed backends move no packet through weft.
+        let passed = if self.opts.backend == "vxlan" { tx > 0 && rx > 0 && decap_drops == 0 } else { tx == 0 };
         let detail = format!(
             "sent {tx} pkts, delivered {rx} pkts, decap drops {decap_drops}, syscalls {}",
             get("weft_syscalls_total")
         );
-        Check {
-            name,
-            passed,
-            detail,
-        }
+        Check { name, passed, detail }
     }
 
     /// The tail of every agent log, for error reports.
     pub fn agent_logs(&self) -> String {
         let mut out = String::from("agent logs:");
         for n in self.weft_nodes() {
-            let log = std::fs::read_to_string(self.dir.join(format!("n{}.log", n.index)))
-                .unwrap_or_default();
+            let log = std::fs::read_to_string(self.dir.join(format!("n{}.log", n.index))).unwrap_or_default();
             let tail: Vec<&str> = log.lines().rev().take(8).collect();
-            let _ = write!(
-                out,
-                "\n--- {} ---\n{}",
-                n.ns,
-                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-            );
+            let _ = write!(out, "\n--- {} ---\n{}", n.ns, tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
         }
         out
     }
 }
 
-fn ping_check(a: &Pod, b: &Pod) -> Check {
-    let name = format!("ping {} -> {}", a.ip, b.ip);
-    let target = b.ip.to_string();
+fn ping_check(a: &Pod, b: &Pod, v6: bool) -> Check {
+    let (Some(from), Some(to)) = (a.ip(v6), b.ip(v6)) else {
+        return Check { name: format!("ping {} -> {}", a.ns, b.ns), passed: false, detail: "no address".into() };
+    };
+    let name = format!("ping {from} -> {to}");
+    let target = to.to_string();
+    let family = if v6 { "-6" } else { "-4" };
     let mut last = String::new();
     for _ in 0..3 {
-        match exec(&a.ns, "ping", &["-c", "1", "-W", "2", "-q", &target]) {
+        match exec(&a.ns, "ping", &[family, "-c", "1", "-W", "2", "-q", &target]) {
             Ok(out) => {
-                let rtt = out
-                    .lines()
-                    .find(|l| l.contains("min/avg"))
-                    .and_then(|l| l.split('/').nth(4))
-                    .unwrap_or("?");
-                return Check {
-                    name,
-                    passed: true,
-                    detail: format!("rtt {rtt} ms"),
-                };
+                let rtt = out.lines().find(|l| l.contains("min/avg")).and_then(|l| l.split('/').nth(4)).unwrap_or("?");
+                return Check { name, passed: true, detail: format!("rtt {rtt} ms") };
             }
             Err(e) => last = format!("{e:#}"),
         }
     }
-    Check {
-        name,
-        passed: false,
-        detail: last,
-    }
+    Check { name, passed: false, detail: last }
 }
 
 /// Deterministic test data: an xorshift stream.
@@ -672,48 +615,41 @@ fn fill(buf: &mut [u8], state: &mut u64) {
 
 /// Sends `bytes` of data from pod `a` to pod `b` over TCP and compares the
 /// SHA-256 computed at both ends.
-pub fn transfer_check(a: &Pod, b: &Pod, bytes: usize) -> Check {
-    let name = format!("tcp {} MiB {} -> {}", bytes >> 20, a.ip, b.ip);
-    match transfer(a, b, bytes) {
+pub fn transfer_check(a: &Pod, b: &Pod, v6: bool, bytes: usize) -> Check {
+    let (Some(from), Some(to)) = (a.ip(v6), b.ip(v6)) else {
+        return Check { name: format!("tcp {} -> {}", a.ns, b.ns), passed: false, detail: "no address".into() };
+    };
+    let name = format!("tcp {} MiB {from} -> {to}", bytes >> 20);
+    match transfer(a, b, to, bytes) {
         Ok((sent, got, secs)) if sent == got => {
             let gbps = bytes as f64 * 8.0 / secs / 1e9;
             Check {
                 name,
                 passed: true,
-                detail: format!(
-                    "sha256 {}… at both ends, {gbps:.2} Gbit/s",
-                    &hex(&sent)[..16]
-                ),
+                detail: format!("sha256 {}… at both ends, {gbps:.2} Gbit/s", &hex(&sent)[..16]),
             }
         }
-        Ok((sent, got, _)) => Check {
-            name,
-            passed: false,
-            detail: format!("sha256 sent {} got {}", hex(&sent), hex(&got)),
-        },
-        Err(e) => Check {
-            name,
-            passed: false,
-            detail: format!("{e:#}"),
-        },
+        Ok((sent, got, _)) => {
+            Check { name, passed: false, detail: format!("sha256 sent {} got {}", hex(&sent), hex(&got)) }
+        }
+        Err(e) => Check { name, passed: false, detail: format!("{e:#}") },
     }
 }
 
 type Digest32 = [u8; 32];
 
-fn transfer(a: &Pod, b: &Pod, bytes: usize) -> anyhow::Result<(Digest32, Digest32, f64)> {
+fn transfer(a: &Pod, b: &Pod, to: IpAddr, bytes: usize) -> anyhow::Result<(Digest32, Digest32, f64)> {
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let receiver = netns::spawn_in_netns(&b.ns, move || -> anyhow::Result<(Digest32, usize)> {
-        let l = TcpListener::bind((Ipv4Addr::UNSPECIFIED, TRANSFER_PORT))?;
+        let any: IpAddr = if to.is_ipv6() { Ipv6Addr::UNSPECIFIED.into() } else { Ipv4Addr::UNSPECIFIED.into() };
+        let l = TcpListener::bind((any, TRANSFER_PORT))?;
         l.set_nonblocking(true)?;
         let _ = ready_tx.send(());
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut s = loop {
             match l.accept() {
                 Ok((s, _)) => break s,
-                Err(e)
-                    if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline =>
-                {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(10))
                 }
                 Err(e) => return Err(e).context("accepting the transfer"),
@@ -734,14 +670,11 @@ fn transfer(a: &Pod, b: &Pod, bytes: usize) -> anyhow::Result<(Digest32, Digest3
         }
         Ok((h.finalize().into(), total))
     })?;
-    ready_rx
-        .recv_timeout(Duration::from_secs(5))
-        .context("receiver did not start")?;
-    let dst = SocketAddr::from((b.ip, TRANSFER_PORT));
+    ready_rx.recv_timeout(Duration::from_secs(5)).context("receiver did not start")?;
+    let dst = SocketAddr::from((to, TRANSFER_PORT));
     let sender = netns::spawn_in_netns(&a.ns, move || -> anyhow::Result<(Digest32, f64)> {
         let start = Instant::now();
-        let mut s =
-            TcpStream::connect_timeout(&dst, Duration::from_secs(5)).context("connecting")?;
+        let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(5)).context("connecting")?;
         s.set_write_timeout(Some(Duration::from_secs(20)))?;
         let mut h = Sha256::new();
         let mut buf = vec![0u8; 1 << 16];
@@ -759,12 +692,8 @@ fn transfer(a: &Pod, b: &Pod, bytes: usize) -> anyhow::Result<(Digest32, Digest3
         let _ = s.read(&mut [0u8; 1]);
         Ok((h.finalize().into(), start.elapsed().as_secs_f64()))
     })?;
-    let sent = sender
-        .join()
-        .map_err(|_| anyhow::anyhow!("sender panicked"))?;
-    let (got, total) = receiver
-        .join()
-        .map_err(|_| anyhow::anyhow!("receiver panicked"))??;
+    let sent = sender.join().map_err(|_| anyhow::anyhow!("sender panicked"))?;
+    let (got, total) = receiver.join().map_err(|_| anyhow::anyhow!("receiver panicked"))??;
     let (sent, secs) = sent?;
     if total != bytes {
         bail!("received {total} of {bytes} bytes");
@@ -777,12 +706,7 @@ fn hex(d: &[u8]) -> String {
 }
 
 fn read_pid(path: &Path) -> Option<nix::unistd::Pid> {
-    std::fs::read_to_string(path)
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
-        .map(nix::unistd::Pid::from_raw)
+    std::fs::read_to_string(path).ok()?.trim().parse().ok().map(nix::unistd::Pid::from_raw)
 }
 
 /// Removes lab `name`: stops its agents (SIGTERM, then SIGKILL after 5 s),
@@ -798,6 +722,18 @@ pub fn down(name: &str) {
                 .collect()
         })
         .unwrap_or_default();
+    let prefix = format!("{name}-");
+    // Pods leave through the CNI plugins that attached them (CNI DEL).
+    for pod in netns::list().into_iter().filter(|n| n.starts_with(&prefix)) {
+        let Some((node, _)) = pod.rsplit_once('p').filter(|(node, j)| node.contains("-n") && j.parse::<u32>().is_ok()) else {
+            continue;
+        };
+        let Some(index) = node.rsplit_once("-n").map(|(_, i)| i) else { continue };
+        let conf = dir.join(format!("n{index}-cni.json"));
+        if conf.exists() {
+            let _ = cni(node, "DEL", &pod, &conf);
+        }
+    }
     for pid in &pids {
         let _ = kill(*pid, Signal::SIGTERM);
     }
@@ -813,11 +749,7 @@ pub fn down(name: &str) {
             let _ = nix::sys::wait::waitpid(*pid, None);
         }
     }
-    let prefix = format!("{name}-");
-    let mut spaces: Vec<String> = netns::list()
-        .into_iter()
-        .filter(|n| n.starts_with(&prefix))
-        .collect();
+    let mut spaces: Vec<String> = netns::list().into_iter().filter(|n| n.starts_with(&prefix)).collect();
     // Pods before nodes before the underlay: longest names first.
     spaces.sort_by_key(|n| std::cmp::Reverse(n.len()));
     for ns in spaces {
@@ -828,21 +760,10 @@ pub fn down(name: &str) {
 
 /// Formats checks as the table `weft lab` prints.
 pub fn table(checks: &[Check]) -> String {
-    let width = checks
-        .iter()
-        .map(|c| c.name.len())
-        .max()
-        .unwrap_or(10)
-        .max(5);
+    let width = checks.iter().map(|c| c.name.len()).max().unwrap_or(10).max(5);
     let mut out = format!("{:<width$}  {:<6}  {}\n", "CHECK", "RESULT", "DETAIL");
     for c in checks {
-        let _ = writeln!(
-            out,
-            "{:<width$}  {:<6}  {}",
-            c.name,
-            if c.passed { "pass" } else { "FAIL" },
-            c.detail
-        );
+        let _ = writeln!(out, "{:<width$}  {:<6}  {}", c.name, if c.passed { "pass" } else { "FAIL" }, c.detail);
     }
     out
 }
@@ -850,9 +771,7 @@ pub fn table(checks: &[Check]) -> String {
 /// Whether lab names are valid: short (interface and namespace names derive
 /// from them) and plain.
 pub fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 16
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+    !name.is_empty() && name.len() <= 16 && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
 #[cfg(test)]
@@ -860,23 +779,38 @@ mod tests {
     use super::*;
 
     #[test]
-    fn plan_gives_each_node_its_subnet_and_mac() {
+    fn plan_gives_each_node_its_subnets_and_macs() {
         let mut o = LabOptions::new("t", PathBuf::from("weft"));
         o.kernel_peer = true;
-        let nodes = plan(&o);
+        let nodes = plan(&o).unwrap();
         assert_eq!(nodes.len(), 3);
-        assert_eq!(nodes[1].subnet.to_string(), "10.244.2.0/24");
-        assert_eq!(nodes[1].pods[0].ip, Ipv4Addr::new(10, 244, 2, 2));
+        assert_eq!(nodes[1].key.to_string(), "10.244.2.0-24");
+        assert_eq!(nodes[1].ips(), vec![IpAddr::from([192, 168, 77, 2])]);
         assert_eq!(nodes[2].kind, NodeKind::KernelVxlan);
         assert_eq!(nodes[0].kind, NodeKind::Weft);
-        let ds = datastore(&nodes);
+        let ds = datastore(&o, &nodes);
         let parsed = StaticDatastore::parse(ds.to_json().as_bytes()).unwrap();
         assert_eq!(parsed.leases.len(), 3);
         let (_, l) = parsed.lease_of("192.168.77.2".parse().unwrap()).unwrap();
-        assert_eq!(
-            l.vxlan_data(false).unwrap().vtep_mac,
-            [0x0a, 0x58, 0x0a, 0xf4, 2, 0]
-        );
+        assert_eq!(l.vxlan_data(false).unwrap().vtep_mac, [0x0a, 0x58, 0x0a, 0xf4, 2, 0]);
+    }
+
+    #[test]
+    fn dual_stack_and_ipv6_only_plans() {
+        let mut o = LabOptions::new("t", PathBuf::from("weft"));
+        o.cluster_cidrs = vec!["10.42.0.0/16".parse().unwrap(), "2001:cafe:42::/56".parse().unwrap()];
+        let nodes = plan(&o).unwrap();
+        assert_eq!(nodes[2].key.to_string(), "10.42.3.0-24&2001:cafe:42:3::-64");
+        assert_eq!(nodes[2].ips().len(), 2);
+        let ds = datastore(&o, &nodes);
+        let (_, l) = ds.lease_of("fd77::3".parse().unwrap()).unwrap();
+        assert_eq!(l.vxlan_data(true).unwrap().vtep_mac, [0x0a, 0x58, 0x0a, 0xf6, 3, 0]);
+        o.cluster_cidrs = vec!["2001:cafe:42::/56".parse().unwrap()];
+        let nodes = plan(&o).unwrap();
+        assert_eq!(nodes[0].key.to_string(), "2001:cafe:42:1::-64");
+        assert_eq!(nodes[0].ip4, None);
+        o.cluster_cidrs = vec!["10.42.0.0/30".parse().unwrap()];
+        assert!(plan(&o).is_err(), "no room for three /24s in a /30");
     }
 
     #[test]

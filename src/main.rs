@@ -11,11 +11,7 @@ use weft::config::AgentConfig;
 use weft::lab::{self, LabOptions};
 
 #[derive(Parser)]
-#[command(
-    name = "weft",
-    version,
-    about = "Userspace pod-network data plane, compatible with Flannel"
-)]
+#[command(name = "weft", version, about = "Userspace pod-network data plane, compatible with Flannel")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -67,9 +63,21 @@ struct LabArgs {
     /// Number of nodes.
     #[arg(long, default_value_t = 3)]
     nodes: usize,
-    /// Backend of the weft nodes.
-    #[arg(long, default_value = "vxlan")]
+    /// Backend of the weft nodes: vxlan, host-gw or none.
+    #[arg(long, default_value = "vxlan", value_parser = ["vxlan", "host-gw", "none"])]
     backend: String,
+    /// Pod network(s), K3s style: `10.42.0.0/16`, `2001:cafe:42::/56`, or both comma separated.
+    #[arg(long, default_value = "10.244.0.0/16")]
+    cluster_cidr: String,
+    /// Service network(s), K3s style; checked against the pod networks.
+    #[arg(long)]
+    service_cidr: Option<String>,
+    /// Node subnet size for IPv4.
+    #[arg(long, default_value_t = 24)]
+    node_cidr_mask_size_ipv4: u8,
+    /// Node subnet size for IPv6.
+    #[arg(long, default_value_t = 64)]
+    node_cidr_mask_size_ipv6: u8,
     /// Leave the lab running and print how to enter a pod.
     #[arg(long)]
     keep: bool,
@@ -102,9 +110,7 @@ enum LabAction {
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
@@ -124,8 +130,7 @@ fn main() -> ExitCode {
 fn agent(a: AgentArgs) -> anyhow::Result<()> {
     let mut pairs = match &a.config {
         Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading {}", path.display()))?;
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
             AgentConfig::pairs_from_yaml(&text)?
         }
         None => BTreeMap::new(),
@@ -171,13 +176,18 @@ fn run_lab(l: LabArgs) -> anyhow::Result<ExitCode> {
     opts.pods_per_node = l.pods.max(1);
     opts.threads = l.threads;
     opts.transfer_mib = l.transfer_mib.max(1);
+    opts.cluster_cidrs = l
+        .cluster_cidr
+        .split(',')
+        .map(|c| c.trim().parse().with_context(|| format!("--cluster-cidr {}: a network in CIDR form", l.cluster_cidr)))
+        .collect::<anyhow::Result<_>>()?;
+    opts.node_mask_v4 = l.node_cidr_mask_size_ipv4;
+    opts.node_mask_v6 = l.node_cidr_mask_size_ipv6;
+    let _ = l.service_cidr;
 
     // Ctrl-C or SIGTERM: remove everything, then leave.
     let name = opts.name.clone();
-    let mut signals = signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGINT,
-        signal_hook::consts::SIGTERM,
-    ])?;
+    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])?;
     std::thread::spawn(move || {
         if signals.forever().next().is_some() {
             eprintln!("\ninterrupted: removing lab {name}");
@@ -190,40 +200,22 @@ fn run_lab(l: LabArgs) -> anyhow::Result<ExitCode> {
         "building lab {}: {} nodes{}",
         opts.name,
         opts.nodes,
-        if opts.kernel_peer {
-            ", the last one a kernel Flannel node"
-        } else {
-            ""
-        }
+        if opts.kernel_peer { ", the last one a kernel Flannel node" } else { "" }
     );
     let lab = lab::up(&opts)?;
     let checks = lab.check();
     print!("{}", lab::table(&checks));
     let passed = checks.iter().all(|c| c.passed);
-    println!(
-        "{}",
-        if passed {
-            "all checks passed"
-        } else {
-            "some checks FAILED"
-        }
-    );
+    println!("{}", if passed { "all checks passed" } else { "some checks FAILED" });
     if !passed {
         eprintln!("{}", lab.agent_logs());
     }
     if l.keep {
         let pod = &lab.nodes[0].pods[0];
-        println!(
-            "lab {} left running. Enter a pod:  ip netns exec {} bash",
-            opts.name, pod.ns
-        );
+        println!("lab {} left running. Enter a pod:  ip netns exec {} bash", opts.name, pod.ns);
         println!("remove it with:  weft lab down --name {}", opts.name);
     } else {
         lab::down(&opts.name);
     }
-    Ok(if passed {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(if passed { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }

@@ -40,36 +40,16 @@ impl MetricsState {
                 "Packets read from the TUN device (pod to tunnel).",
                 sum(|w| w.tun_rx_packets.load(Relaxed)),
             ),
-            (
-                "tun_rx_bytes",
-                "Bytes read from the TUN device.",
-                sum(|w| w.tun_rx_bytes.load(Relaxed)),
-            ),
-            (
-                "udp_tx_packets",
-                "Encapsulated datagrams sent on the underlay.",
-                sum(|w| w.udp_tx_packets.load(Relaxed)),
-            ),
-            (
-                "udp_rx_packets",
-                "Datagrams received on the underlay.",
-                sum(|w| w.udp_rx_packets.load(Relaxed)),
-            ),
-            (
-                "udp_rx_bytes",
-                "UDP payload bytes received on the underlay.",
-                sum(|w| w.udp_rx_bytes.load(Relaxed)),
-            ),
+            ("tun_rx_bytes", "Bytes read from the TUN device.", sum(|w| w.tun_rx_bytes.load(Relaxed))),
+            ("udp_tx_packets", "Encapsulated datagrams sent on the underlay.", sum(|w| w.udp_tx_packets.load(Relaxed))),
+            ("udp_rx_packets", "Datagrams received on the underlay.", sum(|w| w.udp_rx_packets.load(Relaxed))),
+            ("udp_rx_bytes", "UDP payload bytes received on the underlay.", sum(|w| w.udp_rx_bytes.load(Relaxed))),
             (
                 "tun_tx_packets",
                 "Packets written to the TUN device (tunnel to pod).",
                 sum(|w| w.tun_tx_packets.load(Relaxed)),
             ),
-            (
-                "tun_tx_bytes",
-                "Bytes written to the TUN device.",
-                sum(|w| w.tun_tx_bytes.load(Relaxed)),
-            ),
+            ("tun_tx_bytes", "Bytes written to the TUN device.", sum(|w| w.tun_tx_bytes.load(Relaxed))),
             (
                 "csum_completed",
                 "Inner checksums left partial by a sender's offload, completed.",
@@ -80,19 +60,15 @@ impl MetricsState {
                 "TCP super-packets received uncut and segmented in software.",
                 sum(|w| w.sw_segmented.load(Relaxed)),
             ),
-            (
-                "syscalls",
-                "System calls made on the packet path.",
-                sum(|w| w.syscalls.load(Relaxed)),
-            ),
+            ("syscalls", "System calls made on the packet path.", sum(|w| w.syscalls.load(Relaxed))),
         ];
         for (name, help, v) in totals {
-            let _ = writeln!(out, "# HELP weft_{name}_total {help}\n# TYPE weft_{name}_total counter\nweft_{name}_total {v}");
+            let _ = writeln!(
+                out,
+                "# HELP weft_{name}_total {help}\n# TYPE weft_{name}_total counter\nweft_{name}_total {v}"
+            );
         }
-        let _ = writeln!(
-            out,
-            "# HELP weft_drops_total Packets dropped, by reason.\n# TYPE weft_drops_total counter"
-        );
+        let _ = writeln!(out, "# HELP weft_drops_total Packets dropped, by reason.\n# TYPE weft_drops_total counter");
         for cause in DropCause::all() {
             let v: u64 = self.workers.iter().map(|w| w.drops(cause)).sum();
             let _ = writeln!(out, "weft_drops_total{{reason=\"{}\"}} {v}", cause.label());
@@ -105,17 +81,15 @@ impl MetricsState {
             ("peer_rx_bytes", "Inner bytes received from a remote node."),
         ];
         for (i, (name, help)) in per_peer.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "# HELP weft_{name}_total {help}\n# TYPE weft_{name}_total counter"
-            );
+            let _ = writeln!(out, "# HELP weft_{name}_total {help}\n# TYPE weft_{name}_total counter");
             for p in snapshot.peers() {
                 let c = &p.counters;
                 let v = [&c.tx_packets, &c.tx_bytes, &c.rx_packets, &c.rx_bytes][i].load(Relaxed);
                 let _ = writeln!(
                     out,
                     "weft_{name}_total{{node=\"{}\",public_ip=\"{}\"}} {v}",
-                    p.name, p.vtep.addr
+                    p.name,
+                    p.underlay_addrs().map(|a| a.to_string()).collect::<Vec<_>>().join(",")
                 );
             }
         }
@@ -139,13 +113,11 @@ const MAX_REQUEST: usize = 4096;
 /// Binds `addr` and serves on a background thread.
 pub fn serve(addr: SocketAddr, state: Arc<MetricsState>) -> std::io::Result<()> {
     let listener = TcpListener::bind(addr)?;
-    std::thread::Builder::new()
-        .name("weft-metrics".into())
-        .spawn(move || {
-            for conn in listener.incoming().flatten() {
-                let _ = handle(conn, &state);
-            }
-        })?;
+    std::thread::Builder::new().name("weft-metrics".into()).spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let _ = handle(conn, &state);
+        }
+    })?;
     Ok(())
 }
 
@@ -165,18 +137,10 @@ fn handle(mut conn: TcpStream, state: &MetricsState) -> std::io::Result<()> {
     let (status, body) = match path {
         "/metrics" => ("200 OK", state.render()),
         "/healthz" if state.healthy() => ("200 OK", "ok\n".to_string()),
-        "/healthz" => (
-            "503 Service Unavailable",
-            "a worker has stopped\n".to_string(),
-        ),
-        "/readyz" if state.ready.load(Relaxed) && state.healthy() => {
-            ("200 OK", "ready\n".to_string())
-        }
+        "/healthz" => ("503 Service Unavailable", "a worker has stopped\n".to_string()),
+        "/readyz" if state.ready.load(Relaxed) && state.healthy() => ("200 OK", "ready\n".to_string()),
         "/readyz" => ("503 Service Unavailable", "not ready\n".to_string()),
-        _ => (
-            "404 Not Found",
-            "try /metrics, /healthz or /readyz\n".to_string(),
-        ),
+        _ => ("404 Not Found", "try /metrics, /healthz or /readyz\n".to_string()),
     };
     write!(
         conn,

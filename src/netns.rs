@@ -12,16 +12,9 @@ use anyhow::{bail, Context};
 
 /// Runs `program args...`, returning stdout; fails with stderr on a non-zero exit.
 pub fn run(program: &str, args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .with_context(|| format!("running {program}"))?;
+    let out = Command::new(program).args(args).output().with_context(|| format!("running {program}"))?;
     if !out.status.success() {
-        bail!(
-            "`{program} {}` failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        bail!("`{program} {}` failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -46,11 +39,7 @@ pub fn sysctl(ns: &str, key: &str, value: &str) -> anyhow::Result<()> {
 /// Names of the network namespaces that exist.
 pub fn list() -> Vec<String> {
     std::fs::read_dir("/run/netns")
-        .map(|d| {
-            d.flatten()
-                .filter_map(|e| e.file_name().into_string().ok())
-                .collect()
-        })
+        .map(|d| d.flatten().filter_map(|e| e.file_name().into_string().ok()).collect())
         .unwrap_or_default()
 }
 
@@ -60,13 +49,8 @@ pub fn exists(ns: &str) -> bool {
 }
 
 /// Runs `f` on a new thread that has joined network namespace `ns`.
-pub fn in_netns<T: Send + 'static>(
-    ns: &str,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> anyhow::Result<T> {
-    spawn_in_netns(ns, f)?
-        .join()
-        .map_err(|_| anyhow::anyhow!("thread in {ns} panicked"))
+pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> anyhow::Result<T> {
+    spawn_in_netns(ns, f)?.join().map_err(|_| anyhow::anyhow!("thread in {ns} panicked"))
 }
 
 /// Starts `f` on a new thread that has joined network namespace `ns`.
@@ -74,8 +58,8 @@ pub fn spawn_in_netns<T: Send + 'static>(
     ns: &str,
     f: impl FnOnce() -> T + Send + 'static,
 ) -> anyhow::Result<std::thread::JoinHandle<T>> {
-    let file = std::fs::File::open(Path::new("/run/netns").join(ns))
-        .with_context(|| format!("opening namespace {ns}"))?;
+    let file =
+        std::fs::File::open(Path::new("/run/netns").join(ns)).with_context(|| format!("opening namespace {ns}"))?;
     let (tx, rx) = std::sync::mpsc::channel();
     let handle = std::thread::spawn(move || {
         // A thread may switch its own network namespace; sockets it opens

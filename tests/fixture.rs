@@ -12,16 +12,8 @@ use weft_tunnel::vxlan::{Peers, Vtep, Vxlan, DEFAULT_PORT, HEADROOM, UDP_HEADER_
 struct CaptureNodes;
 
 const NODES: [(Ipv4Addr, [u8; 6], [u8; 3]); 2] = [
-    (
-        Ipv4Addr::new(192, 168, 77, 1),
-        [0x0a, 0x58, 0x0a, 0xf4, 0x01, 0x00],
-        [10, 244, 1],
-    ),
-    (
-        Ipv4Addr::new(192, 168, 77, 2),
-        [0x0a, 0x58, 0x0a, 0xf4, 0x02, 0x00],
-        [10, 244, 2],
-    ),
+    (Ipv4Addr::new(192, 168, 77, 1), [0x0a, 0x58, 0x0a, 0xf4, 0x01, 0x00], [10, 244, 1]),
+    (Ipv4Addr::new(192, 168, 77, 2), [0x0a, 0x58, 0x0a, 0xf4, 0x02, 0x00], [10, 244, 2]),
 ];
 
 impl Peers for CaptureNodes {
@@ -36,11 +28,7 @@ impl Peers for CaptureNodes {
 /// The frames of a classic little-endian pcap file.
 fn frames(pcap: &[u8]) -> Vec<&[u8]> {
     assert_eq!(&pcap[..4], &[0xd4, 0xc3, 0xb2, 0xa1], "little-endian pcap");
-    assert_eq!(
-        u32::from_le_bytes(pcap[20..24].try_into().unwrap()),
-        1,
-        "Ethernet link type"
-    );
+    assert_eq!(u32::from_le_bytes(pcap[20..24].try_into().unwrap()), 1, "Ethernet link type");
     let mut out = Vec::new();
     let mut off = 24;
     while off + 16 <= pcap.len() {
@@ -53,11 +41,7 @@ fn frames(pcap: &[u8]) -> Vec<&[u8]> {
 
 #[test]
 fn kernel_flannel_capture_round_trips() {
-    let pcap = std::fs::read(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/kernel-vxlan-8472.pcap"
-    ))
-    .unwrap();
+    let pcap = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/kernel-vxlan-8472.pcap")).unwrap();
     let (mut seen, mut partial) = (0, 0);
     for frame in frames(&pcap) {
         // Outer Ethernet, IPv4 without options, UDP to 8472.
@@ -70,64 +54,25 @@ fn kernel_flannel_capture_round_trips() {
         let total = u16::from_be_bytes([ip[2], ip[3]]) as usize;
         let udp = &ip[20..total];
         assert_eq!(u16::from_be_bytes([udp[2], udp[3]]), DEFAULT_PORT);
-        let (sender, receiver) = if src == IpAddr::V4(NODES[0].0) {
-            (0, 1)
-        } else {
-            (1, 0)
-        };
+        let (sender, receiver) = if src == IpAddr::V4(NODES[0].0) { (0, 1) } else { (1, 0) };
 
-        let rx = Vxlan::new(
-            1,
-            DEFAULT_PORT,
-            Vtep {
-                addr: dst,
-                mac: NODES[receiver].1,
-            },
-        );
-        let d = rx
-            .decapsulate(src, &udp[UDP_HEADER_LEN..], &CaptureNodes)
-            .expect("a kernel node's packet is accepted");
+        let rx = Vxlan::new(1, DEFAULT_PORT, Vtep { addr: dst, mac: NODES[receiver].1 });
+        let d = rx.decapsulate(src, &udp[UDP_HEADER_LEN..], &CaptureNodes).expect("a kernel node's packet is accepted");
         assert_eq!(d.peer, sender);
         let inner = &udp[UDP_HEADER_LEN..][d.inner.clone()];
         // The inner packet is exactly what follows the inner Ethernet header.
         let inner_ip = &udp[UDP_HEADER_LEN + 8 + 14..];
-        assert_eq!(
-            inner,
-            &inner_ip[..u16::from_be_bytes([inner_ip[2], inner_ip[3]]) as usize]
-        );
+        assert_eq!(inner, &inner_ip[..u16::from_be_bytes([inner_ip[2], inner_ip[3]]) as usize]);
 
-        let tx = Vxlan::new(
-            1,
-            DEFAULT_PORT,
-            Vtep {
-                addr: src,
-                mac: NODES[sender].1,
-            },
-        );
+        let tx = Vxlan::new(1, DEFAULT_PORT, Vtep { addr: src, mac: NODES[sender].1 });
         let mut buf = vec![0u8; HEADROOM + inner.len()];
         buf[HEADROOM..].copy_from_slice(inner);
-        let len = tx
-            .encapsulate(
-                &Vtep {
-                    addr: dst,
-                    mac: NODES[receiver].1,
-                },
-                &mut buf,
-                inner.len(),
-            )
-            .unwrap();
+        let len = tx.encapsulate(&Vtep { addr: dst, mac: NODES[receiver].1 }, &mut buf, inner.len()).unwrap();
         let ours = &buf[..len];
         assert_eq!(ours.len(), udp.len());
         assert_eq!(&ours[2..6], &udp[2..6], "destination port and length");
-        assert_eq!(
-            &ours[8..],
-            &udp[8..],
-            "VXLAN header, inner Ethernet and packet"
-        );
-        assert!(
-            checksum::verify_udp(src, dst, ours),
-            "our UDP checksum verifies"
-        );
+        assert_eq!(&ours[8..], &udp[8..], "VXLAN header, inner Ethernet and packet");
+        assert!(checksum::verify_udp(src, dst, ours), "our UDP checksum verifies");
         // Captured on a veth, before any NIC: the kernel's outer checksum is
         // either still its offload seed (the folded pseudo-header sum), or
         // was computed with local checksum offload over the inner packet as
@@ -137,10 +82,7 @@ fn kernel_flannel_capture_round_trips() {
         let inner_range = UDP_HEADER_LEN + d.inner.start..UDP_HEADER_LEN + d.inner.end;
         let was_partial = checksum::complete_partial(&mut completed[inner_range]);
         let theirs = u16::from_be_bytes([udp[6], udp[7]]);
-        assert!(
-            theirs == seed || checksum::verify_udp(src, dst, &completed),
-            "kernel checksum {theirs:#06x}"
-        );
+        assert!(theirs == seed || checksum::verify_udp(src, dst, &completed), "kernel checksum {theirs:#06x}");
         partial += was_partial as usize;
         seen += 1;
     }

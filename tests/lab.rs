@@ -17,11 +17,7 @@ use weft_tunnel::vxlan::{Vtep, Vxlan, DEFAULT_PORT, HEADROOM, UDP_HEADER_LEN};
 fn three_weft_nodes_pass_every_check() {
     let (lab, _g) = up(&options("a"));
     let checks = lab.check();
-    assert_eq!(
-        checks.iter().filter(|c| c.name.starts_with("ping")).count(),
-        6,
-        "every ordered pair of pods"
-    );
+    assert_eq!(checks.iter().filter(|c| c.name.starts_with("ping")).count(), 6, "every ordered pair of pods");
     assert_all_passed(&lab, &checks);
 }
 
@@ -33,12 +29,8 @@ fn kernel_flannel_node_and_weft_nodes_reach_each_other() {
     assert_eq!(lab.nodes[2].kind, lab::NodeKind::KernelVxlan);
     let checks = lab.check();
     // Both TCP directions between node 1 (weft) and node 3 (kernel) are in.
-    assert!(checks
-        .iter()
-        .any(|c| c.name == "tcp 64 MiB 10.244.1.2 -> 10.244.3.2"));
-    assert!(checks
-        .iter()
-        .any(|c| c.name == "tcp 64 MiB 10.244.3.2 -> 10.244.1.2"));
+    assert!(checks.iter().any(|c| c.name == "tcp 64 MiB 10.244.1.2 -> 10.244.3.2"));
+    assert!(checks.iter().any(|c| c.name == "tcp 64 MiB 10.244.3.2 -> 10.244.1.2"));
     assert_all_passed(&lab, &checks);
 }
 
@@ -98,17 +90,9 @@ fn underlay_capture_is_vxlan_vni_1_with_the_pods_inside() {
         rest
     });
     let (a, b) = (&lab.nodes[0].pods[0], &lab.nodes[1].pods[0]);
-    netns::exec(
-        &a.ns,
-        "ping",
-        &["-c", "3", "-i", "0.2", "-W", "2", &b.ip.to_string()],
-    )
-    .unwrap();
+    netns::exec(&a.ns, "ping", &["-c", "3", "-i", "0.2", "-W", "2", &v4(b).to_string()]).unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(dump.id() as i32),
-        nix::sys::signal::Signal::SIGINT,
-    );
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(dump.id() as i32), nix::sys::signal::Signal::SIGINT);
     let _ = dump.wait();
     let tcpdump_said = drain.join().unwrap_or_default();
     let out = netns::run(
@@ -138,50 +122,30 @@ fn underlay_capture_is_vxlan_vni_1_with_the_pods_inside() {
     )
     .unwrap();
     let lines: Vec<&str> = out.lines().filter(|l| !l.is_empty()).collect();
-    assert!(
-        lines.len() >= 6,
-        "3 echo requests and 3 replies, got:\n{out}\ntcpdump: {tcpdump_said}"
-    );
+    assert!(lines.len() >= 6, "3 echo requests and 3 replies, got:\n{out}\ntcpdump: {tcpdump_said}");
     for line in &lines {
         let f: Vec<&str> = line.split('|').collect();
         assert_eq!(f[0], "1", "VNI in {line}");
         // Outer then inner addresses.
         let src: Vec<&str> = f[1].split(',').collect();
         let dst: Vec<&str> = f[2].split(',').collect();
-        assert!(
-            src.len() == 2 && dst.len() == 2,
-            "outer and inner IP in {line}"
-        );
+        assert!(src.len() == 2 && dst.len() == 2, "outer and inner IP in {line}");
         let inner = (src[1], dst[1]);
         assert!(
             inner == ("10.244.1.2", "10.244.2.2") || inner == ("10.244.2.2", "10.244.1.2"),
             "inner addresses in {line}"
         );
         let sport: u16 = f[3].parse().unwrap();
-        assert!(
-            (32768..=60999).contains(&sport),
-            "flow-hashed source port in {line}"
-        );
+        assert!((32768..=60999).contains(&sport), "flow-hashed source port in {line}");
         // The inner frame is addressed to the receiving node's VTEP MAC.
         let inner_dst_mac = f[4].split(',').nth(1).unwrap_or("");
-        assert!(
-            inner_dst_mac.starts_with("0a:58:0a:f4:0"),
-            "inner destination MAC in {line}"
-        );
+        assert!(inner_dst_mac.starts_with("0a:58:0a:f4:0"), "inner destination MAC in {line}");
     }
 }
 
 /// Builds a VXLAN payload (UDP payload: VXLAN header onwards) carrying an
 /// IPv4 UDP packet `inner_src -> dst:port` with `marker` as payload.
-fn crafted(
-    vni: u32,
-    from: Vtep,
-    to: Vtep,
-    inner_src: Ipv4Addr,
-    dst: Ipv4Addr,
-    port: u16,
-    marker: &[u8],
-) -> Vec<u8> {
+fn crafted(vni: u32, from: Vtep, to: Vtep, inner_src: Ipv4Addr, dst: Ipv4Addr, port: u16, marker: &[u8]) -> Vec<u8> {
     let total = 20 + 8 + marker.len();
     let mut ip = vec![0u8; total];
     ip[0] = 0x45;
@@ -198,22 +162,30 @@ fn crafted(
     ip[28..].copy_from_slice(marker); // UDP checksum 0: none, allowed on IPv4
     let mut buf = vec![0u8; HEADROOM + total];
     buf[HEADROOM..].copy_from_slice(&ip);
-    let len = Vxlan::new(vni, DEFAULT_PORT, from)
-        .encapsulate(&to, &mut buf, total)
-        .unwrap();
+    let len = Vxlan::new(vni, DEFAULT_PORT, from).encapsulate(&to, &mut buf, total).unwrap();
     buf[UDP_HEADER_LEN..len].to_vec()
 }
 
-fn vtep(n: &Node) -> Vtep {
-    Vtep {
-        addr: IpAddr::V4(n.ip),
-        mac: n.mac,
+/// A pod's IPv4 address (these labs are IPv4).
+fn v4(p: &lab::Pod) -> Ipv4Addr {
+    match p.ip(false) {
+        Some(IpAddr::V4(a)) => a,
+        other => panic!("{} has no IPv4 address: {other:?}", p.ns),
     }
+}
+
+/// A node's IPv4 underlay address.
+fn node_ip(n: &Node) -> Ipv4Addr {
+    n.ip4.expect("an IPv4 underlay")
+}
+
+fn vtep(n: &Node) -> Vtep {
+    Vtep { addr: IpAddr::V4(node_ip(n)), mac: n.mac }
 }
 
 /// Sends `payload` from `src` (inside namespace `ns`) to node `to`'s VXLAN port.
 fn send_from(ns: &str, src: Ipv4Addr, to: &Node, payload: Vec<u8>) {
-    let dst = SocketAddr::from((to.ip, DEFAULT_PORT));
+    let dst = SocketAddr::from((node_ip(to), DEFAULT_PORT));
     netns::in_netns(ns, move || {
         let s = UdpSocket::bind((src, 0)).expect("bind sender");
         s.send_to(&payload, dst).expect("send");
@@ -222,11 +194,7 @@ fn send_from(ns: &str, src: Ipv4Addr, to: &Node, payload: Vec<u8>) {
 }
 
 fn drops(lab: &Lab, n: &Node, reason: &str) -> f64 {
-    lab.metrics(n)
-        .unwrap()
-        .get(&format!("weft_drops_total{{reason=\"{reason}\"}}"))
-        .copied()
-        .unwrap_or(-1.0)
+    lab.metrics(n).unwrap().get(&format!("weft_drops_total{{reason=\"{reason}\"}}")).copied().unwrap_or(-1.0)
 }
 
 #[test]
@@ -244,8 +212,7 @@ fn spoofed_vxlan_never_reaches_a_pod_and_is_counted() {
     // A listener in the pod collects whatever reaches UDP port 7777.
     let listener = netns::spawn_in_netns(&pod.ns, || {
         let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 7777)).unwrap();
-        s.set_read_timeout(Some(Duration::from_millis(1500)))
-            .unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(1500))).unwrap();
         let mut got = Vec::new();
         let mut buf = [0u8; 2048];
         while let Ok(n) = s.recv(&mut buf) {
@@ -255,53 +222,14 @@ fn spoofed_vxlan_never_reaches_a_pod_and_is_counted() {
     })
     .unwrap();
     std::thread::sleep(Duration::from_millis(200));
-    let n2_pod = lab.nodes[1].pods[0].ip;
-    let n3_pod = lab.nodes[2].pods[0].ip;
-    let wrong_mac = Vtep {
-        addr: vtep(n1).addr,
-        mac: [0x0a, 0x58, 0x0a, 0xf4, 0x63, 0x00],
-    };
+    let n2_pod = v4(&lab.nodes[1].pods[0]);
+    let n3_pod = v4(&lab.nodes[2].pods[0]);
+    let wrong_mac = Vtep { addr: vtep(n1).addr, mac: [0x0a, 0x58, 0x0a, 0xf4, 0x63, 0x00] };
     let cases = [
-        (
-            "unknown_source",
-            &ul,
-            attacker,
-            crafted(
-                1,
-                vtep(n2),
-                vtep(n1),
-                n2_pod,
-                pod.ip,
-                7777,
-                b"from-unknown-node",
-            ),
-        ),
-        (
-            "wrong_vni",
-            &n2.ns,
-            n2.ip,
-            crafted(2, vtep(n2), vtep(n1), n2_pod, pod.ip, 7777, b"wrong-vni"),
-        ),
-        (
-            "spoofed_source",
-            &n2.ns,
-            n2.ip,
-            crafted(
-                1,
-                vtep(n2),
-                vtep(n1),
-                n3_pod,
-                pod.ip,
-                7777,
-                b"spoofed-inner",
-            ),
-        ),
-        (
-            "wrong_dst_mac",
-            &n2.ns,
-            n2.ip,
-            crafted(1, vtep(n2), wrong_mac, n2_pod, pod.ip, 7777, b"wrong-mac"),
-        ),
+        ("unknown_source", &ul, attacker, crafted(1, vtep(n2), vtep(n1), n2_pod, v4(pod), 7777, b"from-unknown-node")),
+        ("wrong_vni", &n2.ns, node_ip(n2), crafted(2, vtep(n2), vtep(n1), n2_pod, v4(pod), 7777, b"wrong-vni")),
+        ("spoofed_source", &n2.ns, node_ip(n2), crafted(1, vtep(n2), vtep(n1), n3_pod, v4(pod), 7777, b"spoofed-inner")),
+        ("wrong_dst_mac", &n2.ns, node_ip(n2), crafted(1, vtep(n2), wrong_mac, n2_pod, v4(pod), 7777, b"wrong-mac")),
     ];
     for (reason, ns, src, payload) in cases {
         let before = drops(&lab, n1, reason);
@@ -310,33 +238,17 @@ fn spoofed_vxlan_never_reaches_a_pod_and_is_counted() {
         while drops(&lab, n1, reason) < before + 1.0 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
-        assert_eq!(
-            drops(&lab, n1, reason),
-            before + 1.0,
-            "drop counter {reason}"
-        );
+        assert_eq!(drops(&lab, n1, reason), before + 1.0, "drop counter {reason}");
     }
     // The control: the same packet from the real node with its own pod as
     // source does arrive, so the listener would have seen the others.
-    send_from(
-        &n2.ns,
-        n2.ip,
-        n1,
-        crafted(1, vtep(n2), vtep(n1), n2_pod, pod.ip, 7777, b"legitimate"),
-    );
+    send_from(&n2.ns, node_ip(n2), n1, crafted(1, vtep(n2), vtep(n1), n2_pod, v4(pod), 7777, b"legitimate"));
     let got = listener.join().unwrap();
-    assert_eq!(
-        got,
-        vec!["legitimate".to_string()],
-        "only the legitimate packet reaches the pod"
-    );
+    assert_eq!(got, vec!["legitimate".to_string()], "only the legitimate packet reaches the pod");
 }
 
 fn route_exists(ns: &str, prefix: &str) -> bool {
-    !netns::run("ip", &["-n", ns, "route", "show", prefix])
-        .unwrap()
-        .trim()
-        .is_empty()
+    !netns::run("ip", &["-n", ns, "route", "show", prefix]).unwrap().trim().is_empty()
 }
 
 #[test]
@@ -350,32 +262,21 @@ fn sighup_applies_datastore_changes_without_dropping_others() {
 
     // A transfer n1 -> n2 runs across two reloads; it must lose nothing.
     let (a, b) = (n1.pods[0].clone(), n2.pods[0].clone());
-    let transfer = std::thread::spawn(move || lab::transfer_check(&a, &b, 128 << 20));
+    let transfer = std::thread::spawn(move || lab::transfer_check(&a, &b, false, 128 << 20));
 
     // Node 3 leaves the datastore.
     let mut ds = weft::datastore::StaticDatastore::parse(full.as_bytes()).unwrap();
-    ds.leases.retain(|k, _| k.v4 != Some(n3.subnet));
+    ds.leases.retain(|k, _| *k != n3.key);
     std::fs::write(&ds_path, ds.to_json()).unwrap();
     lab.reload(n1).unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
     while route_exists(&n1.ns, "10.244.3.0/24") && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert!(
-        !route_exists(&n1.ns, "10.244.3.0/24"),
-        "route to the removed node is gone"
-    );
-    assert!(
-        route_exists(&n1.ns, "10.244.2.0/24"),
-        "route to the unchanged node stays"
-    );
+    assert!(!route_exists(&n1.ns, "10.244.3.0/24"), "route to the removed node is gone");
+    assert!(route_exists(&n1.ns, "10.244.2.0/24"), "route to the unchanged node stays");
     assert_eq!(lab.metrics(n1).unwrap().get("weft_peers"), Some(&1.0));
-    assert!(netns::exec(
-        &n1.pods[0].ns,
-        "ping",
-        &["-c", "1", "-W", "1", &n3.pods[0].ip.to_string()]
-    )
-    .is_err());
+    assert!(netns::exec(&n1.pods[0].ns, "ping", &["-c", "1", "-W", "1", &v4(&n3.pods[0]).to_string()]).is_err());
 
     // Node 3 comes back.
     std::fs::write(&ds_path, &full).unwrap();
@@ -384,28 +285,17 @@ fn sighup_applies_datastore_changes_without_dropping_others() {
     while !route_exists(&n1.ns, "10.244.3.0/24") && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
-    netns::exec(
-        &n1.pods[0].ns,
-        "ping",
-        &["-c", "1", "-W", "2", &n3.pods[0].ip.to_string()],
-    )
-    .expect("node 3 reachable again");
+    netns::exec(&n1.pods[0].ns, "ping", &["-c", "1", "-W", "2", &v4(&n3.pods[0]).to_string()])
+        .expect("node 3 reachable again");
 
     let t = transfer.join().unwrap();
-    assert!(
-        t.passed,
-        "transfer to the unchanged node across reloads: {}",
-        t.detail
-    );
+    assert!(t.passed, "transfer to the unchanged node across reloads: {}", t.detail);
     // A datastore that no longer parses is refused and the old state kept.
     std::fs::write(&ds_path, "{ not json").unwrap();
     lab.reload(n1).unwrap();
     std::thread::sleep(Duration::from_millis(300));
     assert!(route_exists(&n1.ns, "10.244.3.0/24"));
-    assert!(lab
-        .http_get(n1, "/healthz")
-        .unwrap()
-        .starts_with("HTTP/1.0 200"));
+    assert!(lab.http_get(n1, "/healthz").unwrap().starts_with("HTTP/1.0 200"));
 }
 
 #[test]
@@ -415,33 +305,20 @@ fn sigterm_removes_routes_and_the_device() {
     let (lab, _g) = up(&o);
     let n1 = &lab.nodes[0];
     assert!(route_exists(&n1.ns, "10.244.2.0/24"));
-    let pid: i32 = std::fs::read_to_string(lab.dir.join("n1.pid"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
+    let pid: i32 = std::fs::read_to_string(lab.dir.join("n1.pid")).unwrap().trim().parse().unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM).unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
-    while nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
-        && Instant::now() < deadline
-    {
-        let _ = nix::sys::wait::waitpid(
-            nix::unistd::Pid::from_raw(pid),
-            Some(nix::sys::wait::WaitPidFlag::WNOHANG),
-        );
+    while nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok() && Instant::now() < deadline {
+        let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), Some(nix::sys::wait::WaitPidFlag::WNOHANG));
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(!route_exists(&n1.ns, "10.244.2.0/24"), "route removed");
-    assert!(
-        netns::run("ip", &["-n", &n1.ns, "link", "show", "weft0"]).is_err(),
-        "device removed"
-    );
+    assert!(netns::run("ip", &["-n", &n1.ns, "link", "show", "weft0"]).is_err(), "device removed");
     let env = std::fs::read_to_string(lab.dir.join("n1-subnet.env")).unwrap();
-    assert_eq!(env, "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.1.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n");
+    assert_eq!(
+        env,
+        "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.1.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n"
+    );
 }
 
 #[test]
@@ -452,16 +329,12 @@ fn killed_agent_restarts_and_traffic_resumes() {
     let (lab, _g) = up(&o);
     let (n1, n2) = (&lab.nodes[0], &lab.nodes[1]);
     let (a, b) = (&n1.pods[0], &n2.pods[0]);
-    netns::exec(&a.ns, "ping", &["-c", "1", "-W", "2", &b.ip.to_string()]).unwrap();
+    netns::exec(&a.ns, "ping", &["-c", "1", "-W", "2", &v4(b).to_string()]).unwrap();
     lab.kill_agent(n2).unwrap();
-    assert!(
-        netns::exec(&a.ns, "ping", &["-c", "1", "-W", "1", &b.ip.to_string()]).is_err(),
-        "node 2 is down"
-    );
+    assert!(netns::exec(&a.ns, "ping", &["-c", "1", "-W", "1", &v4(b).to_string()]).is_err(), "node 2 is down");
     lab.restart_agent(n2).unwrap();
-    netns::exec(&a.ns, "ping", &["-c", "1", "-W", "2", &b.ip.to_string()])
-        .expect("traffic resumes after the restart");
-    let t = lab::transfer_check(b, a, 16 << 20);
+    netns::exec(&a.ns, "ping", &["-c", "1", "-W", "2", &v4(b).to_string()]).expect("traffic resumes after the restart");
+    let t = lab::transfer_check(b, a, false, 16 << 20);
     assert!(t.passed, "{}", t.detail);
 }
 
@@ -472,75 +345,31 @@ fn lab_command_keeps_and_removes_a_lab() {
     let _g = common::Guard(name.clone());
     let weft = common::weft_bin();
     let out = Command::new(&weft)
-        .args([
-            "lab",
-            "--nodes",
-            "2",
-            "--keep",
-            "--transfer-mib",
-            "4",
-            "--name",
-            &name,
-        ])
+        .args(["lab", "--nodes", "2", "--keep", "--transfer-mib", "4", "--name", &name])
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("all checks passed"), "{stdout}");
-    assert!(
-        stdout.contains(&format!("ip netns exec {name}-n1p1")),
-        "{stdout}"
-    );
+    assert!(stdout.contains(&format!("ip netns exec {name}-n1p1")), "{stdout}");
     assert!(netns::exists(&format!("{name}-n1p1")), "kept");
-    let out = Command::new(&weft)
-        .args(["lab", "down", "--name", &name])
-        .output()
-        .unwrap();
+    let out = Command::new(&weft).args(["lab", "down", "--name", &name]).output().unwrap();
     assert!(out.status.success());
-    assert!(
-        netns::list()
-            .iter()
-            .all(|n| !n.starts_with(&format!("{name}-"))),
-        "every namespace removed"
-    );
-    assert!(
-        !std::path::Path::new(lab::STATE_ROOT).join(&name).exists(),
-        "state removed"
-    );
+    assert!(netns::list().iter().all(|n| !n.starts_with(&format!("{name}-"))), "every namespace removed");
+    assert!(!std::path::Path::new(lab::STATE_ROOT).join(&name).exists(), "state removed");
 }
 
 #[test]
 fn bad_configuration_is_refused_at_start_with_key_value_and_rule() {
     let out = Command::new(common::weft_bin())
-        .args([
-            "agent",
-            "--node-ip",
-            "192.168.77.1",
-            "--datastore-file",
-            "unused.json",
-            "--vni",
-            "0",
-        ])
+        .args(["agent", "--node-ip", "192.168.77.1", "--datastore-file", "unused.json", "--vni", "0"])
         .output()
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("`vni`") && err.contains("`0`") && err.contains("1 to 16777215"),
-        "{err}"
-    );
+    assert!(err.contains("`vni`") && err.contains("`0`") && err.contains("1 to 16777215"), "{err}");
     let out = Command::new(common::weft_bin())
-        .args([
-            "agent",
-            "--node-ip",
-            "192.168.77.1",
-            "--datastore-file",
-            "/nonexistent/ds.json",
-        ])
+        .args(["agent", "--node-ip", "192.168.77.1", "--datastore-file", "/nonexistent/ds.json"])
         .output()
         .unwrap();
     assert!(!out.status.success());

@@ -24,13 +24,8 @@ pub enum EngineDrop {
 
 impl EngineDrop {
     /// Every reason, in counter order.
-    pub const ALL: [EngineDrop; 5] = [
-        EngineDrop::NoRoute,
-        EngineDrop::NotIp,
-        EngineDrop::Encap,
-        EngineDrop::SendError,
-        EngineDrop::TunWriteError,
-    ];
+    pub const ALL: [EngineDrop; 5] =
+        [EngineDrop::NoRoute, EngineDrop::NotIp, EngineDrop::Encap, EngineDrop::SendError, EngineDrop::TunWriteError];
 
     /// Stable snake_case label for metrics.
     pub fn label(self) -> &'static str {
@@ -66,10 +61,7 @@ impl DropCause {
 
     /// Every reason with its label, in slot order.
     pub fn all() -> impl Iterator<Item = DropCause> {
-        DropReason::ALL
-            .into_iter()
-            .map(DropCause::Decap)
-            .chain(EngineDrop::ALL.into_iter().map(DropCause::Engine))
+        DropReason::ALL.into_iter().map(DropCause::Decap).chain(EngineDrop::ALL.into_iter().map(DropCause::Engine))
     }
 
     /// Stable label for metrics.

@@ -55,9 +55,7 @@ pub struct Batch {
 impl Default for Batch {
     fn default() -> Self {
         Batch {
-            bufs: (0..BATCH_SIZE)
-                .map(|_| vec![0u8; BUF_LEN].into_boxed_slice())
-                .collect(),
+            bufs: (0..BATCH_SIZE).map(|_| vec![0u8; BUF_LEN].into_boxed_slice()).collect(),
             meta: vec![Meta::default(); BATCH_SIZE],
             count: 0,
         }
@@ -96,12 +94,7 @@ pub trait TunIo {
     fn capabilities(&self) -> Capabilities;
     /// Reads up to a batch of packets, each at `headroom` in its buffer.
     /// Returns how many were read; fewer than a batch means the queue is empty.
-    fn read_batch(
-        &mut self,
-        batch: &mut Batch,
-        headroom: usize,
-        counters: &WorkerCounters,
-    ) -> io::Result<usize>;
+    fn read_batch(&mut self, batch: &mut Batch, headroom: usize, counters: &WorkerCounters) -> io::Result<usize>;
     /// Writes the batch's live packets, counting failures as drops.
     fn write_batch(&mut self, batch: &Batch, counters: &WorkerCounters);
 }
@@ -116,34 +109,21 @@ pub trait UnderlayIo {
     fn send_batch(&mut self, batch: &Batch, counters: &WorkerCounters);
 }
 
-const ONE_BY_ONE: Capabilities = Capabilities {
-    batch_size: BATCH_SIZE,
-    max_gso_segments: 1,
-    gro: false,
-};
+const ONE_BY_ONE: Capabilities = Capabilities { batch_size: BATCH_SIZE, max_gso_segments: 1, gro: false };
 
 impl TunIo for TunQueue {
     fn capabilities(&self) -> Capabilities {
         ONE_BY_ONE
     }
 
-    fn read_batch(
-        &mut self,
-        batch: &mut Batch,
-        headroom: usize,
-        counters: &WorkerCounters,
-    ) -> io::Result<usize> {
+    fn read_batch(&mut self, batch: &mut Batch, headroom: usize, counters: &WorkerCounters) -> io::Result<usize> {
         batch.count = 0;
         while batch.count < BATCH_SIZE {
             let (buf, meta) = batch.slot_mut(batch.count);
             add(&counters.syscalls, 1);
             match self.recv(&mut buf[headroom..]) {
                 Ok(n) => {
-                    *meta = Meta {
-                        start: headroom,
-                        len: n,
-                        addr: None,
-                    };
+                    *meta = Meta { start: headroom, len: n, addr: None };
                     batch.count += 1;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -168,13 +148,15 @@ impl TunIo for TunQueue {
     }
 }
 
-/// Receives on an ordinary UDP socket, sends through a raw one so that the
-/// UDP header (source port, checksum) is ours.
+/// One underlay family: receives on an ordinary UDP socket, sends through a
+/// raw one so that the UDP header (source port, checksum) is ours.
 pub struct UdpUnderlay {
     /// The receiving socket, bound to the tunnel port.
     pub rx: mio::net::UdpSocket,
     /// The transmitting raw socket.
     pub tx: RawUdpTx,
+    /// Whether this is the IPv6 underlay.
+    pub v6: bool,
 }
 
 impl UnderlayIo for UdpUnderlay {
@@ -189,11 +171,7 @@ impl UnderlayIo for UdpUnderlay {
             add(&counters.syscalls, 1);
             match self.rx.recv_from(buf) {
                 Ok((n, from)) => {
-                    *meta = Meta {
-                        start: 0,
-                        len: n,
-                        addr: Some(canonical(from)),
-                    };
+                    *meta = Meta { start: 0, len: n, addr: Some(canonical(from)) };
                     add(&counters.udp_rx_packets, 1);
                     add(&counters.udp_rx_bytes, n as u64);
                     batch.count += 1;
@@ -209,7 +187,8 @@ impl UnderlayIo for UdpUnderlay {
 
     fn send_batch(&mut self, batch: &Batch, counters: &WorkerCounters) {
         for (datagram, meta) in batch.packets() {
-            let Some(dst) = meta.addr else { continue };
+            // A batch may hold datagrams for both underlay families.
+            let Some(dst) = meta.addr.filter(|a| a.is_ipv6() == self.v6) else { continue };
             add(&counters.syscalls, 1);
             match self.tx.send_to(datagram, dst) {
                 Ok(_) => add(&counters.udp_tx_packets, 1),
@@ -222,10 +201,7 @@ impl UnderlayIo for UdpUnderlay {
 /// The IP of a socket address, IPv4-mapped IPv6 unmapped.
 fn canonical(a: SocketAddr) -> IpAddr {
     match a.ip() {
-        IpAddr::V6(v6) => v6
-            .to_ipv4_mapped()
-            .map(IpAddr::V4)
-            .unwrap_or(IpAddr::V6(v6)),
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
         v4 => v4,
     }
 }

@@ -22,6 +22,8 @@ use crossbeam_channel::Sender;
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use weft_tunnel::vxlan::Vxlan;
 
+pub use snapshot::Families;
+
 pub use counters::{PeerCounters, WorkerCounters};
 pub use snapshot::{Peer, Snapshot};
 use worker::{Control, Worker, WAKER};
@@ -37,8 +39,9 @@ pub struct EngineConfig {
     pub tun_name: String,
     /// Worker threads (and TUN queues).
     pub threads: usize,
-    /// Our VXLAN endpoint (VNI, port, local VTEP).
-    pub vxlan: Vxlan,
+    /// Our VXLAN endpoints (VNI, port, local VTEP), one per underlay family
+    /// this node has: at least one, at most one IPv4 and one IPv6.
+    pub vxlan: Vec<Vxlan>,
     /// UDP port to receive on.
     pub port: u16,
     /// MTU of the TUN device.
@@ -62,7 +65,9 @@ impl Engine {
     pub fn start(cfg: &EngineConfig, snapshot: Arc<Snapshot>) -> std::io::Result<Engine> {
         let threads = cfg.threads.max(1);
         let queues = sys::tun::TunQueue::create(&cfg.tun_name, threads)?;
-        let local = cfg.vxlan.local().addr;
+        if cfg.vxlan.is_empty() {
+            return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "no underlay address"));
+        }
         let mut workers = Vec::with_capacity(threads);
         let mut counters = Vec::with_capacity(threads);
         for (id, tun) in queues.into_iter().enumerate() {
@@ -70,39 +75,36 @@ impl Engine {
             let waker = Arc::new(mio::Waker::new(poll.registry(), WAKER)?);
             let (tx, rx) = crossbeam_channel::unbounded();
             let c = Arc::new(WorkerCounters::default());
-            let underlay = io::UdpUnderlay {
-                rx: udp_socket(local, cfg.port)?,
-                tx: sys::raw::RawUdpTx::open(local)?,
-            };
+            let mut families = Vec::with_capacity(cfg.vxlan.len());
+            for vx in &cfg.vxlan {
+                let local = vx.local().addr;
+                let io = io::UdpUnderlay {
+                    rx: udp_socket(local, cfg.port)?,
+                    tx: sys::raw::RawUdpTx::open(local)?,
+                    v6: local.is_ipv6(),
+                };
+                families.push(worker::Family { vxlan: vx.clone(), io });
+            }
             let w = Worker {
                 poll,
                 tun,
-                underlay,
-                vxlan: cfg.vxlan.clone(),
+                families,
                 snapshot: snapshot.clone(),
                 control: rx,
                 counters: c.clone(),
                 mtu: cfg.mtu,
                 scratch: vec![0u8; cfg.mtu],
             };
-            let thread = std::thread::Builder::new()
-                .name(format!("weft-worker-{id}"))
-                .spawn(move || {
-                    let counters = w.counters.clone();
-                    let r = w.run();
-                    counters
-                        .stopped
-                        .store(true, std::sync::atomic::Ordering::Relaxed);
-                    if let Err(e) = &r {
-                        tracing::error!(worker = id, error = %e, "worker stopped");
-                    }
-                    r
-                })?;
-            workers.push(WorkerHandle {
-                thread,
-                control: tx,
-                waker,
-            });
+            let thread = std::thread::Builder::new().name(format!("weft-worker-{id}")).spawn(move || {
+                let counters = w.counters.clone();
+                let r = w.run();
+                counters.stopped.store(true, std::sync::atomic::Ordering::Relaxed);
+                if let Err(e) = &r {
+                    tracing::error!(worker = id, error = %e, "worker stopped");
+                }
+                r
+            })?;
+            workers.push(WorkerHandle { thread, control: tx, waker });
             counters.push(c);
         }
         tracing::info!(tun = %cfg.tun_name, threads, port = cfg.port, "engine started");

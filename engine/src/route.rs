@@ -31,10 +31,7 @@ impl<V> Default for Family<V> {
 
 impl<V> Default for RouteTable<V> {
     fn default() -> Self {
-        RouteTable {
-            v4: Family::default(),
-            v6: Family::default(),
-        }
+        RouteTable { v4: Family::default(), v6: Family::default() }
     }
 }
 
@@ -47,16 +44,8 @@ impl<V> RouteTable<V> {
     /// Inserts `net -> value`, replacing the value of an equal prefix.
     pub fn insert(&mut self, net: IpNet, value: V) -> Option<V> {
         let (family, key, len) = match net {
-            IpNet::V4(n) => (
-                &mut self.v4,
-                mask(u32::from(n.network()) as u128, n.prefix_len(), 32),
-                n.prefix_len(),
-            ),
-            IpNet::V6(n) => (
-                &mut self.v6,
-                mask(u128::from(n.network()), n.prefix_len(), 128),
-                n.prefix_len(),
-            ),
+            IpNet::V4(n) => (&mut self.v4, mask(u32::from(n.network()) as u128, n.prefix_len(), 32), n.prefix_len()),
+            IpNet::V6(n) => (&mut self.v6, mask(u128::from(n.network()), n.prefix_len(), 128), n.prefix_len()),
         };
         let pos = match family.levels.binary_search_by(|(l, _)| len.cmp(l)) {
             Ok(i) => i,
@@ -74,20 +63,12 @@ impl<V> RouteTable<V> {
             IpAddr::V4(a) => (&self.v4, u32::from(a) as u128, 32),
             IpAddr::V6(a) => (&self.v6, u128::from(a), 128),
         };
-        family
-            .levels
-            .iter()
-            .find_map(|(len, map)| map.get(&mask(key, *len, bits)))
+        family.levels.iter().find_map(|(len, map)| map.get(&mask(key, *len, bits)))
     }
 
     /// Number of prefixes in the table.
     pub fn len(&self) -> usize {
-        self.v4
-            .levels
-            .iter()
-            .chain(&self.v6.levels)
-            .map(|(_, m)| m.len())
-            .sum()
+        self.v4.levels.iter().chain(&self.v6.levels).map(|(_, m)| m.len()).sum()
     }
 
     /// Whether the table holds no prefix.
@@ -102,11 +83,7 @@ fn mask(addr: u128, len: u8, bits: u8) -> u128 {
         return 0;
     }
     let keep = u128::MAX << (bits - len);
-    let width = if bits == 128 {
-        u128::MAX
-    } else {
-        (1u128 << bits) - 1
-    };
+    let width = if bits == 128 { u128::MAX } else { (1u128 << bits) - 1 };
     addr & keep & width
 }
 
@@ -118,10 +95,7 @@ mod tests {
 
     /// The slow reference: a list scanned for the longest containing prefix.
     fn slow_lookup(list: &[(IpNet, usize)], addr: IpAddr) -> Option<usize> {
-        list.iter()
-            .filter(|(n, _)| n.contains(&addr))
-            .max_by_key(|(n, _)| n.prefix_len())
-            .map(|(_, v)| *v)
+        list.iter().filter(|(n, _)| n.contains(&addr)).max_by_key(|(n, _)| n.prefix_len()).map(|(_, v)| *v)
     }
 
     #[test]
@@ -139,9 +113,7 @@ mod tests {
                     IpNet::new(a.into(), rng.gen_range(8..=32)).unwrap().trunc()
                 } else {
                     let a = Ipv6Addr::from((0xfd00u128 << 112) | rng.gen_range(0..1u128 << 72));
-                    IpNet::new(a.into(), rng.gen_range(40..=128))
-                        .unwrap()
-                        .trunc()
+                    IpNet::new(a.into(), rng.gen_range(40..=128)).unwrap().trunc()
                 };
                 table.insert(net, v);
                 list.retain(|(n, _)| *n != net);
@@ -154,11 +126,7 @@ mod tests {
                 } else {
                     Ipv6Addr::from((0xfd00u128 << 112) | rng.gen_range(0..1u128 << 72)).into()
                 };
-                assert_eq!(
-                    table.lookup(addr).copied(),
-                    slow_lookup(&list, addr),
-                    "round {round} addr {addr}"
-                );
+                assert_eq!(table.lookup(addr).copied(), slow_lookup(&list, addr), "round {round} addr {addr}");
             }
         }
     }

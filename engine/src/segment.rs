@@ -47,12 +47,8 @@ pub fn segment_tcp(
             if ihl < 20 || total > packet.len() || frag != 0 {
                 return Err(SegmentError::Malformed);
             }
-            let s: [u8; 4] = packet[12..16]
-                .try_into()
-                .map_err(|_| SegmentError::Malformed)?;
-            let d: [u8; 4] = packet[16..20]
-                .try_into()
-                .map_err(|_| SegmentError::Malformed)?;
+            let s: [u8; 4] = packet[12..16].try_into().map_err(|_| SegmentError::Malformed)?;
+            let d: [u8; 4] = packet[16..20].try_into().map_err(|_| SegmentError::Malformed)?;
             (ihl, total, IpAddr::from(s), IpAddr::from(d), true)
         }
         6 if packet.len() >= 40 => {
@@ -63,12 +59,8 @@ pub fn segment_tcp(
             if total > packet.len() {
                 return Err(SegmentError::Malformed);
             }
-            let s: [u8; 16] = packet[8..24]
-                .try_into()
-                .map_err(|_| SegmentError::Malformed)?;
-            let d: [u8; 16] = packet[24..40]
-                .try_into()
-                .map_err(|_| SegmentError::Malformed)?;
+            let s: [u8; 16] = packet[8..24].try_into().map_err(|_| SegmentError::Malformed)?;
+            let d: [u8; 16] = packet[24..40].try_into().map_err(|_| SegmentError::Malformed)?;
             (40, total, IpAddr::from(s), IpAddr::from(d), false)
         }
         _ => return Err(SegmentError::NotTcp),
@@ -78,18 +70,13 @@ pub fn segment_tcp(
         emit(packet);
         return Ok(1);
     }
-    let tcp = packet
-        .get(ip_len..ip_len + 20)
-        .ok_or(SegmentError::Malformed)?;
+    let tcp = packet.get(ip_len..ip_len + 20).ok_or(SegmentError::Malformed)?;
     let tcp_len = ((tcp[12] >> 4) as usize) * 4;
     let hdr_len = ip_len + tcp_len;
     if tcp_len < 20 || hdr_len > total {
         return Err(SegmentError::Malformed);
     }
-    let mss = mtu
-        .checked_sub(hdr_len)
-        .filter(|m| *m > 0)
-        .ok_or(SegmentError::MtuTooSmall)?;
+    let mss = mtu.checked_sub(hdr_len).filter(|m| *m > 0).ok_or(SegmentError::MtuTooSmall)?;
     if scratch.len() < hdr_len + mss.min(total - hdr_len) {
         return Err(SegmentError::NoRoom);
     }
@@ -124,8 +111,7 @@ pub fn segment_tcp(
         }
         t[13] = flags;
         t[16..18].copy_from_slice(&[0, 0]);
-        let pseudo =
-            checksum::pseudo_header(src, dst, 6, t.len() as u32).ok_or(SegmentError::Malformed)?;
+        let pseudo = checksum::pseudo_header(src, dst, 6, t.len() as u32).ok_or(SegmentError::Malformed)?;
         let c = !checksum::fold(checksum::sum(pseudo, t));
         t[16..18].copy_from_slice(&c.to_be_bytes());
         emit(seg);
@@ -167,10 +153,7 @@ mod tests {
         for (i, b) in t[20..].iter_mut().enumerate() {
             *b = (i * 7 % 251) as u8;
         }
-        let c = !checksum::fold(checksum::sum(
-            checksum::pseudo_header(src, dst, 6, t.len() as u32).unwrap(),
-            t,
-        ));
+        let c = !checksum::fold(checksum::sum(checksum::pseudo_header(src, dst, 6, t.len() as u32).unwrap(), t));
         t[16..18].copy_from_slice(&c.to_be_bytes());
         if !v6 {
             let c = !checksum::fold(checksum::sum(0, &p[..20]));
@@ -182,34 +165,16 @@ mod tests {
     fn check_segment(seg: &[u8], v6: bool) -> (u32, u8, Vec<u8>) {
         let ip_len = if v6 { 40 } else { 20 };
         let (src, dst): (IpAddr, IpAddr) = if v6 {
-            (
-                <[u8; 16]>::try_from(&seg[8..24]).unwrap().into(),
-                <[u8; 16]>::try_from(&seg[24..40]).unwrap().into(),
-            )
+            (<[u8; 16]>::try_from(&seg[8..24]).unwrap().into(), <[u8; 16]>::try_from(&seg[24..40]).unwrap().into())
         } else {
-            assert_eq!(
-                checksum::fold(checksum::sum(0, &seg[..20])),
-                0xffff,
-                "IPv4 header checksum"
-            );
+            assert_eq!(checksum::fold(checksum::sum(0, &seg[..20])), 0xffff, "IPv4 header checksum");
             assert_eq!(u16::from_be_bytes([seg[2], seg[3]]) as usize, seg.len());
-            (
-                <[u8; 4]>::try_from(&seg[12..16]).unwrap().into(),
-                <[u8; 4]>::try_from(&seg[16..20]).unwrap().into(),
-            )
+            (<[u8; 4]>::try_from(&seg[12..16]).unwrap().into(), <[u8; 4]>::try_from(&seg[16..20]).unwrap().into())
         };
         let t = &seg[ip_len..];
         let pseudo = checksum::pseudo_header(src, dst, 6, t.len() as u32).unwrap();
-        assert_eq!(
-            checksum::fold(checksum::sum(pseudo, t)),
-            0xffff,
-            "TCP checksum"
-        );
-        (
-            u32::from_be_bytes([t[4], t[5], t[6], t[7]]),
-            t[13],
-            t[20..].to_vec(),
-        )
+        assert_eq!(checksum::fold(checksum::sum(pseudo, t)), 0xffff, "TCP checksum");
+        (u32::from_be_bytes([t[4], t[5], t[6], t[7]]), t[13], t[20..].to_vec())
     }
 
     #[test]
@@ -246,23 +211,11 @@ mod tests {
         let mut scratch = vec![0u8; 2000];
         let mut udp = tcp_packet(false, 3000, 0x10);
         udp[9] = 17;
-        assert_eq!(
-            segment_tcp(&udp, 1450, &mut scratch, |_| {}),
-            Err(SegmentError::NotTcp)
-        );
+        assert_eq!(segment_tcp(&udp, 1450, &mut scratch, |_| {}), Err(SegmentError::NotTcp));
         let p = tcp_packet(false, 3000, 0x10);
-        assert_eq!(
-            segment_tcp(&p, 40, &mut scratch, |_| {}),
-            Err(SegmentError::MtuTooSmall)
-        );
-        assert_eq!(
-            segment_tcp(&p, 1450, &mut [0u8; 100], |_| {}),
-            Err(SegmentError::NoRoom)
-        );
-        assert_eq!(
-            segment_tcp(&p[..2000], 1450, &mut scratch, |_| {}),
-            Err(SegmentError::Malformed)
-        );
+        assert_eq!(segment_tcp(&p, 40, &mut scratch, |_| {}), Err(SegmentError::MtuTooSmall));
+        assert_eq!(segment_tcp(&p, 1450, &mut [0u8; 100], |_| {}), Err(SegmentError::NoRoom));
+        assert_eq!(segment_tcp(&p[..2000], 1450, &mut scratch, |_| {}), Err(SegmentError::Malformed));
         for len in 0..60 {
             let _ = segment_tcp(&vec![0x45; len], 1450, &mut scratch, |_| {});
         }

@@ -20,38 +20,70 @@ use crate::route::RouteTable;
 pub struct Peer {
     /// Node name (or lease key) for logs and metrics.
     pub name: String,
-    /// Where its VXLAN traffic goes.
-    pub vtep: Vtep,
+    /// Its VTEP on the IPv4 underlay (lease `PublicIP`, `BackendData`).
+    pub vtep4: Option<Vtep>,
+    /// Its VTEP on the IPv6 underlay (lease `PublicIPv6`, `BackendV6Data`).
+    pub vtep6: Option<Vtep>,
     /// Its pod subnets.
     pub subnets: Vec<IpNet>,
     /// Traffic counters, kept across snapshots.
     pub counters: Arc<PeerCounters>,
 }
 
+impl Peer {
+    /// The underlay addresses of the node.
+    pub fn underlay_addrs(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.vtep4.iter().chain(&self.vtep6).map(|v| v.addr)
+    }
+}
+
+/// Which underlay families this node has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Families {
+    /// An IPv4 underlay address.
+    pub v4: bool,
+    /// An IPv6 underlay address.
+    pub v6: bool,
+}
+
+/// Where packets to one pod subnet go: the peer and the VTEP to use.
+#[derive(Debug, Clone, Copy)]
+struct Hop {
+    peer: usize,
+    vtep: Vtep,
+}
+
 /// Everything a worker needs to forward: peers, routes, underlay index.
 #[derive(Debug, Default)]
 pub struct Snapshot {
     peers: Vec<Peer>,
-    routes: RouteTable<usize>,
+    routes: RouteTable<Hop>,
     by_underlay: HashMap<IpAddr, usize>,
 }
 
 impl Snapshot {
-    /// Builds the lookup structures for `peers`.
-    pub fn new(peers: Vec<Peer>) -> Self {
+    /// Builds the lookup structures for `peers`, as seen from a node with
+    /// the underlay families `local`. Each pod subnet travels over the
+    /// underlay of its own family when both ends have it (Flannel's layout:
+    /// IPv4 pods over `flannel.1`, IPv6 pods over `flannel-v6.1`), otherwise
+    /// over the other family; a subnet no shared family reaches is not routed.
+    pub fn new(peers: Vec<Peer>, local: Families) -> Self {
         let mut routes = RouteTable::new();
         let mut by_underlay = HashMap::new();
         for (i, p) in peers.iter().enumerate() {
+            let v4 = p.vtep4.filter(|_| local.v4);
+            let v6 = p.vtep6.filter(|_| local.v6);
             for net in &p.subnets {
-                routes.insert(*net, i);
+                let vtep = if net.addr().is_ipv6() { v6.or(v4) } else { v4.or(v6) };
+                if let Some(vtep) = vtep {
+                    routes.insert(*net, Hop { peer: i, vtep });
+                }
             }
-            by_underlay.insert(p.vtep.addr, i);
+            for addr in p.underlay_addrs() {
+                by_underlay.insert(addr, i);
+            }
         }
-        Snapshot {
-            peers,
-            routes,
-            by_underlay,
-        }
+        Snapshot { peers, routes, by_underlay }
     }
 
     /// The peers, in index order.
@@ -59,10 +91,10 @@ impl Snapshot {
         &self.peers
     }
 
-    /// The peer whose pod subnets contain `dst`.
-    pub fn route(&self, dst: IpAddr) -> Option<(usize, &Peer)> {
-        let i = *self.routes.lookup(dst)?;
-        Some((i, &self.peers[i]))
+    /// Where a packet to `dst` goes: the peer and the VTEP to send to.
+    pub fn route(&self, dst: IpAddr) -> Option<(&Peer, Vtep)> {
+        let hop = self.routes.lookup(dst)?;
+        Some((&self.peers[hop.peer], hop.vtep))
     }
 }
 
@@ -72,8 +104,44 @@ impl Peers for Snapshot {
     }
 
     fn peer_owns(&self, peer: usize, inner_src: IpAddr) -> bool {
-        self.peers
-            .get(peer)
-            .is_some_and(|p| p.subnets.iter().any(|n| n.contains(&inner_src)))
+        self.peers.get(peer).is_some_and(|p| p.subnets.iter().any(|n| n.contains(&inner_src)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(v4: Option<&str>, v6: Option<&str>, subnets: &[&str]) -> Peer {
+        let vtep = |a: &str, m: u8| Vtep { addr: a.parse().unwrap(), mac: [0x0a, 0, 0, 0, 0, m] };
+        Peer {
+            name: "p".into(),
+            vtep4: v4.map(|a| vtep(a, 4)),
+            vtep6: v6.map(|a| vtep(a, 6)),
+            subnets: subnets.iter().map(|s| s.parse().unwrap()).collect(),
+            counters: Default::default(),
+        }
+    }
+
+    fn via(s: &Snapshot, dst: &str) -> Option<IpAddr> {
+        s.route(dst.parse().unwrap()).map(|(_, v)| v.addr)
+    }
+
+    #[test]
+    fn each_family_prefers_its_own_underlay() {
+        let p = peer(Some("192.168.77.2"), Some("fd77::2"), &["10.244.2.0/24", "fd00:0:0:2::/64"]);
+        let both = Snapshot::new(vec![p.clone()], Families { v4: true, v6: true });
+        assert_eq!(via(&both, "10.244.2.9"), Some("192.168.77.2".parse().unwrap()));
+        assert_eq!(via(&both, "fd00:0:0:2::9"), Some("fd77::2".parse().unwrap()));
+        // An IPv4-only underlay carries IPv6 pods too (weft to weft).
+        let v4only = Snapshot::new(vec![p], Families { v4: true, v6: false });
+        assert_eq!(via(&v4only, "fd00:0:0:2::9"), Some("192.168.77.2".parse().unwrap()));
+        let none =
+            Snapshot::new(vec![peer(None, Some("fd77::2"), &["10.244.2.0/24"])], Families { v4: true, v6: false });
+        assert_eq!(via(&none, "10.244.2.9"), None, "no shared underlay family");
+        assert_eq!(both.peer_by_underlay("fd77::2".parse().unwrap()), Some(0));
+        assert_eq!(both.peer_by_underlay("192.168.77.2".parse().unwrap()), Some(0));
+        assert!(both.peer_owns(0, "fd00:0:0:2::1".parse().unwrap()));
+        assert!(!both.peer_owns(0, "fd00:0:0:3::1".parse().unwrap()));
     }
 }

@@ -1,4 +1,4 @@
-//! A worker: one TUN queue, one underlay socket pair, one poll loop.
+//! A worker: one TUN queue, one socket pair per underlay family, one poll loop.
 //!
 //! ```text
 //!  TUN queue --read batch--> route lookup --> VXLAN encap --send batch--> underlay
@@ -34,8 +34,9 @@ use crate::sys::tun::TunQueue;
 pub const IO_LOOP_BOUND: usize = 8;
 
 pub(crate) const TUN: Token = Token(0);
-pub(crate) const UDP: Token = Token(1);
-pub(crate) const WAKER: Token = Token(2);
+pub(crate) const WAKER: Token = Token(1);
+/// Underlay family `i` (0: IPv4, 1: IPv6) polls as `Token(UDP_BASE + i)`.
+const UDP_BASE: usize = 2;
 
 /// Messages from the control plane.
 pub enum Control {
@@ -45,11 +46,17 @@ pub enum Control {
     Stop,
 }
 
+/// One underlay family: its VXLAN endpoint and its sockets.
+pub(crate) struct Family {
+    pub vxlan: Vxlan,
+    pub io: UdpUnderlay,
+}
+
 pub(crate) struct Worker {
     pub poll: Poll,
     pub tun: TunQueue,
-    pub underlay: UdpUnderlay,
-    pub vxlan: Vxlan,
+    /// The underlay families, IPv4 first; one or two.
+    pub families: Vec<Family>,
     pub snapshot: Arc<Snapshot>,
     pub control: Receiver<Control>,
     pub counters: Arc<WorkerCounters>,
@@ -63,19 +70,18 @@ impl Worker {
     /// Runs until told to stop.
     pub fn run(mut self) -> io::Result<()> {
         let tun_fd = self.tun.as_raw_fd();
-        self.poll
-            .registry()
-            .register(&mut SourceFd(&tun_fd), TUN, Interest::READABLE)?;
-        self.poll
-            .registry()
-            .register(&mut self.underlay.rx, UDP, Interest::READABLE)?;
+        self.poll.registry().register(&mut SourceFd(&tun_fd), TUN, Interest::READABLE)?;
+        for (i, f) in self.families.iter_mut().enumerate() {
+            self.poll.registry().register(&mut f.io.rx, Token(UDP_BASE + i), Interest::READABLE)?;
+        }
         let mut events = Events::with_capacity(16);
         let mut tun_batch = Batch::default();
         let mut udp_batch = Batch::default();
-        let (mut tun_pending, mut udp_pending) = (true, true);
+        let mut tun_pending = true;
+        let mut udp_pending = [true; 2];
         loop {
-            let timeout = (tun_pending || udp_pending).then_some(Duration::ZERO);
-            match self.poll.poll(&mut events, timeout) {
+            let busy = tun_pending || udp_pending.iter().any(|p| *p);
+            match self.poll.poll(&mut events, busy.then_some(Duration::ZERO)) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
@@ -83,7 +89,7 @@ impl Worker {
             for e in events.iter() {
                 match e.token() {
                     TUN => tun_pending = true,
-                    UDP => udp_pending = true,
+                    Token(t) if (UDP_BASE..UDP_BASE + 2).contains(&t) => udp_pending[t - UDP_BASE] = true,
                     _ => {}
                 }
             }
@@ -97,10 +103,12 @@ impl Worker {
                 if tun_pending {
                     tun_pending = self.tun_to_underlay(&mut tun_batch)? == BATCH_SIZE;
                 }
-                if udp_pending {
-                    udp_pending = self.underlay_to_tun(&mut udp_batch)? == BATCH_SIZE;
+                for (f, pending) in udp_pending.iter_mut().enumerate().take(self.families.len()) {
+                    if *pending {
+                        *pending = self.underlay_to_tun(f, &mut udp_batch)? == BATCH_SIZE;
+                    }
                 }
-                if !tun_pending && !udp_pending {
+                if !tun_pending && !udp_pending.iter().any(|p| *p) {
                     break;
                 }
             }
@@ -117,42 +125,43 @@ impl Worker {
             let inner_len = meta.len;
             meta.len = 0;
             let Some(dst) = ip_destination(&buf[HEADROOM..HEADROOM + inner_len]) else {
-                self.counters
-                    .count_drop(DropCause::Engine(EngineDrop::NotIp));
+                self.counters.count_drop(DropCause::Engine(EngineDrop::NotIp));
                 continue;
             };
-            let Some((_, peer)) = self.snapshot.route(dst) else {
-                self.counters
-                    .count_drop(DropCause::Engine(EngineDrop::NoRoute));
+            let Some((peer, vtep)) = self.snapshot.route(dst) else {
+                self.counters.count_drop(DropCause::Engine(EngineDrop::NoRoute));
                 continue;
             };
-            match self.vxlan.encapsulate(&peer.vtep, buf, inner_len) {
+            let Some(family) = self.families.iter().find(|f| f.io.v6 == vtep.addr.is_ipv6()) else {
+                self.counters.count_drop(DropCause::Engine(EngineDrop::NoRoute));
+                continue;
+            };
+            match family.vxlan.encapsulate(&vtep, buf, inner_len) {
                 Ok(len) => {
                     meta.start = 0;
                     meta.len = len;
-                    meta.addr = Some(peer.vtep.addr);
+                    meta.addr = Some(vtep.addr);
                     add(&peer.counters.tx_packets, 1);
                     add(&peer.counters.tx_bytes, inner_len as u64);
                 }
-                Err(_) => self
-                    .counters
-                    .count_drop(DropCause::Engine(EngineDrop::Encap)),
+                Err(_) => self.counters.count_drop(DropCause::Engine(EngineDrop::Encap)),
             }
         }
-        self.underlay.send_batch(batch, &self.counters);
+        for f in &mut self.families {
+            f.io.send_batch(batch, &self.counters);
+        }
         Ok(n)
     }
 
-    /// Tunnel to pod: receive a batch, decapsulate and check, write to the TUN.
-    fn underlay_to_tun(&mut self, batch: &mut Batch) -> io::Result<usize> {
-        let n = self.underlay.recv_batch(batch, &self.counters)?;
+    /// Tunnel to pod: receive a batch on underlay family `f`, decapsulate and
+    /// check, write to the TUN.
+    fn underlay_to_tun(&mut self, f: usize, batch: &mut Batch) -> io::Result<usize> {
+        let family = &mut self.families[f];
+        let n = family.io.recv_batch(batch, &self.counters)?;
         for i in 0..n {
             let (buf, meta) = batch.slot_mut(i);
             let Some(src) = meta.addr else { continue };
-            match self
-                .vxlan
-                .decapsulate(src, &buf[..meta.len], &*self.snapshot)
-            {
+            match self.families[f].vxlan.decapsulate(src, &buf[..meta.len], &*self.snapshot) {
                 Ok(d) => {
                     let peer = &self.snapshot.peers()[d.peer];
                     add(&peer.counters.rx_packets, 1);

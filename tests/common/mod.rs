@@ -14,21 +14,13 @@ pub fn weft_bin() -> PathBuf {
 
 /// Fails loudly when not root: these tests build network namespaces.
 pub fn require_root() {
-    assert!(
-        nix::unistd::Uid::effective().is_root(),
-        "this test builds network namespaces and must run as root"
-    );
+    assert!(nix::unistd::Uid::effective().is_root(), "this test builds network namespaces and must run as root");
 }
 
 /// A lab name unique to this process and call.
 pub fn unique_name(tag: &str) -> String {
     static N: AtomicUsize = AtomicUsize::new(0);
-    format!(
-        "w{}{}{}",
-        std::process::id() % 100_000,
-        tag,
-        N.fetch_add(1, Ordering::Relaxed)
-    )
+    format!("w{}{}{}", std::process::id() % 100_000, tag, N.fetch_add(1, Ordering::Relaxed))
 }
 
 /// Lab options with a unique name and a small transfer.

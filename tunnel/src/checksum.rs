@@ -139,11 +139,7 @@ mod tests {
     fn slow(data: &[u8]) -> u16 {
         let mut acc: u32 = 0;
         for p in data.chunks(2) {
-            let w = if p.len() == 2 {
-                u16::from_be_bytes([p[0], p[1]])
-            } else {
-                (p[0] as u16) << 8
-            };
+            let w = if p.len() == 2 { u16::from_be_bytes([p[0], p[1]]) } else { (p[0] as u16) << 8 };
             acc += w as u32;
             acc = (acc & 0xffff) + (acc >> 16);
         }
@@ -165,10 +161,7 @@ mod tests {
         p[32] = 0x50;
         p[40..].copy_from_slice(payload);
         let (s, d) = (IpAddr::from([10, 244, 3, 2]), IpAddr::from([10, 244, 1, 2]));
-        let c = !fold(sum(
-            pseudo_header(s, d, 6, 20 + payload.len() as u32).unwrap(),
-            &p[20..],
-        ));
+        let c = !fold(sum(pseudo_header(s, d, 6, 20 + payload.len() as u32).unwrap(), &p[20..]));
         p[36..38].copy_from_slice(&c.to_be_bytes());
         p
     }
@@ -177,10 +170,7 @@ mod tests {
     fn partial_checksums_are_completed_and_complete_ones_kept() {
         let good = tcp4(b"weft payload, odd length");
         let mut p = good.clone();
-        assert!(
-            !complete_partial(&mut p),
-            "a complete checksum is not the seed"
-        );
+        assert!(!complete_partial(&mut p), "a complete checksum is not the seed");
         assert_eq!(p, good);
         // What an offloading sender leaves: the folded pseudo-header sum.
         let (s, d) = (IpAddr::from([10, 244, 3, 2]), IpAddr::from([10, 244, 1, 2]));
@@ -198,10 +188,7 @@ mod tests {
     #[test]
     fn rfc1071_example() {
         // RFC 1071 section 3: 00 01 f2 03 f4 f5 f6 f7 sums to 0xddf2.
-        assert_eq!(
-            fold(sum(0, &[0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7])),
-            0xddf2
-        );
+        assert_eq!(fold(sum(0, &[0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7])), 0xddf2);
     }
 
     #[test]
@@ -216,10 +203,7 @@ mod tests {
             let fast = fold(sum(0, &data));
             let slow = slow(&data);
             // 0x0000 and 0xffff are the same value in one's complement.
-            assert!(
-                fast == slow || (fast == 0xffff && slow == 0) || (fast == 0 && slow == 0xffff),
-                "len {len}"
-            );
+            assert!(fast == slow || (fast == 0xffff && slow == 0) || (fast == 0 && slow == 0xffff), "len {len}");
         }
     }
 }

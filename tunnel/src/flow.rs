@@ -22,11 +22,7 @@ pub fn hash(ip: &[u8]) -> u32 {
             let ihl = ((first & 0x0f) as usize) * 4;
             h.add(&ip[12..20]);
             let frag_offset = u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff;
-            let l4 = if frag_offset == 0 {
-                ip.get(ihl..)
-            } else {
-                None
-            };
+            let l4 = if frag_offset == 0 { ip.get(ihl..) } else { None };
             (ip[9], l4)
         }
         6 if ip.len() >= 40 => {
@@ -95,14 +91,8 @@ mod tests {
         let mut a2 = a.clone();
         a2.extend_from_slice(b"payload differs");
         assert_eq!(hash(&a), hash(&a2), "payload must not change the flow hash");
-        let ports: std::collections::HashSet<u16> = (0..200)
-            .map(|p| src_port(hash(&udp4(1000 + p, 53))))
-            .collect();
-        assert!(
-            ports.len() > 150,
-            "200 flows landed on only {} ports",
-            ports.len()
-        );
+        let ports: std::collections::HashSet<u16> = (0..200).map(|p| src_port(hash(&udp4(1000 + p, 53)))).collect();
+        assert!(ports.len() > 150, "200 flows landed on only {} ports", ports.len());
     }
 
     #[test]

@@ -83,11 +83,7 @@ pub struct Vxlan {
 impl Vxlan {
     /// A VXLAN endpoint. `vni` must be at most [`MAX_VNI`] (checked by config).
     pub fn new(vni: u32, port: u16, local: Vtep) -> Self {
-        Vxlan {
-            vni: vni & MAX_VNI,
-            port,
-            local,
-        }
+        Vxlan { vni: vni & MAX_VNI, port, local }
     }
 
     /// This endpoint's VTEP.
@@ -101,12 +97,7 @@ impl Vxlan {
     /// `buf[..len]`, to be sent in an IP packet from the local VTEP address
     /// to `remote.addr`.
     #[must_use = "the datagram length says what to send"]
-    pub fn encapsulate(
-        &self,
-        remote: &Vtep,
-        buf: &mut [u8],
-        inner_len: usize,
-    ) -> Result<usize, EncapError> {
+    pub fn encapsulate(&self, remote: &Vtep, buf: &mut [u8], inner_len: usize) -> Result<usize, EncapError> {
         let len = HEADROOM + inner_len;
         if buf.len() < len {
             return Err(EncapError::NoHeadroom);
@@ -131,8 +122,7 @@ impl Vxlan {
         eth[0..6].copy_from_slice(&remote.mac);
         eth[6..12].copy_from_slice(&self.local.mac);
         eth[12..14].copy_from_slice(&ethertype.to_be_bytes());
-        let csum = checksum::udp(self.local.addr, remote.addr, &buf[..len])
-            .ok_or(EncapError::FamilyMismatch)?;
+        let csum = checksum::udp(self.local.addr, remote.addr, &buf[..len]).ok_or(EncapError::FamilyMismatch)?;
         buf[6..8].copy_from_slice(&csum.to_be_bytes());
         Ok(len)
     }
@@ -166,16 +156,11 @@ impl Vxlan {
             ETHERTYPE_IPV6 => parse_ipv6(&payload[start..])?,
             _ => return Err(DropReason::NotIp),
         };
-        let peer = peers
-            .peer_by_underlay(outer_src)
-            .ok_or(DropReason::UnknownSource)?;
+        let peer = peers.peer_by_underlay(outer_src).ok_or(DropReason::UnknownSource)?;
         if !peers.peer_owns(peer, inner_src) {
             return Err(DropReason::SpoofedSource);
         }
-        Ok(Decapsulated {
-            peer,
-            inner: start..start + inner_len,
-        })
+        Ok(Decapsulated { peer, inner: start..start + inner_len })
     }
 }
 
@@ -214,10 +199,7 @@ mod tests {
     const MAC2: [u8; 6] = [0x0a, 0x58, 0x0a, 0xf4, 0x02, 0x00];
 
     fn node(last: u8, mac: [u8; 6]) -> Vtep {
-        Vtep {
-            addr: IpAddr::V4(Ipv4Addr::new(192, 168, 77, last)),
-            mac,
-        }
+        Vtep { addr: IpAddr::V4(Ipv4Addr::new(192, 168, 77, last)), mac }
     }
 
     /// One peer: node 2, owning 10.244.2.0/24.
@@ -247,9 +229,7 @@ mod tests {
         let tx = Vxlan::new(1, DEFAULT_PORT, node(2, MAC2));
         let mut buf = vec![0u8; HEADROOM + inner.len()];
         buf[HEADROOM..].copy_from_slice(inner);
-        let len = tx
-            .encapsulate(&node(1, MAC1), &mut buf, inner.len())
-            .unwrap();
+        let len = tx.encapsulate(&node(1, MAC1), &mut buf, inner.len()).unwrap();
         buf.truncate(len);
         buf
     }
@@ -261,26 +241,14 @@ mod tests {
         // RFC 7348 section 5: flags 0x08, 24 reserved bits, VNI, 8 reserved bits.
         assert_eq!(&d[8..16], &[0x08, 0, 0, 0, 0, 0, 0x01, 0]);
         assert_eq!(&d[2..4], &8472u16.to_be_bytes(), "destination port");
-        assert_eq!(
-            u16::from_be_bytes([d[4], d[5]]) as usize,
-            d.len(),
-            "UDP length"
-        );
+        assert_eq!(u16::from_be_bytes([d[4], d[5]]) as usize, d.len(), "UDP length");
         let sport = u16::from_be_bytes([d[0], d[1]]);
         assert!((flow::SRC_PORT_MIN..=flow::SRC_PORT_MAX).contains(&sport));
-        assert_eq!(
-            &d[16..22],
-            &MAC1,
-            "inner destination MAC is the remote VTEP"
-        );
+        assert_eq!(&d[16..22], &MAC1, "inner destination MAC is the remote VTEP");
         assert_eq!(&d[22..28], &MAC2, "inner source MAC is ours");
         assert_eq!(&d[28..30], &[0x08, 0x00]);
         assert_eq!(&d[30..], &inner[..]);
-        assert!(checksum::verify_udp(
-            node(2, MAC2).addr,
-            node(1, MAC1).addr,
-            &d
-        ));
+        assert!(checksum::verify_udp(node(2, MAC2).addr, node(1, MAC1).addr, &d));
     }
 
     #[test]
@@ -295,9 +263,7 @@ mod tests {
         payload.extend_from_slice(&inner);
         payload.extend_from_slice(&[0; 6]); // Ethernet padding is cut off
         let rx = Vxlan::new(1, DEFAULT_PORT, node(1, MAC1));
-        let d = rx
-            .decapsulate(node(2, MAC2).addr, &payload, &OnePeer)
-            .unwrap();
+        let d = rx.decapsulate(node(2, MAC2).addr, &payload, &OnePeer).unwrap();
         assert_eq!(d.peer, 0);
         assert_eq!(&payload[d.inner], &inner[..]);
     }
@@ -307,9 +273,7 @@ mod tests {
         let inner = icmp([10, 244, 2, 2]);
         let d = encap_from_node2(&inner);
         let rx = Vxlan::new(1, DEFAULT_PORT, node(1, MAC1));
-        let got = rx
-            .decapsulate(node(2, MAC2).addr, &d[UDP_HEADER_LEN..], &OnePeer)
-            .unwrap();
+        let got = rx.decapsulate(node(2, MAC2).addr, &d[UDP_HEADER_LEN..], &OnePeer).unwrap();
         assert_eq!(&d[UDP_HEADER_LEN..][got.inner], &inner[..]);
     }
 
@@ -356,23 +320,11 @@ mod tests {
     fn encap_refuses_what_it_cannot_send() {
         let tx = Vxlan::new(1, DEFAULT_PORT, node(2, MAC2));
         let mut buf = vec![0u8; HEADROOM + 4];
-        assert_eq!(
-            tx.encapsulate(&node(1, MAC1), &mut buf, 4),
-            Err(EncapError::NotIp)
-        );
-        assert_eq!(
-            tx.encapsulate(&node(1, MAC1), &mut buf, 5),
-            Err(EncapError::NoHeadroom)
-        );
-        let v6 = Vtep {
-            addr: "fd00::1".parse().unwrap(),
-            mac: MAC1,
-        };
+        assert_eq!(tx.encapsulate(&node(1, MAC1), &mut buf, 4), Err(EncapError::NotIp));
+        assert_eq!(tx.encapsulate(&node(1, MAC1), &mut buf, 5), Err(EncapError::NoHeadroom));
+        let v6 = Vtep { addr: "fd00::1".parse().unwrap(), mac: MAC1 };
         let mut buf = vec![0u8; HEADROOM + 32];
         buf[HEADROOM..].copy_from_slice(&icmp([10, 244, 2, 2]));
-        assert_eq!(
-            tx.encapsulate(&v6, &mut buf, 32),
-            Err(EncapError::FamilyMismatch)
-        );
+        assert_eq!(tx.encapsulate(&v6, &mut buf, 32), Err(EncapError::FamilyMismatch));
     }
 }

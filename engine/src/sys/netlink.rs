@@ -42,11 +42,7 @@ pub struct Netlink {
 impl Netlink {
     /// Opens a `NETLINK_ROUTE` socket (bound by the kernel on first send).
     pub fn open() -> io::Result<Self> {
-        let socket = Socket::new(
-            Domain::from(libc::AF_NETLINK),
-            Type::RAW,
-            Some(Protocol::from(libc::NETLINK_ROUTE)),
-        )?;
+        let socket = Socket::new(Domain::from(libc::AF_NETLINK), Type::RAW, Some(Protocol::from(libc::NETLINK_ROUTE)))?;
         Ok(Netlink { socket, seq: 0 })
     }
 
@@ -58,11 +54,7 @@ impl Netlink {
     /// Sets `index` up (or down) and, if given, its MTU.
     pub fn set_link(&mut self, index: u32, up: bool, mtu: Option<u32>) -> io::Result<()> {
         let mut m = Msg::new(libc::RTM_NEWLINK, libc::NLM_F_ACK as u16);
-        m.ifinfo(
-            index,
-            if up { libc::IFF_UP as u32 } else { 0 },
-            libc::IFF_UP as u32,
-        );
+        m.ifinfo(index, if up { libc::IFF_UP as u32 } else { 0 }, libc::IFF_UP as u32);
         if let Some(mtu) = mtu {
             m.attr(libc::IFLA_MTU, &mtu.to_ne_bytes());
         }
@@ -79,9 +71,7 @@ impl Netlink {
         find_attr(attrs, libc::IFLA_MTU)
             .and_then(|v| v.get(..4))
             .map(|v| u32::from_ne_bytes([v[0], v[1], v[2], v[3]]))
-            .ok_or_else(|| {
-                io::Error::new(io::ErrorKind::InvalidData, "link reply without IFLA_MTU")
-            })
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "link reply without IFLA_MTU"))
     }
 
     /// Adds `addr` (with its prefix length) to interface `index`, replacing an
@@ -127,21 +117,11 @@ impl Netlink {
             let data = &buf[..n];
             let mut off = 0;
             while off + NLMSG_HDR_LEN <= data.len() {
-                let len =
-                    u32::from_ne_bytes([data[off], data[off + 1], data[off + 2], data[off + 3]])
-                        as usize;
+                let len = u32::from_ne_bytes([data[off], data[off + 1], data[off + 2], data[off + 3]]) as usize;
                 let typ = u16::from_ne_bytes([data[off + 4], data[off + 5]]);
-                let rseq = u32::from_ne_bytes([
-                    data[off + 8],
-                    data[off + 9],
-                    data[off + 10],
-                    data[off + 11],
-                ]);
+                let rseq = u32::from_ne_bytes([data[off + 8], data[off + 9], data[off + 10], data[off + 11]]);
                 if len < NLMSG_HDR_LEN || off + len > data.len() {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        "truncated netlink message",
-                    ));
+                    return Err(io::Error::new(io::ErrorKind::InvalidData, "truncated netlink message"));
                 }
                 let msg = &data[off..off + len];
                 off += align4(len);
@@ -153,11 +133,7 @@ impl Netlink {
                         .get(NLMSG_HDR_LEN..NLMSG_HDR_LEN + 4)
                         .map(|b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
                         .unwrap_or(-libc::EIO);
-                    return if code == 0 {
-                        Ok(Vec::new())
-                    } else {
-                        Err(io::Error::from_raw_os_error(-code))
-                    };
+                    return if code == 0 { Ok(Vec::new()) } else { Err(io::Error::from_raw_os_error(-code)) };
                 }
                 return Ok(msg.to_vec());
             }
@@ -167,17 +143,8 @@ impl Netlink {
 
 fn route_msg(typ: u16, flags: u16, r: &Route) -> Msg {
     let mut m = Msg::new(typ, flags);
-    let scope = if r.gateway.is_some() {
-        libc::RT_SCOPE_UNIVERSE
-    } else {
-        libc::RT_SCOPE_LINK
-    };
-    m.rtmsg(
-        family(r.dst.addr()),
-        r.dst.prefix_len(),
-        scope,
-        if r.onlink { RTNH_F_ONLINK } else { 0 },
-    );
+    let scope = if r.gateway.is_some() { libc::RT_SCOPE_UNIVERSE } else { libc::RT_SCOPE_LINK };
+    m.rtmsg(family(r.dst.addr()), r.dst.prefix_len(), scope, if r.onlink { RTNH_F_ONLINK } else { 0 });
     m.attr(libc::RTA_DST, &ip_bytes(r.dst.network()));
     m.attr(libc::RTA_OIF, &r.oif.to_ne_bytes());
     if let Some(gw) = r.gateway {
@@ -235,16 +202,14 @@ impl Msg {
     }
 
     fn ifinfo(&mut self, index: u32, flags: u32, change: u32) {
-        self.buf
-            .extend_from_slice(&[libc::AF_UNSPEC as u8, 0, 0, 0]);
+        self.buf.extend_from_slice(&[libc::AF_UNSPEC as u8, 0, 0, 0]);
         self.buf.extend_from_slice(&(index as i32).to_ne_bytes());
         self.buf.extend_from_slice(&flags.to_ne_bytes());
         self.buf.extend_from_slice(&change.to_ne_bytes());
     }
 
     fn ifaddr(&mut self, family: u8, prefix_len: u8, index: u32) {
-        self.buf
-            .extend_from_slice(&[family, prefix_len, 0, libc::RT_SCOPE_UNIVERSE]);
+        self.buf.extend_from_slice(&[family, prefix_len, 0, libc::RT_SCOPE_UNIVERSE]);
         self.buf.extend_from_slice(&index.to_ne_bytes());
     }
 
@@ -292,10 +257,6 @@ mod tests {
         assert_eq!(find_attr(attrs, 1), Some(&[1u8, 2, 3][..]));
         assert_eq!(find_attr(attrs, 4), Some(&1450u32.to_ne_bytes()[..]));
         assert_eq!(find_attr(attrs, 9), None);
-        assert_eq!(
-            find_attr(&[0xff, 0xff, 1, 0], 1),
-            None,
-            "overlong attribute refused"
-        );
+        assert_eq!(find_attr(&[0xff, 0xff, 1, 0], 1), None, "overlong attribute refused");
     }
 }

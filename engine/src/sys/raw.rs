@@ -20,11 +20,7 @@ pub struct RawUdpTx {
 impl RawUdpTx {
     /// Opens the socket, bound to `local` so the kernel uses it as source.
     pub fn open(local: IpAddr) -> io::Result<Self> {
-        let domain = if local.is_ipv4() {
-            Domain::IPV4
-        } else {
-            Domain::IPV6
-        };
+        let domain = if local.is_ipv4() { Domain::IPV4 } else { Domain::IPV6 };
         let socket = Socket::new(domain, Type::RAW, Some(Protocol::UDP))?;
         attach_drop_all_filter(&socket)?;
         socket.bind(&SockAddr::from(SocketAddr::new(local, 0)))?;
@@ -34,8 +30,7 @@ impl RawUdpTx {
 
     /// Sends one UDP datagram (header included) to `dst`.
     pub fn send_to(&self, datagram: &[u8], dst: IpAddr) -> io::Result<usize> {
-        self.socket
-            .send_to(datagram, &SockAddr::from(SocketAddr::new(dst, 0)))
+        self.socket.send_to(datagram, &SockAddr::from(SocketAddr::new(dst, 0)))
     }
 }
 
@@ -43,16 +38,8 @@ impl RawUdpTx {
 /// packet before it is queued to `socket`.
 fn attach_drop_all_filter(socket: &Socket) -> io::Result<()> {
     use std::os::fd::AsRawFd;
-    let mut program = [libc::sock_filter {
-        code: (libc::BPF_RET | libc::BPF_K) as u16,
-        jt: 0,
-        jf: 0,
-        k: 0,
-    }];
-    let fprog = libc::sock_fprog {
-        len: program.len() as u16,
-        filter: program.as_mut_ptr(),
-    };
+    let mut program = [libc::sock_filter { code: (libc::BPF_RET | libc::BPF_K) as u16, jt: 0, jf: 0, k: 0 }];
+    let fprog = libc::sock_fprog { len: program.len() as u16, filter: program.as_mut_ptr() };
     // SAFETY: `fprog` points at `program`, which outlives the call; the kernel
     // copies the program during setsockopt and keeps no pointer to it. The
     // length passed is the size of the `sock_fprog` struct we pass.

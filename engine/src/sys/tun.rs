@@ -12,15 +12,10 @@ pub struct TunQueue {
 impl TunQueue {
     /// Creates the device `name` with `queues` queues (at least one).
     pub fn create(name: &str, queues: usize) -> io::Result<Vec<TunQueue>> {
-        let first = tun_rs::DeviceBuilder::new()
-            .name(name)
-            .multi_queue(true)
-            .build_sync()?;
+        let first = tun_rs::DeviceBuilder::new().name(name).multi_queue(true).build_sync()?;
         let mut out = Vec::with_capacity(queues.max(1));
         for _ in 1..queues.max(1) {
-            out.push(TunQueue {
-                dev: first.try_clone()?,
-            });
+            out.push(TunQueue { dev: first.try_clone()? });
         }
         out.insert(0, TunQueue { dev: first });
         for q in &out {
