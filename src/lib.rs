@@ -3,6 +3,9 @@
 //! loop, metrics) and the lab; packets are moved by `weft-engine`.
 
 pub mod agent;
+pub mod alloc;
+pub mod cluster;
+pub mod cni;
 pub mod config;
 pub mod datastore;
 pub mod error;
