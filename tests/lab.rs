@@ -375,3 +375,50 @@ fn bad_configuration_is_refused_at_start_with_key_value_and_rule() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/ds.json"));
 }
+
+/// Builds a lab of `nodes` nodes with `cidrs`, checks it, and returns it for more.
+fn family_lab(tag: &str, backend: &str, cidrs: &[&str]) -> (Lab, common::Guard, Vec<lab::Check>) {
+    let mut o = options(tag);
+    o.backend = backend.into();
+    o.transfer_mib = 16;
+    o.cluster_cidrs = cidrs.iter().map(|c| c.parse().unwrap()).collect();
+    let (lab, g) = up(&o);
+    let checks = lab.check();
+    assert_all_passed(&lab, &checks);
+    (lab, g, checks)
+}
+
+#[test]
+fn dual_stack_vxlan_lab_carries_both_families_both_ways() {
+    let (lab, _g, checks) = family_lab("d", "vxlan", &["10.42.0.0/16", "2001:cafe:42::/56"]);
+    assert!(checks.iter().any(|c| c.name.starts_with("tcp 16 MiB 2001:cafe:42:1::") && c.passed), "{}", lab::table(&checks));
+    assert!(checks.iter().any(|c| c.name.starts_with("tcp 16 MiB 10.42.3.") && c.passed));
+    // Pods got both addresses from host-local, within their node's subnets.
+    let pod = &lab.nodes[1].pods[0];
+    assert!(pod.ip(false).unwrap().to_string().starts_with("10.42.2."));
+    assert!(pod.ip(true).unwrap().to_string().starts_with("2001:cafe:42:2::"));
+    // subnet.env as Flannel writes it, IPv6 overhead in the MTU.
+    let env = std::fs::read_to_string(lab.dir.join("n2-subnet.env")).unwrap();
+    assert_eq!(
+        env,
+        "FLANNEL_NETWORK=10.42.0.0/16\nFLANNEL_SUBNET=10.42.2.1/24\nFLANNEL_IPV6_NETWORK=2001:cafe:42::/56\n\
+         FLANNEL_IPV6_SUBNET=2001:cafe:42:2::1/64\nFLANNEL_MTU=1430\nFLANNEL_IPMASQ=false\n"
+    );
+}
+
+#[test]
+fn ipv6_only_vxlan_lab_passes() {
+    let (lab, _g, _) = family_lab("6", "vxlan", &["2001:cafe:42::/56"]);
+    assert!(lab.nodes.iter().all(|n| n.ip4.is_none()), "IPv6-only underlay");
+    let m = lab.metrics(&lab.nodes[0]).unwrap();
+    assert!(m["weft_udp_tx_packets_total"] > 0.0);
+}
+
+#[test]
+fn host_gw_lab_routes_via_nodes_without_encapsulation() {
+    let (lab, _g, _) = family_lab("g", "host-gw", &["10.244.0.0/16"]);
+    let n1 = &lab.nodes[0];
+    let route = netns::run("ip", &["-n", &n1.ns, "route", "show", "10.244.2.0/24"]).unwrap();
+    assert!(route.contains("via 192.168.77.2 dev eth0"), "{route}");
+    assert!(netns::run("ip", &["-n", &n1.ns, "link", "show", "weft0"]).is_err(), "no TUN device");
+}
