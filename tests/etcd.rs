@@ -1,0 +1,297 @@
+//! The etcd datastore against a real etcd (`/usr/bin/etcd`, Debian
+//! `etcd-server`), one server per test on free loopback ports.
+
+mod common_etcd;
+
+use std::net::Ipv4Addr;
+use std::sync::Barrier;
+use std::time::{Duration, Instant};
+
+use common_etcd::EtcdServer;
+use weft::datastore::{Lease, NetworkConfig, SubnetKey};
+use weft::etcd::{EtcdStore, LeaseEvent, StoreError, Unreachable, DEFAULT_PREFIX};
+
+const TIMEOUT: Duration = Duration::from_secs(2);
+const DAY: Duration = Duration::from_secs(24 * 3600);
+
+fn connect(etcd: &EtcdServer) -> EtcdStore {
+    EtcdStore::connect(&etcd.endpoints(), DEFAULT_PREFIX, TIMEOUT).expect("connect to the test etcd")
+}
+
+fn key(s: &str) -> SubnetKey {
+    SubnetKey::parse(s).expect("test key")
+}
+
+fn lease(ip: [u8; 4], mac_last: u8) -> Lease {
+    Lease {
+        public_ip: Some(Ipv4Addr::from(ip)),
+        public_ipv6: None,
+        backend_type: "vxlan".into(),
+        backend_data: serde_json::json!({"VNI": 1, "VtepMAC": format!("0a:58:0a:f4:{mac_last:02x}:00")}),
+        backend_v6_data: None,
+    }
+}
+
+/// A store call whose result is only checked for its error.
+type Call<'a> = Box<dyn Fn() -> Result<(), StoreError> + 'a>;
+
+/// Reads events until `n` have arrived or 10 s have passed.
+fn collect(watch: &mut weft::etcd::Watch, n: usize) -> Vec<LeaseEvent> {
+    let until = Instant::now() + Duration::from_secs(10);
+    let mut out = Vec::new();
+    while out.len() < n && Instant::now() < until {
+        out.extend(watch.next(Duration::from_millis(500)).expect("watch"));
+    }
+    out
+}
+
+#[test]
+fn network_config_round_trips() {
+    let etcd = EtcdServer::start();
+    let store = connect(&etcd);
+    assert!(matches!(store.network_config(), Err(StoreError::NoConfig { .. })));
+    let cfg = NetworkConfig::parse(
+        br#"{"Network":"10.244.0.0/16","SubnetLen":24,"EnableIPv6":true,"IPv6Network":"fd00::/56","Backend":{"Type":"vxlan","VNI":1}}"#,
+    )
+    .unwrap();
+    store.put_network_config(&cfg).unwrap();
+    assert_eq!(store.network_config().unwrap(), cfg);
+    // A prefix of our own sees nothing of Flannel's.
+    let other = EtcdStore::connect(&etcd.endpoints(), "/weft/test/", TIMEOUT).unwrap();
+    assert!(matches!(other.network_config(), Err(StoreError::NoConfig { .. })));
+}
+
+#[test]
+fn creation_succeeds_only_for_an_absent_key() {
+    let etcd = EtcdServer::start();
+    let store = connect(&etcd);
+    let k = key("10.244.1.0-24");
+    let id = store.create_lease(&k, &lease([192, 168, 77, 1], 1), DAY).unwrap();
+    assert!(id.is_some());
+    assert_eq!(store.create_lease(&k, &lease([192, 168, 77, 9], 9), DAY).unwrap(), None);
+    assert_eq!(store.leases().unwrap().leases[&k], lease([192, 168, 77, 1], 1), "the first value stays");
+
+    // Five threads race for one key on one shared store: exactly one wins.
+    let k = key("10.244.7.0-24");
+    let start = Barrier::new(5);
+    let results: Vec<Option<i64>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..5u8)
+            .map(|i| {
+                let (store, start, k) = (&store, &start, &k);
+                s.spawn(move || {
+                    start.wait();
+                    store.create_lease(k, &lease([192, 168, 77, 10 + i], 10 + i), DAY).unwrap()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(results.iter().filter(|r| r.is_some()).count(), 1, "{results:?}");
+    let winner = results.iter().position(Option::is_some).unwrap() as u8;
+    assert_eq!(store.leases().unwrap().leases[&k], lease([192, 168, 77, 10 + winner], 10 + winner));
+}
+
+#[test]
+fn leases_expire_unless_renewed() {
+    let etcd = EtcdServer::start();
+    let store = connect(&etcd);
+    let ttl = Duration::from_secs(2);
+    let (idle, kept) = (key("10.244.1.0-24"), key("10.244.2.0-24"));
+    let idle_id = store.create_lease(&idle, &lease([192, 168, 77, 1], 1), ttl).unwrap().unwrap();
+    let kept_id = store.create_lease(&kept, &lease([192, 168, 77, 2], 2), ttl).unwrap().unwrap();
+    let started = Instant::now();
+    // Renew one every half second for 5 s, well past the other's expiry.
+    while started.elapsed() < Duration::from_secs(5) {
+        let left = store.renew(kept_id).unwrap();
+        assert!(left > Duration::ZERO && left <= ttl, "{left:?}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let leases = store.leases().unwrap().leases;
+    assert!(!leases.contains_key(&idle), "the lease that was not renewed is gone");
+    assert!(leases.contains_key(&kept), "the renewed lease stays");
+    assert!(matches!(store.renew(idle_id), Err(StoreError::LeaseNotFound { id }) if id == idle_id));
+}
+
+#[test]
+fn reclaim_takes_back_only_this_nodes_lease() {
+    let etcd = EtcdServer::start();
+    let store = connect(&etcd);
+    let k = key("10.244.3.0-24");
+    let old_id = store.create_lease(&k, &lease([192, 168, 77, 3], 3), DAY).unwrap().unwrap();
+
+    // Another node (another PublicIP) may not take it.
+    assert_eq!(store.reclaim_lease(&k, &lease([192, 168, 77, 4], 4), DAY).unwrap(), None);
+    assert_eq!(store.leases().unwrap().leases[&k], lease([192, 168, 77, 3], 3));
+
+    // The same node after a restart (same PublicIP, new VTEP MAC) may.
+    let restarted = lease([192, 168, 77, 3], 0x33);
+    let new_id = store.reclaim_lease(&k, &restarted, DAY).unwrap().expect("reclaimed");
+    assert_ne!(new_id, old_id);
+    assert_eq!(store.leases().unwrap().leases[&k], restarted);
+    store.renew(new_id).unwrap();
+
+    // A key that vanished cannot be reclaimed.
+    store.delete_lease(&k).unwrap();
+    assert_eq!(store.reclaim_lease(&k, &restarted, DAY).unwrap(), None);
+    assert!(store.leases().unwrap().leases.is_empty());
+}
+
+#[test]
+fn watch_sees_puts_and_deletes_in_order() {
+    let etcd = EtcdServer::start();
+    let store = connect(&etcd);
+    store.put_network_config(&NetworkConfig::parse(br#"{"Network":"10.244.0.0/16"}"#).unwrap()).unwrap();
+    let listing = store.leases().unwrap();
+    let mut watch = store.watch(listing.revision).unwrap();
+    assert_eq!(watch.next(Duration::from_millis(100)).unwrap(), vec![], "nothing happened yet");
+
+    let (a, b) = (key("10.244.1.0-24"), key("10.244.2.0-24&fd00:0:0:2::-64"));
+    store.create_lease(&a, &lease([192, 168, 77, 1], 1), DAY).unwrap().unwrap();
+    store.create_lease(&b, &lease([192, 168, 77, 2], 2), DAY).unwrap().unwrap();
+    store.put_network_config(&NetworkConfig::parse(br#"{"Network":"10.245.0.0/16"}"#).unwrap()).unwrap();
+    store.delete_lease(&a).unwrap();
+    store.put_lease_raw("10.244.2.0-24&fd00:0:0:2::-64", "not json").unwrap();
+
+    let events = collect(&mut watch, 4);
+    assert_eq!(events.len(), 4, "{events:?}");
+    assert_eq!(events[0], LeaseEvent::Put(a, lease([192, 168, 77, 1], 1)));
+    assert_eq!(events[1], LeaseEvent::Put(b, lease([192, 168, 77, 2], 2)));
+    assert_eq!(events[2], LeaseEvent::Delete(a), "the config change is not a lease event");
+    assert!(
+        matches!(&events[3], LeaseEvent::Invalid { key, .. } if key == "10.244.2.0-24&fd00:0:0:2::-64"),
+        "{:?}",
+        events[3]
+    );
+    let last = watch.revision();
+    assert_eq!(last, store.leases().unwrap().revision);
+
+    // A new watch from the last revision handed out misses nothing and
+    // repeats nothing.
+    let mut again = store.watch(last).unwrap();
+    store.delete_lease(&b).unwrap();
+    assert_eq!(collect(&mut again, 1), vec![LeaseEvent::Delete(b)]);
+}
+
+#[test]
+fn watch_from_a_compacted_revision_says_compacted() {
+    let etcd = EtcdServer::start();
+    let store = connect(&etcd);
+    let start = store.leases().unwrap().revision;
+    for i in 1..=3u8 {
+        store.create_lease(&key(&format!("10.244.{i}.0-24")), &lease([192, 168, 77, i], i), DAY).unwrap().unwrap();
+    }
+    let now = store.leases().unwrap().revision;
+    etcd.compact(now);
+    let mut watch = store.watch(start).unwrap();
+    match watch.next(TIMEOUT) {
+        Err(StoreError::Compacted { from, compacted }) => {
+            assert_eq!(from, start + 1);
+            assert_eq!(compacted, now);
+        }
+        other => panic!("expected Compacted, got {other:?}"),
+    }
+    // From the current revision, watching works again.
+    let mut watch = store.watch(now).unwrap();
+    store.delete_lease(&key("10.244.1.0-24")).unwrap();
+    assert_eq!(collect(&mut watch, 1), vec![LeaseEvent::Delete(key("10.244.1.0-24"))]);
+}
+
+#[test]
+fn values_written_by_flannel_are_listed() {
+    let etcd = EtcdServer::start();
+    let store = connect(&etcd);
+    store
+        .put_lease_raw(
+            "10.244.2.0-24",
+            r#"{"PublicIP":"192.168.77.2","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"0a:58:0a:f4:02:00"}}"#,
+        )
+        .unwrap();
+    store.put_lease_raw("10.244.9.9-24", r#"{"BackendType":"vxlan"}"#).unwrap();
+    store.put_lease_raw("10.244.3.0-24", r#"{"PublicIP":"300.0.0.1","BackendType":"vxlan"}"#).unwrap();
+    let listing = store.leases().unwrap();
+    assert!(listing.revision > 0);
+    assert_eq!(listing.leases.len(), 1, "{listing:?}");
+    let l = &listing.leases[&key("10.244.2.0-24")];
+    assert_eq!(l, &lease([192, 168, 77, 2], 2));
+    assert_eq!(l.vxlan_data(false).unwrap().vtep_mac, [0x0a, 0x58, 0x0a, 0xf4, 2, 0]);
+    let bad: Vec<&str> = listing.bad.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(bad, ["10.244.3.0-24", "10.244.9.9-24"], "{:?}", listing.bad);
+}
+
+#[test]
+fn a_dead_etcd_fails_calls_within_the_timeout() {
+    let mut etcd = EtcdServer::start();
+    let timeout = Duration::from_secs(1);
+    let store = EtcdStore::connect(&etcd.endpoints(), DEFAULT_PREFIX, timeout).unwrap();
+    let k = key("10.244.1.0-24");
+    let id = store.create_lease(&k, &lease([192, 168, 77, 1], 1), DAY).unwrap().unwrap();
+    let mut watch = store.watch(store.leases().unwrap().revision).unwrap();
+    etcd.stop();
+
+    // Allow for scheduling on a loaded machine, not for a hang.
+    let bound = timeout + Duration::from_millis(500);
+    let started = Instant::now();
+    let err = watch.next(Duration::from_secs(5)).unwrap_err();
+    assert!(matches!(err, StoreError::Unavailable { .. }), "{err:?}");
+    assert!(started.elapsed() < bound, "the broken watch took {:?}", started.elapsed());
+
+    let calls: [(&str, Call<'_>); 7] = [
+        ("network_config", Box::new(|| store.network_config().map(drop))),
+        ("leases", Box::new(|| store.leases().map(drop))),
+        ("create_lease", Box::new(|| store.create_lease(&k, &lease([192, 168, 77, 1], 1), DAY).map(drop))),
+        ("reclaim_lease", Box::new(|| store.reclaim_lease(&k, &lease([192, 168, 77, 1], 1), DAY).map(drop))),
+        ("renew", Box::new(|| store.renew(id).map(drop))),
+        ("delete_lease", Box::new(|| store.delete_lease(&k))),
+        ("watch", Box::new(|| store.watch(0).map(drop))),
+    ];
+    for (name, call) in calls {
+        let started = Instant::now();
+        let err = call().unwrap_err();
+        assert!(matches!(err, StoreError::Unavailable { .. }), "{name}: {err:?}");
+        assert!(started.elapsed() < bound, "{name} took {:?}", started.elapsed());
+    }
+
+    // Connecting to a dead endpoint fails the same way.
+    let started = Instant::now();
+    let err = EtcdStore::connect(&etcd.endpoints(), DEFAULT_PREFIX, timeout).unwrap_err();
+    assert!(matches!(err, StoreError::Unavailable { .. }), "{err:?}");
+    assert!(started.elapsed() < bound, "connect took {:?}", started.elapsed());
+    assert!(matches!(EtcdStore::connect(&[], DEFAULT_PREFIX, timeout), Err(StoreError::Endpoint { .. })));
+}
+
+#[test]
+fn a_hung_etcd_times_out_and_recovers() {
+    let etcd = EtcdServer::start();
+    let timeout = Duration::from_millis(500);
+    let store = EtcdStore::connect(&etcd.endpoints(), DEFAULT_PREFIX, timeout).unwrap();
+    let k = key("10.244.1.0-24");
+    let id = store.create_lease(&k, &lease([192, 168, 77, 1], 1), DAY).unwrap().unwrap();
+    let mut watch = store.watch(store.leases().unwrap().revision).unwrap();
+    etcd.freeze();
+
+    let bound = timeout + Duration::from_millis(500);
+    for (name, result) in [
+        ("leases", store.leases().map(drop)),
+        ("renew", store.renew(id).map(drop)),
+        ("create_lease", store.create_lease(&key("10.244.2.0-24"), &lease([192, 168, 77, 2], 2), DAY).map(drop)),
+        ("watch", store.watch(0).map(drop)),
+    ] {
+        assert!(
+            matches!(result, Err(StoreError::Unavailable { cause: Unreachable::Timeout(t), .. }) if t == timeout),
+            "{name}: {result:?}"
+        );
+    }
+    let started = Instant::now();
+    assert!(matches!(
+        EtcdStore::connect(&etcd.endpoints(), DEFAULT_PREFIX, timeout),
+        Err(StoreError::Unavailable { cause: Unreachable::Timeout(_), .. })
+    ));
+    assert!(started.elapsed() < bound, "connect took {:?}", started.elapsed());
+    // A quiet watch is not an error: it just has nothing to say.
+    assert_eq!(watch.next(Duration::from_millis(200)).unwrap(), vec![]);
+
+    etcd.thaw();
+    store.renew(id).unwrap();
+    store.delete_lease(&k).unwrap();
+    assert_eq!(collect(&mut watch, 1), vec![LeaseEvent::Delete(k)]);
+}
