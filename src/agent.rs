@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context};
@@ -22,8 +22,9 @@ use weft_engine::sys::netlink::{Netlink, Route};
 use weft_engine::{Engine, EngineConfig, Families, Peer, PeerCounters, Snapshot};
 use weft_tunnel::vxlan::{Vtep, Vxlan, OVERHEAD_V4, OVERHEAD_V6};
 
-use crate::config::AgentConfig;
+use crate::config::{AgentConfig, DatastoreSource};
 use crate::datastore::{subnet_env, StaticDatastore, SubnetKey};
+use crate::lease;
 use crate::metrics::{self, MetricsState};
 
 /// What the datastore says this node's data plane should be.
@@ -54,35 +55,39 @@ pub struct DesiredPeer {
     pub vtep6: Option<Vtep>,
 }
 
-/// The lease `BackendType` a backend writes and reads.
-fn lease_type(backend: &str) -> &str {
-    backend
-}
-
 /// Derives the desired state from the config and the datastore.
 pub fn desired(cfg: &AgentConfig, ds: &StaticDatastore) -> anyhow::Result<Desired> {
     let backend = ds.config.backend_type();
-    if backend != cfg.backend {
-        bail!("the datastore's Backend.Type is `{backend}` but flannel-backend is `{}`", cfg.backend);
+    if backend != cfg.backend() {
+        bail!("the datastore's Backend.Type is `{backend}` but flannel-backend is `{}`", cfg.backend());
     }
     let network = ds.config.network.map(IpNet::V4);
     let ipv6_network = ds.config.ipv6_network.map(IpNet::V6);
-    if let Some(want) = cfg.cluster_cidr {
-        let have = if want.addr().is_ipv4() { network } else { ipv6_network };
-        if have != Some(want) {
-            let have = have.map(|h| h.to_string()).unwrap_or_else(|| "none".into());
-            bail!("config key `cluster-cidr`: value `{want}` refused: it must match the datastore's network `{have}`");
+    if cfg.cluster_cidr_given {
+        for want in &cfg.cluster.cluster_cidrs {
+            let have = if want.addr().is_ipv4() { network } else { ipv6_network };
+            if have != Some(*want) {
+                let have = have.map(|h| h.to_string()).unwrap_or_else(|| "none".into());
+                bail!(
+                    "config key `cluster-cidr`: value `{want}` refused: it must match the datastore's network `{have}`"
+                );
+            }
         }
     }
-    let (own_key, own_lease) = cfg.node_ips.iter().find_map(|ip| ds.lease_of(*ip)).with_context(|| {
-        format!("no lease in the datastore has a PublicIP of config key `node-ip` {:?}", cfg.node_ips)
-    })?;
-    let vxlan = cfg.backend == "vxlan";
+    let public: Vec<IpAddr> = [false, true].into_iter().filter_map(|v6| cfg.cluster.public_ip(v6)).collect();
+    let (own_key, own_lease) = public
+        .iter()
+        .find_map(|ip| ds.lease_of(*ip))
+        .with_context(|| format!("no lease in the datastore has a PublicIP of config key `node-ip` {public:?}"))?;
+    let vxlan = cfg.backend() == "vxlan";
     let mut own = Vec::new();
-    for ip in own_lease.public_ips() {
-        if !cfg.node_ips.contains(&ip) {
-            bail!("this node's lease {own_key} announces {ip}, which is not in config key `node-ip`");
+    for announced in own_lease.public_ips() {
+        if !public.contains(&announced) {
+            bail!("this node's lease {own_key} announces {announced}, which is not this node's (config key `node-ip`)");
         }
+        // Packets leave from the node's own address of that family; with
+        // flannel-external-ip the lease announces the external one.
+        let ip = cfg.node_ips().iter().copied().find(|a| a.is_ipv6() == announced.is_ipv6()).unwrap_or(announced);
         let mac = if vxlan {
             let data = own_lease.vxlan_data(ip.is_ipv6()).context("this node's lease")?;
             if data.vni != cfg.vni {
@@ -100,7 +105,7 @@ pub fn desired(cfg: &AgentConfig, ds: &StaticDatastore) -> anyhow::Result<Desire
         if key == own_key {
             continue;
         }
-        if lease.backend_type != lease_type(&cfg.backend) {
+        if lease.backend_type != cfg.backend() {
             skipped.push((*key, format!("backend {}", lease.backend_type)));
             continue;
         }
@@ -199,9 +204,44 @@ pub fn local_addrs() -> anyhow::Result<Vec<LocalAddr>> {
     Ok(out)
 }
 
+/// What the main loop reacts to.
+enum Event {
+    /// SIGHUP: re-read a static datastore.
+    Reload,
+    /// SIGTERM or SIGINT.
+    Stop,
+    /// A new view from etcd.
+    View(StaticDatastore),
+}
+
 /// Runs the agent until SIGTERM or SIGINT.
 pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
-    let ds = StaticDatastore::load(&cfg.datastore_file)?;
+    let (tx, rx) = crossbeam_channel::unbounded::<Event>();
+    let keeper_stop = Arc::new(AtomicBool::new(false));
+    let mut keeper = None;
+    let ds = match &cfg.datastore {
+        DatastoreSource::File(path) => StaticDatastore::load(path)?,
+        DatastoreSource::Etcd { endpoints, prefix } => {
+            let (store, view, held, revision) = lease::start(&cfg, endpoints, prefix)?;
+            let (utx, urx) = crossbeam_channel::unbounded();
+            let stop = keeper_stop.clone();
+            let first = view.clone();
+            keeper = Some(
+                std::thread::Builder::new()
+                    .name("weft-lease".into())
+                    .spawn(move || lease::keep(store, first, held, revision, utx, stop))?,
+            );
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for lease::Update::View(v) in urx {
+                    if tx.send(Event::View(v)).is_err() {
+                        return;
+                    }
+                }
+            });
+            view
+        }
+    };
     let want = desired(&cfg, &ds)?;
     for (key, why) in &want.skipped {
         tracing::warn!(lease = %key, why, "lease skipped");
@@ -213,7 +253,7 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         format!("config key `node-ip`: value `{}` refused: no interface of this node has that address", first.addr)
     })?;
     let underlay_mtu = nl.link_mtu(link.index)?;
-    let vxlan = cfg.backend == "vxlan";
+    let vxlan = cfg.backend() == "vxlan";
     let overhead = if !vxlan {
         0
     } else if want.own.iter().any(|v| v.addr.is_ipv6()) {
@@ -224,8 +264,7 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let mtu = underlay_mtu.checked_sub(overhead).filter(|m| *m >= 576).context("underlay MTU too small for VXLAN")?;
 
     let mut counters: HashMap<SubnetKey, Arc<PeerCounters>> = HashMap::new();
-    let families = families(&want);
-    let snapshot = Arc::new(build_snapshot(&want, families, &mut counters));
+    let snapshot = Arc::new(build_snapshot(&want, families(&want), &mut counters));
     let engine = if vxlan {
         let engine_cfg = EngineConfig {
             tun_name: cfg.tun_name.clone(),
@@ -258,30 +297,45 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             nl.add_address(tun, addr).context("addressing the TUN device")?;
         }
     }
-    let mut routed = routes_for(&cfg.backend, &want, tun, &local)?;
+    let mut routed = routes_for(cfg.backend(), &want, tun, &local)?;
     for r in &routed {
         nl.replace_route(r).with_context(|| format!("adding the route to {}", r.dst))?;
     }
     let env = subnet_env(want.network, &want.own_key, want.ipv6_network, mtu, false);
     write_subnet_env(&cfg, &env)?;
     state.ready.store(true, Relaxed);
-    tracing::info!(node = %cfg.node_name, subnet = %want.own_key, backend = %cfg.backend, mtu, peers = want.peers.len(), "agent ready");
+    tracing::info!(node = %cfg.node_name, subnet = %want.own_key, backend = cfg.backend(), mtu, peers = want.peers.len(), "agent ready");
 
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGHUP,
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGINT,
     ])?;
-    for sig in signals.forever() {
-        if sig != signal_hook::consts::SIGHUP {
-            break;
+    let signal_tx = tx.clone();
+    std::thread::spawn(move || {
+        for sig in signals.forever() {
+            let ev = if sig == signal_hook::consts::SIGHUP { Event::Reload } else { Event::Stop };
+            if signal_tx.send(ev).is_err() {
+                return;
+            }
         }
-        let mut plane = Plane { engine: engine.as_ref(), nl: &mut nl, tun, local: &local };
-        if let Err(e) = plane.reload(&cfg, &mut routed, &mut counters, &state) {
-            tracing::error!(error = %format!("{e:#}"), "reload refused; keeping the previous state");
+    });
+    let own_key = want.own_key;
+    let mut plane = Plane { engine: engine.as_ref(), nl: &mut nl, tun, local: &local };
+    for ev in rx {
+        let view = match (ev, &cfg.datastore) {
+            (Event::Stop, _) => break,
+            (Event::Reload, DatastoreSource::File(path)) => StaticDatastore::load(path).map_err(anyhow::Error::from),
+            (Event::Reload, DatastoreSource::Etcd { .. }) => continue,
+            (Event::View(v), _) => Ok(v),
+        };
+        let applied = view.and_then(|v| plane.apply(&cfg, &v, own_key, &mut routed, &mut counters, &state));
+        if let Err(e) = applied {
+            tracing::error!(error = %format!("{e:#}"), "update refused; keeping the previous state");
         }
     }
     tracing::info!("shutting down");
+    keeper_stop.store(true, Relaxed);
     state.ready.store(false, Relaxed);
     for r in &routed {
         if let Err(e) = nl.delete_route(r) {
@@ -291,10 +345,13 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     if let Some(engine) = engine {
         engine.stop();
     }
+    if let Some(k) = keeper {
+        let _ = k.join();
+    }
     Ok(())
 }
 
-/// What a reload changes: the engine's snapshot and the kernel's routes.
+/// What an update changes: the engine's snapshot and the kernel's routes.
 struct Plane<'a> {
     engine: Option<&'a Engine>,
     nl: &'a mut Netlink,
@@ -303,17 +360,23 @@ struct Plane<'a> {
 }
 
 impl Plane<'_> {
-    /// Re-reads the datastore and applies the difference.
-    fn reload(
+    /// Applies the difference between the current state and what `ds` says.
+    /// This node keeps the subnet it started with; a view that gives it
+    /// another is refused (a restart picks the new one up).
+    fn apply(
         &mut self,
         cfg: &AgentConfig,
+        ds: &StaticDatastore,
+        own_key: SubnetKey,
         routed: &mut Vec<Route>,
         counters: &mut HashMap<SubnetKey, Arc<PeerCounters>>,
         state: &MetricsState,
     ) -> anyhow::Result<()> {
-        let ds = StaticDatastore::load(&cfg.datastore_file)?;
-        let want = desired(cfg, &ds)?;
-        let new_routes = routes_for(&cfg.backend, &want, self.tun, self.local)?;
+        let want = desired(cfg, ds)?;
+        if want.own_key != own_key {
+            bail!("this node's lease moved from {own_key} to {}; restart to take it", want.own_key);
+        }
+        let new_routes = routes_for(cfg.backend(), &want, self.tun, self.local)?;
         let (add, del) = route_changes(routed, &new_routes);
         // Routes first for new nodes, so their packets reach the TUN as soon
         // as the snapshot knows them; old routes go after the snapshot drops them.
@@ -331,7 +394,7 @@ impl Plane<'_> {
             self.nl.delete_route(r).with_context(|| format!("removing the route to {}", r.dst))?;
         }
         *routed = new_routes;
-        tracing::info!(added = add.len(), removed = del.len(), peers = want.peers.len(), "datastore reloaded");
+        tracing::info!(added = add.len(), removed = del.len(), peers = want.peers.len(), "leases applied");
         Ok(())
     }
 }
@@ -373,11 +436,18 @@ mod tests {
     use super::*;
     use std::collections::BTreeMap;
 
-    fn cfg(ip: &str) -> AgentConfig {
+    fn cfg_with(ip: &str, extra: &[(&str, &str)]) -> AgentConfig {
         let mut pairs = BTreeMap::new();
         pairs.insert("node-ip".to_string(), ip.to_string());
         pairs.insert("datastore-file".to_string(), "unused".to_string());
+        for (k, v) in extra {
+            pairs.insert(k.to_string(), v.to_string());
+        }
         AgentConfig::from_pairs(&pairs).unwrap()
+    }
+
+    fn cfg(ip: &str) -> AgentConfig {
+        cfg_with(ip, &[])
     }
 
     fn ds(extra: &str) -> StaticDatastore {
@@ -410,7 +480,8 @@ mod tests {
             "10.244.2.0-24&fd00:0:0:2::-64":{"PublicIP":"192.168.77.2","PublicIPv6":"fd77::2","BackendType":"vxlan",
                 "BackendData":{"VNI":1,"VtepMAC":"0a:58:0a:f4:02:00"},"BackendV6Data":{"VNI":1,"VtepMAC":"0a:58:0a:f4:02:06"}}}}"#;
         let ds = StaticDatastore::parse(json.as_bytes()).unwrap();
-        let d = desired(&cfg("192.168.77.1,fd77::1"), &ds).unwrap();
+        let dual = [("cluster-cidr", "10.244.0.0/16,fd00::/56"), ("service-cidr", "10.96.0.0/16,fd01::/112")];
+        let d = desired(&cfg_with("192.168.77.1,fd77::1", &dual), &ds).unwrap();
         assert_eq!(d.own.len(), 2);
         assert_eq!(d.own[1].mac, [0x0a, 0x58, 0x0a, 0xf4, 1, 6], "the IPv6 VTEP takes BackendV6Data's MAC");
         let p = &d.peers[0];
@@ -426,8 +497,7 @@ mod tests {
             "10.244.1.0-24":{"PublicIP":"192.168.77.1","BackendType":"host-gw"},
             "10.244.2.0-24":{"PublicIP":"192.168.77.2","BackendType":"host-gw"}}}"#;
         let ds = StaticDatastore::parse(json.as_bytes()).unwrap();
-        let mut c = cfg("192.168.77.1");
-        c.backend = "host-gw".into();
+        let c = cfg_with("192.168.77.1", &[("flannel-backend", "host-gw")]);
         let d = desired(&c, &ds).unwrap();
         let local = [LocalAddr { net: "192.168.77.1/24".parse().unwrap(), index: 3 }];
         let routes = routes_for("host-gw", &d, 0, &local).unwrap();
@@ -458,8 +528,7 @@ mod tests {
     fn missing_own_lease_and_mismatches_are_refused() {
         let e = desired(&cfg("192.168.77.9"), &ds("")).unwrap_err().to_string();
         assert!(e.contains("192.168.77.9") && e.contains("node-ip"), "{e}");
-        let mut c = cfg("192.168.77.1");
-        c.cluster_cidr = Some("10.42.0.0/16".parse().unwrap());
+        let c = cfg_with("192.168.77.1", &[("cluster-cidr", "10.42.0.0/16")]);
         let e = desired(&c, &ds("")).unwrap_err().to_string();
         assert!(e.contains("cluster-cidr") && e.contains("10.244.0.0/16"), "{e}");
     }

@@ -9,42 +9,50 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
-use ipnet::IpNet;
-
+use crate::cluster::{Backend, ClusterConfig};
 use crate::error::ConfigError;
 
-/// Every key the agent understands, with a one-line description.
-pub const KEYS: &[(&str, &str)] = &[
+/// The agent's own keys; the cluster-shape keys are [`crate::cluster::KEYS`].
+pub const AGENT_KEYS: &[(&str, &str)] = &[
     ("node-name", "name of this node (default: the hostname)"),
-    ("node-ip", "this node's underlay address; its lease is the one with this PublicIP"),
-    (
-        "flannel-backend",
-        "data plane: vxlan, host-gw (kernel routes, no encapsulation) or none (leases and subnet.env only)",
-    ),
-    ("cluster-cidr", "pod network; must match the datastore's Network when both are given"),
     ("vxlan-port", "UDP port of the VXLAN backend (default 8472)"),
     ("vni", "VXLAN network identifier (default 1)"),
     ("tun-name", "name of the TUN device (default weft0)"),
     ("threads", "worker threads, one TUN queue each (default: number of cores)"),
     ("metrics-addr", "address of /metrics, /healthz, /readyz (default 127.0.0.1:9464; empty: off)"),
     ("datastore-file", "static datastore: Flannel's network config and leases in one JSON file"),
+    ("etcd-endpoints", "etcd datastore: client URLs, comma separated (instead of datastore-file)"),
+    ("etcd-prefix", "etcd key prefix (default /coreos.com/network)"),
     ("subnet-file", "where subnet.env is written (default /run/flannel/subnet.env)"),
 ];
 
-/// Backends this build can run.
-pub const BACKENDS: &[&str] = &["vxlan", "host-gw", "none"];
+/// Backends this build runs.
+pub const BACKENDS: &[Backend] = &[Backend::Vxlan, Backend::HostGw, Backend::None];
+
+/// Where leases come from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DatastoreSource {
+    /// A static JSON file, re-read on SIGHUP.
+    File(PathBuf),
+    /// etcd, in Flannel's layout under `prefix`.
+    Etcd {
+        /// Client URLs.
+        endpoints: Vec<String>,
+        /// Key prefix.
+        prefix: String,
+    },
+}
 
 /// The agent's configuration, validated.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AgentConfig {
+    /// The cluster shape: backend, networks, node addresses.
+    pub cluster: ClusterConfig,
+    /// Whether `cluster-cidr` was given (else it is K3s's default and the
+    /// datastore's network config rules).
+    pub cluster_cidr_given: bool,
     /// Node name.
     pub node_name: String,
-    /// Underlay addresses of this node, at most one per family, in the order given.
-    pub node_ips: Vec<IpAddr>,
-    /// Backend (`vxlan`).
-    pub backend: String,
-    /// Pod network, if given.
-    pub cluster_cidr: Option<IpNet>,
     /// VXLAN UDP port.
     pub vxlan_port: u16,
     /// VXLAN VNI.
@@ -55,13 +63,28 @@ pub struct AgentConfig {
     pub threads: usize,
     /// Metrics listener, `None` when off.
     pub metrics_addr: Option<SocketAddr>,
-    /// Static datastore file.
-    pub datastore_file: PathBuf,
+    /// Where leases come from.
+    pub datastore: DatastoreSource,
     /// subnet.env path.
     pub subnet_file: PathBuf,
 }
 
 impl AgentConfig {
+    /// Every key the agent understands, with a one-line description.
+    pub fn keys() -> impl Iterator<Item = &'static (&'static str, &'static str)> {
+        crate::cluster::KEYS.iter().chain(AGENT_KEYS)
+    }
+
+    /// The backend's name (`vxlan`, `host-gw`, `none`).
+    pub fn backend(&self) -> &'static str {
+        self.cluster.backend.name()
+    }
+
+    /// This node's own underlay addresses (`node-ip`).
+    pub fn node_ips(&self) -> &[IpAddr] {
+        &self.cluster.node_ips
+    }
+
     /// Reads the YAML text of a config file into key/value pairs.
     pub fn pairs_from_yaml(text: &str) -> Result<BTreeMap<String, String>, ConfigError> {
         let doc: serde_yaml::Value =
@@ -82,6 +105,10 @@ impl AgentConfig {
                 serde_yaml::Value::Number(n) => n.to_string(),
                 serde_yaml::Value::Bool(b) => b.to_string(),
                 serde_yaml::Value::Null => String::new(),
+                // K3s accepts lists for node-ip and the CIDRs; join them.
+                serde_yaml::Value::Sequence(items) if items.iter().all(|i| i.is_string()) => {
+                    items.iter().filter_map(|i| i.as_str()).collect::<Vec<_>>().join(",")
+                }
                 other => return Err(ConfigError::new(&key, yaml_text(&other), "a single value")),
             };
             out.insert(key, value);
@@ -92,8 +119,8 @@ impl AgentConfig {
     /// Validates key/value pairs (file and flags merged) into a config.
     pub fn from_pairs(pairs: &BTreeMap<String, String>) -> Result<AgentConfig, ConfigError> {
         for key in pairs.keys() {
-            if !KEYS.iter().any(|(k, _)| k == key) {
-                let known: Vec<&str> = KEYS.iter().map(|(k, _)| *k).collect();
+            if !Self::keys().any(|(k, _)| k == key) {
+                let known: Vec<&str> = Self::keys().map(|(k, _)| *k).collect();
                 return Err(ConfigError::new(
                     key,
                     &pairs[key],
@@ -101,20 +128,16 @@ impl AgentConfig {
                 ));
             }
         }
-        let get = |k: &str| pairs.get(k).map(|s| s.trim()).filter(|s| !s.is_empty());
-        let node_ips = parse_node_ips(get("node-ip"))?;
-        let backend = get("flannel-backend").unwrap_or("vxlan").to_string();
-        if !BACKENDS.contains(&backend.as_str()) {
-            return Err(ConfigError::new("flannel-backend", &backend, format!("one of: {}", BACKENDS.join(", "))));
+        let cluster = ClusterConfig::from_pairs(pairs)?;
+        if !BACKENDS.contains(&cluster.backend) {
+            let names: Vec<&str> = BACKENDS.iter().map(|b| b.name()).collect();
+            return Err(ConfigError::new(
+                "flannel-backend",
+                cluster.backend.name(),
+                format!("one of: {} (this build has no {} yet)", names.join(", "), cluster.backend.name()),
+            ));
         }
-        let cluster_cidr = get("cluster-cidr")
-            .map(|v| {
-                v.parse::<IpNet>()
-                    .ok()
-                    .filter(|n| n.trunc() == *n)
-                    .ok_or_else(|| ConfigError::new("cluster-cidr", v, "a network in CIDR form, e.g. 10.244.0.0/16"))
-            })
-            .transpose()?;
+        let get = |k: &str| pairs.get(k).map(|s| s.trim()).filter(|s| !s.is_empty());
         let vxlan_port = parse_num("vxlan-port", get("vxlan-port"), 8472u16, 1, 65535)?;
         let vni = parse_num("vni", get("vni"), 1u32, 1, weft_tunnel::vxlan::MAX_VNI)?;
         let tun_name = get("tun-name").unwrap_or("weft0").to_string();
@@ -134,13 +157,27 @@ impl AgentConfig {
             })?),
             None => Some(SocketAddr::from(([127, 0, 0, 1], 9464))),
         };
-        let datastore_file = match get("datastore-file") {
-            Some(v) => PathBuf::from(v),
-            None => {
+        let datastore = match (get("datastore-file"), get("etcd-endpoints")) {
+            (Some(f), None) => DatastoreSource::File(PathBuf::from(f)),
+            (None, Some(e)) => {
+                let endpoints: Vec<String> = e.split(',').map(|s| s.trim().to_string()).collect();
+                if endpoints.iter().any(|u| !u.starts_with("http://") || u.len() <= "http://".len()) {
+                    return Err(ConfigError::new("etcd-endpoints", e, "http:// client URLs, comma separated"));
+                }
+                let prefix = get("etcd-prefix").unwrap_or("/coreos.com/network").trim_end_matches('/').to_string();
+                if !prefix.starts_with('/') {
+                    return Err(ConfigError::new("etcd-prefix", &prefix, "a key prefix starting with '/'"));
+                }
+                DatastoreSource::Etcd { endpoints, prefix }
+            }
+            (Some(_), Some(e)) => {
+                return Err(ConfigError::new("etcd-endpoints", e, "either datastore-file or etcd-endpoints, not both"))
+            }
+            (None, None) => {
                 return Err(ConfigError::new(
                     "datastore-file",
                     "",
-                    "the path of a static datastore JSON file (required)",
+                    "the path of a static datastore JSON file, or etcd-endpoints (one is required)",
                 ))
             }
         };
@@ -150,37 +187,21 @@ impl AgentConfig {
             None => nix::unistd::gethostname()
                 .ok()
                 .and_then(|h| h.into_string().ok())
-                .unwrap_or_else(|| node_ips[0].to_string()),
+                .unwrap_or_else(|| cluster.node_ips[0].to_string()),
         };
         Ok(AgentConfig {
+            cluster_cidr_given: get("cluster-cidr").is_some(),
+            cluster,
             node_name,
-            node_ips,
-            backend,
-            cluster_cidr,
             vxlan_port,
             vni,
             tun_name,
             threads,
             metrics_addr,
-            datastore_file,
+            datastore,
             subnet_file,
         })
     }
-}
-
-/// `node-ip`: one address, or two of different families separated by a comma.
-fn parse_node_ips(v: Option<&str>) -> Result<Vec<IpAddr>, ConfigError> {
-    const ACCEPTED: &str = "an IPv4 and/or an IPv6 address, comma separated, one per family (required)";
-    let v = v.ok_or_else(|| ConfigError::new("node-ip", "", ACCEPTED))?;
-    let ips: Vec<IpAddr> = v
-        .split(',')
-        .map(|s| s.trim().parse::<IpAddr>())
-        .collect::<Result<_, _>>()
-        .map_err(|_| ConfigError::new("node-ip", v, ACCEPTED))?;
-    if ips.len() > 2 || (ips.len() == 2 && ips[0].is_ipv6() == ips[1].is_ipv6()) {
-        return Err(ConfigError::new("node-ip", v, ACCEPTED));
-    }
-    Ok(ips)
 }
 
 fn parse_num<T>(key: &str, v: Option<&str>, default: T, min: T, max: T) -> Result<T, ConfigError>
@@ -211,25 +232,46 @@ mod tests {
     #[test]
     fn good_file_with_defaults() {
         let c = parse(GOOD).unwrap();
-        assert_eq!(c.node_ips, vec!["192.168.77.1".parse::<IpAddr>().unwrap()]);
-        assert_eq!((c.vxlan_port, c.vni, c.tun_name.as_str(), c.backend.as_str()), (8472, 1, "weft0", "vxlan"));
+        assert_eq!(c.node_ips(), &["192.168.77.1".parse::<IpAddr>().unwrap()]);
+        assert_eq!((c.vxlan_port, c.vni, c.tun_name.as_str(), c.backend()), (8472, 1, "weft0", "vxlan"));
         assert_eq!(c.metrics_addr, Some("127.0.0.1:9464".parse().unwrap()));
         assert_eq!(c.subnet_file, PathBuf::from("/run/flannel/subnet.env"));
+        assert_eq!(c.datastore, DatastoreSource::File("/tmp/ds.json".into()));
+        assert!(!c.cluster_cidr_given);
     }
 
     #[test]
     fn every_key_is_read() {
         let c = parse(
-            "node-name: n1\nnode-ip: fd77::1\nflannel-backend: vxlan\ncluster-cidr: 10.42.0.0/16\nvxlan-port: 4789\nvni: 42\n\
-             tun-name: wt0\nthreads: 3\nmetrics-addr: ''\ndatastore-file: ds.json\nsubnet-file: s.env\n",
+            "node-name: n1\nnode-ip: fd77::1\nflannel-backend: host-gw\ncluster-cidr: 2001:cafe:42::/56\n\
+             service-cidr: 2001:cafe:43::/112\nvxlan-port: 4789\nvni: 42\n\
+             tun-name: wt0\nthreads: 3\nmetrics-addr: ''\netcd-endpoints: http://127.0.0.1:2379\n\
+             etcd-prefix: /weft/network/\nsubnet-file: s.env\n",
         )
         .unwrap();
         assert_eq!(c.node_name, "n1");
-        assert_eq!(c.cluster_cidr, Some("10.42.0.0/16".parse().unwrap()));
+        assert_eq!(c.backend(), "host-gw");
+        assert_eq!(c.cluster.cluster_cidrs, vec!["2001:cafe:42::/56".parse::<ipnet::IpNet>().unwrap()]);
+        assert!(c.cluster_cidr_given);
         assert_eq!((c.vxlan_port, c.vni, c.threads), (4789, 42, 3));
         assert_eq!(c.tun_name, "wt0");
         assert_eq!(c.metrics_addr, None);
         assert_eq!(c.subnet_file, PathBuf::from("s.env"));
+        assert_eq!(
+            c.datastore,
+            DatastoreSource::Etcd { endpoints: vec!["http://127.0.0.1:2379".into()], prefix: "/weft/network".into() }
+        );
+    }
+
+    #[test]
+    fn k3s_lists_are_accepted() {
+        let c = parse(
+            "node-ip: [192.168.77.1, 'fd77::1']\ncluster-cidr: [10.42.0.0/16, '2001:cafe:42::/56']\n\
+                       service-cidr: 10.43.0.0/16,2001:cafe:43::/112\ndatastore-file: x\n",
+        )
+        .unwrap();
+        assert_eq!(c.node_ips().len(), 2);
+        assert_eq!(c.cluster.cluster_cidrs.len(), 2);
     }
 
     fn refused(yaml: &str) -> ConfigError {
@@ -243,7 +285,9 @@ mod tests {
         assert!(e.accepted.contains("1 to 16777215"), "{e}");
         let e = refused(&format!("{GOOD}flannel-backend: ipsec\n"));
         assert_eq!((e.key.as_str(), e.value.as_str()), ("flannel-backend", "ipsec"));
-        assert!(e.accepted.contains("vxlan"));
+        assert!(e.accepted.contains("wireguard-native"), "{e}");
+        let e = refused(&format!("{GOOD}flannel-backend: wireguard-native\n"));
+        assert_eq!(e.key, "flannel-backend");
         let e = refused(&format!("{GOOD}vxlan-port: 0\n"));
         assert_eq!(e.key, "vxlan-port");
         let e = refused(&format!("{GOOD}cluster-cidr: 10.244.1.1/16\n"));
@@ -260,6 +304,10 @@ mod tests {
         assert_eq!(e.key, "node-ip");
         let e = refused("node-ip: 10.0.0.1\n");
         assert_eq!(e.key, "datastore-file");
+        let e = refused(&format!("{GOOD}etcd-endpoints: http://127.0.0.1:2379\n"));
+        assert_eq!(e.key, "etcd-endpoints", "both datastores given");
+        let e = refused("node-ip: 10.0.0.1\netcd-endpoints: 127.0.0.1:2379\n");
+        assert_eq!(e.key, "etcd-endpoints");
     }
 
     #[test]
@@ -268,7 +316,7 @@ mod tests {
         assert_eq!(e.key, "vnii");
         assert!(e.accepted.contains("vxlan-port"), "lists the known keys: {e}");
         assert_eq!(refused("- a\n- b\n").key, "(file)");
-        assert_eq!(refused("node-ip: [1, 2]\n").key, "node-ip");
+        assert_eq!(refused("node-ip: {a: 1}\n").key, "node-ip");
         assert_eq!(refused("{{{").key, "(file)");
     }
 }

@@ -52,6 +52,12 @@ pub struct NetworkConfig {
     /// Highest IPv4 subnet to allocate.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subnet_max: Option<Ipv4Addr>,
+    /// Lowest IPv6 subnet to allocate.
+    #[serde(default, rename = "IPv6SubnetMin", skip_serializing_if = "Option::is_none")]
+    pub ipv6_subnet_min: Option<Ipv6Addr>,
+    /// Highest IPv6 subnet to allocate.
+    #[serde(default, rename = "IPv6SubnetMax", skip_serializing_if = "Option::is_none")]
+    pub ipv6_subnet_max: Option<Ipv6Addr>,
     /// Backend settings: `{"Type": "vxlan", ...}`.
     #[serde(default)]
     pub backend: serde_json::Value,
@@ -61,6 +67,16 @@ impl NetworkConfig {
     /// Parses the config JSON.
     pub fn parse(json: &[u8]) -> Result<Self, DatastoreError> {
         serde_json::from_slice(json).map_err(|source| DatastoreError::Json { what: "network config".into(), source })
+    }
+
+    /// The allocation ranges of this config (Flannel's rules and defaults).
+    pub fn alloc_config(&self) -> Result<crate::alloc::AllocConfig, crate::alloc::AllocError> {
+        let v4 = self.network.filter(|_| self.enable_ipv4 != Some(false));
+        let v6 = self.ipv6_network.filter(|_| self.enable_ipv6 == Some(true) || self.network.is_none());
+        crate::alloc::AllocConfig::new(
+            v4.map(|n| (n, self.subnet_len, self.subnet_min, self.subnet_max)),
+            v6.map(|n| (n, self.ipv6_subnet_len, self.ipv6_subnet_min, self.ipv6_subnet_max)),
+        )
     }
 
     /// The backend type (`Backend.Type`), `vxlan` when absent as in Flannel.

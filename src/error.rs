@@ -15,11 +15,7 @@ pub struct ConfigError {
 impl ConfigError {
     /// A refusal of `value` for `key`.
     pub fn new(key: &str, value: impl ToString, accepted: impl ToString) -> Self {
-        ConfigError {
-            key: key.to_string(),
-            value: value.to_string(),
-            accepted: accepted.to_string(),
-        }
+        ConfigError { key: key.to_string(), value: value.to_string(), accepted: accepted.to_string() }
     }
 }
 

@@ -40,6 +40,8 @@ pub const STATE_ROOT: &str = "/run/weft/lab";
 pub const UNDERLAY_MTU: u32 = 1500;
 /// Metrics port of every agent (inside its own node namespace).
 pub const METRICS_PORT: u16 = 9464;
+/// Client port of the lab's etcd.
+pub const ETCD_PORT: u16 = 2379;
 /// Port the TCP check listens on inside the receiving pod.
 const TRANSFER_PORT: u16 = 5201;
 /// Where Debian's containernetworking-plugins live.
@@ -75,6 +77,12 @@ pub struct LabOptions {
     pub weft_bin: PathBuf,
     /// Pod networks: one IPv4 and/or one IPv6 (K3s `cluster-cidr`).
     pub cluster_cidrs: Vec<IpNet>,
+    /// Service networks (K3s `service-cidr`); empty: 10.43.0.0/16 and/or
+    /// fd00:43::/112, matching the pod networks' families and order.
+    pub service_cidrs: Vec<IpNet>,
+    /// Where the leases live: `file` (the static datastore) or `etcd` (an
+    /// etcd server the lab runs in the underlay namespace).
+    pub datastore: String,
     /// Node subnet prefix lengths (K3s `node-cidr-mask-size-ipv4` / `-ipv6`).
     pub node_mask_v4: u8,
     /// See `node_mask_v4`.
@@ -94,6 +102,8 @@ impl LabOptions {
             threads: None,
             weft_bin,
             cluster_cidrs: vec!["10.244.0.0/16".parse().expect("a valid network")],
+            service_cidrs: Vec::new(),
+            datastore: "file".into(),
             node_mask_v4: 24,
             node_mask_v6: 64,
         }
@@ -103,10 +113,19 @@ impl LabOptions {
         self.cluster_cidrs.iter().find_map(|n| if let IpNet::V4(n) = n { Some(*n) } else { None })
     }
 
+    /// The service networks: as given, or defaults of the pod networks' families.
+    pub fn service_cidrs(&self) -> Vec<IpNet> {
+        if !self.service_cidrs.is_empty() {
+            return self.service_cidrs.clone();
+        }
+        let v4: IpNet = "10.43.0.0/16".parse().expect("a valid network");
+        let v6: IpNet = "fd00:43::/112".parse().expect("a valid network");
+        self.cluster_cidrs.iter().map(|c| if c.addr().is_ipv4() { v4 } else { v6 }).collect()
+    }
+
     fn cluster_v6(&self) -> Option<Ipv6Net> {
         self.cluster_cidrs.iter().find_map(|n| if let IpNet::V6(n) = n { Some(*n) } else { None })
     }
-
 }
 
 /// A node of the lab.
@@ -200,16 +219,21 @@ pub fn plan(opts: &LabOptions) -> anyhow::Result<Vec<Node>> {
     }
     (1..=opts.nodes)
         .map(|i| {
-            let key = SubnetKey {
-                v4: match v4 {
-                    Some(n) => Some(nth_v4(n, opts.node_mask_v4, i).with_context(|| format!("{n} has no room for {i} node subnets of /{}", opts.node_mask_v4))?),
-                    None => None,
-                },
-                v6: match v6 {
-                    Some(n) => Some(nth_v6(n, opts.node_mask_v6, i).with_context(|| format!("{n} has no room for {i} node subnets of /{}", opts.node_mask_v6))?),
-                    None => None,
-                },
-            };
+            let key =
+                SubnetKey {
+                    v4: match v4 {
+                        Some(n) => Some(nth_v4(n, opts.node_mask_v4, i).with_context(|| {
+                            format!("{n} has no room for {i} node subnets of /{}", opts.node_mask_v4)
+                        })?),
+                        None => None,
+                    },
+                    v6: match v6 {
+                        Some(n) => Some(nth_v6(n, opts.node_mask_v6, i).with_context(|| {
+                            format!("{n} has no room for {i} node subnets of /{}", opts.node_mask_v6)
+                        })?),
+                        None => None,
+                    },
+                };
             let ns = format!("{}-n{i}", opts.name);
             let kind = if opts.kernel_peer && i == opts.nodes { NodeKind::KernelVxlan } else { NodeKind::Weft };
             let pods = (1..=opts.pods_per_node).map(|j| Pod { ns: format!("{ns}p{j}"), ips: Vec::new() }).collect();
@@ -239,13 +263,16 @@ pub fn datastore(opts: &LabOptions, nodes: &[Node]) -> StaticDatastore {
         ipv6_subnet_len: opts.cluster_v6().map(|_| opts.node_mask_v6),
         subnet_min: None,
         subnet_max: None,
+        ipv6_subnet_min: None,
+        ipv6_subnet_max: None,
         backend: serde_json::json!({"Type": opts.backend}),
     };
     let vxlan = opts.backend == "vxlan";
     let leases = nodes
         .iter()
         .map(|n| {
-            let data = |mac| if vxlan { VxlanData { vni: 1, vtep_mac: mac }.to_value() } else { serde_json::Value::Null };
+            let data =
+                |mac| if vxlan { VxlanData { vni: 1, vtep_mac: mac }.to_value() } else { serde_json::Value::Null };
             let lease = Lease {
                 public_ip: n.ip4,
                 public_ipv6: n.ip6,
@@ -272,6 +299,9 @@ pub fn up(opts: &LabOptions) -> anyhow::Result<Lab> {
     }
     if netns::exists(&format!("{}-ul", opts.name)) {
         bail!("a lab named {} exists already; remove it with `weft lab down --name {}`", opts.name, opts.name);
+    }
+    if !["file", "etcd"].contains(&opts.datastore.as_str()) {
+        bail!("--datastore {}: file or etcd", opts.datastore);
     }
     let mut lab = Lab { opts: opts.clone(), nodes: plan(opts)?, dir: Path::new(STATE_ROOT).join(&opts.name) };
     match build(&mut lab) {
@@ -309,14 +339,52 @@ fn build(lab: &mut Lab) -> anyhow::Result<()> {
     }
     let ds = datastore(&lab.opts, &lab.nodes);
     let ds_path = lab.dir.join("datastore.json");
-    std::fs::write(&ds_path, ds.to_json())?;
-    for n in &lab.nodes {
-        match n.kind {
-            NodeKind::Weft => start_agent(lab, n, &ds_path)?,
-            NodeKind::KernelVxlan => kernel_flannel_node(lab, n)?,
+    if lab.opts.datastore == "etcd" {
+        start_etcd(lab)?;
+        // The operator's part: the network config, and the leases of the
+        // kernel Flannel nodes written as flanneld writes them.
+        let config = ds.config.clone();
+        let kernel: Vec<(String, String)> = lab
+            .nodes
+            .iter()
+            .filter(|n| n.kind == NodeKind::KernelVxlan)
+            .filter_map(|n| Some((n.key.to_string(), serde_json::to_string(ds.leases.get(&n.key)?).ok()?)))
+            .collect();
+        lab.with_etcd(move |store| {
+            store.put_network_config(&config)?;
+            for (key, json) in &kernel {
+                store.put_lease_raw(key, json)?;
+            }
+            Ok(())
+        })?;
+    } else {
+        std::fs::write(&ds_path, ds.to_json())?;
+    }
+    for n in lab.weft_nodes() {
+        start_agent(lab, n, &ds_path)?;
+    }
+    wait_ready(lab, Duration::from_secs(20))?;
+    if lab.opts.datastore == "etcd" {
+        // The agents chose their subnets; learn them, and their VTEP MACs.
+        let leases = lab.with_etcd(|store| Ok(store.leases()?.leases))?;
+        for n in &mut lab.nodes {
+            let ips = n.ips();
+            let (key, lease) = leases
+                .iter()
+                .find(|(_, l)| l.public_ips().any(|a| ips.contains(&a)))
+                .with_context(|| format!("no lease in etcd for {}", n.ns))?;
+            n.key = *key;
+            if let Ok(d) = lease.vxlan_data(false) {
+                n.mac = d.vtep_mac;
+            }
+            if let Ok(d) = lease.vxlan_data(true) {
+                n.mac6 = d.vtep_mac;
+            }
         }
     }
-    wait_ready(lab, Duration::from_secs(15))?;
+    for n in lab.nodes.iter().filter(|n| n.kind == NodeKind::KernelVxlan) {
+        kernel_flannel_node(lab, n)?;
+    }
     for i in 0..lab.nodes.len() {
         let ips = attach_pods(lab, &lab.nodes[i])?;
         for (pod, ips) in lab.nodes[i].pods.iter_mut().zip(ips) {
@@ -324,6 +392,51 @@ fn build(lab: &mut Lab) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The lab's etcd client URL: an address of the underlay bridge.
+pub fn etcd_url(lab: &Lab) -> String {
+    if lab.opts.cluster_v4().is_some() {
+        format!("http://192.168.77.254:{ETCD_PORT}")
+    } else {
+        format!("http://[fd77::fe]:{ETCD_PORT}")
+    }
+}
+
+/// Runs etcd in the underlay namespace, reachable from every node.
+fn start_etcd(lab: &Lab) -> anyhow::Result<()> {
+    let ul = format!("{}-ul", lab.opts.name);
+    let url = etcd_url(lab);
+    if lab.opts.cluster_v4().is_some() {
+        ip(&["-n", &ul, "addr", "add", "192.168.77.254/24", "dev", "br0"])?;
+    } else {
+        ip(&["-n", &ul, "addr", "add", "fd77::fe/64", "dev", "br0", "nodad"])?;
+    }
+    ip(&["-n", &ul, "link", "set", "lo", "up"])?;
+    let data = lab.dir.join("etcd");
+    let log = std::fs::File::create(lab.dir.join("etcd.log"))?;
+    let peer = "http://127.0.0.1:2380";
+    use std::os::unix::process::CommandExt;
+    let child = Command::new("ip")
+        .args(["netns", "exec", &ul, "etcd", "--name", "lab", "--data-dir", &data.display().to_string()])
+        .args(["--listen-client-urls", &url, "--advertise-client-urls", &url])
+        .args(["--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer])
+        .args(["--initial-cluster", &format!("lab={peer}")])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .context("starting etcd (Debian package etcd-server)")?;
+    std::fs::write(lab.dir.join("etcd.pid"), child.id().to_string())?;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        match lab.with_etcd(|_| Ok(())) {
+            Ok(()) => return Ok(()),
+            Err(e) if Instant::now() > deadline => return Err(e.context("etcd did not become healthy")),
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
 }
 
 /// Where a node's `subnet.env` is.
@@ -376,7 +489,11 @@ fn cni(node_ns: &str, command: &str, pod: &str, conf_path: &Path) -> anyhow::Res
         .output()
         .with_context(|| format!("running {CNI_PATH}/bridge (Debian package containernetworking-plugins)"))?;
     if !out.status.success() {
-        bail!("CNI {command} for {pod}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "CNI {command} for {pod}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -408,13 +525,27 @@ fn kernel_flannel_node(lab: &Lab, n: &Node) -> anyhow::Result<()> {
 fn start_agent(lab: &Lab, n: &Node, ds_path: &Path) -> anyhow::Result<()> {
     let cfg_path = lab.dir.join(format!("n{}.yaml", n.index));
     let node_ip = n.ips().iter().map(|a| a.to_string()).collect::<Vec<_>>().join(",");
+    let list = |nets: &[IpNet]| nets.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(",");
+    let o = &lab.opts;
     let mut cfg = format!(
-        "node-name: {}\nnode-ip: {node_ip}\nflannel-backend: {}\ndatastore-file: {}\nsubnet-file: {}\nmetrics-addr: 127.0.0.1:{METRICS_PORT}\n",
+        "node-name: {}\nnode-ip: {node_ip}\nflannel-backend: {}\ncluster-cidr: {}\nservice-cidr: {}\n\
+         node-cidr-mask-size-ipv4: {}\nnode-cidr-mask-size-ipv6: {}\nsubnet-file: {}\nmetrics-addr: 127.0.0.1:{METRICS_PORT}\n",
         n.ns,
-        lab.opts.backend,
-        ds_path.display(),
+        o.backend,
+        list(&o.cluster_cidrs),
+        list(&o.service_cidrs()),
+        o.node_mask_v4,
+        o.node_mask_v6,
         subnet_env_path(lab, n).display()
     );
+    match o.datastore.as_str() {
+        "etcd" => {
+            let _ = writeln!(cfg, "etcd-endpoints: {}", etcd_url(lab));
+        }
+        _ => {
+            let _ = writeln!(cfg, "datastore-file: {}", ds_path.display());
+        }
+    }
     if let Some(t) = lab.opts.threads {
         let _ = writeln!(cfg, "threads: {t}");
     }
@@ -486,6 +617,19 @@ impl Lab {
                 Some((k.to_string(), v.parse().ok()?))
             })
             .collect())
+    }
+
+    /// Runs `f` with a client of the lab's etcd (from inside the underlay
+    /// namespace, where etcd listens).
+    pub fn with_etcd<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&crate::etcd::EtcdStore) -> anyhow::Result<T> + Send + 'static,
+    ) -> anyhow::Result<T> {
+        let url = etcd_url(self);
+        netns::in_netns(&format!("{}-ul", self.opts.name), move || {
+            let store = crate::etcd::EtcdStore::connect(&[url], crate::etcd::DEFAULT_PREFIX, Duration::from_secs(2))?;
+            f(&store)
+        })?
     }
 
     /// Kills a node's agent with SIGKILL (no cleanup at all) and waits for it.
@@ -725,7 +869,8 @@ pub fn down(name: &str) {
     let prefix = format!("{name}-");
     // Pods leave through the CNI plugins that attached them (CNI DEL).
     for pod in netns::list().into_iter().filter(|n| n.starts_with(&prefix)) {
-        let Some((node, _)) = pod.rsplit_once('p').filter(|(node, j)| node.contains("-n") && j.parse::<u32>().is_ok()) else {
+        let Some((node, _)) = pod.rsplit_once('p').filter(|(node, j)| node.contains("-n") && j.parse::<u32>().is_ok())
+        else {
             continue;
         };
         let Some(index) = node.rsplit_once("-n").map(|(_, i)| i) else { continue };

@@ -11,5 +11,6 @@ pub mod datastore;
 pub mod error;
 pub mod etcd;
 pub mod lab;
+pub mod lease;
 pub mod metrics;
 pub mod netns;

@@ -2,7 +2,6 @@
 //! builds a namespace cluster on this machine and checks it.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -25,34 +24,12 @@ enum Command {
     Lab(LabArgs),
 }
 
-/// Every config key is also a flag; flags override the file.
+/// `weft agent`'s arguments, parsed by [`agent_command`] (one flag per key).
 #[derive(Args)]
+#[command(disable_help_flag = true)]
 struct AgentArgs {
-    /// YAML file of config keys.
-    #[arg(long)]
-    config: Option<PathBuf>,
-    #[arg(long)]
-    node_name: Option<String>,
-    #[arg(long)]
-    node_ip: Option<String>,
-    #[arg(long)]
-    flannel_backend: Option<String>,
-    #[arg(long)]
-    cluster_cidr: Option<String>,
-    #[arg(long)]
-    vxlan_port: Option<String>,
-    #[arg(long)]
-    vni: Option<String>,
-    #[arg(long)]
-    tun_name: Option<String>,
-    #[arg(long)]
-    threads: Option<String>,
-    #[arg(long)]
-    metrics_addr: Option<String>,
-    #[arg(long)]
-    datastore_file: Option<String>,
-    #[arg(long)]
-    subnet_file: Option<String>,
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    args: Vec<String>,
 }
 
 #[derive(Args)]
@@ -72,6 +49,9 @@ struct LabArgs {
     /// Service network(s), K3s style; checked against the pod networks.
     #[arg(long)]
     service_cidr: Option<String>,
+    /// Where leases live: file (a static datastore) or etcd (a server the lab runs).
+    #[arg(long, default_value = "file", value_parser = ["file", "etcd"])]
+    datastore: String,
     /// Node subnet size for IPv4.
     #[arg(long, default_value_t = 24)]
     node_cidr_mask_size_ipv4: u8,
@@ -127,30 +107,31 @@ fn main() -> ExitCode {
     }
 }
 
+/// The agent's command line: `--config FILE`, and every config key as a flag.
+fn agent_command() -> clap::Command {
+    let mut cmd = clap::Command::new("weft agent")
+        .about("Run this node's data plane. Every config key is also a flag; flags override the file.")
+        .arg(clap::Arg::new("config").long("config").value_name("FILE").help("YAML file of config keys"));
+    for (key, help) in AgentConfig::keys() {
+        cmd = cmd.arg(clap::Arg::new(*key).long(*key).value_name("VALUE").help(*help));
+    }
+    cmd
+}
+
 fn agent(a: AgentArgs) -> anyhow::Result<()> {
-    let mut pairs = match &a.config {
+    let m = agent_command()
+        .try_get_matches_from(std::iter::once("weft agent".to_string()).chain(a.args))
+        .unwrap_or_else(|e| e.exit());
+    let mut pairs = match m.get_one::<String>("config") {
         Some(path) => {
-            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
             AgentConfig::pairs_from_yaml(&text)?
         }
         None => BTreeMap::new(),
     };
-    let flags = [
-        ("node-name", a.node_name),
-        ("node-ip", a.node_ip),
-        ("flannel-backend", a.flannel_backend),
-        ("cluster-cidr", a.cluster_cidr),
-        ("vxlan-port", a.vxlan_port),
-        ("vni", a.vni),
-        ("tun-name", a.tun_name),
-        ("threads", a.threads),
-        ("metrics-addr", a.metrics_addr),
-        ("datastore-file", a.datastore_file),
-        ("subnet-file", a.subnet_file),
-    ];
-    for (k, v) in flags {
-        if let Some(v) = v {
-            pairs.insert(k.to_string(), v);
+    for (key, _) in AgentConfig::keys() {
+        if let Some(v) = m.get_one::<String>(key) {
+            pairs.insert(key.to_string(), v.clone());
         }
     }
     let cfg = AgentConfig::from_pairs(&pairs)?;
@@ -183,7 +164,13 @@ fn run_lab(l: LabArgs) -> anyhow::Result<ExitCode> {
         .collect::<anyhow::Result<_>>()?;
     opts.node_mask_v4 = l.node_cidr_mask_size_ipv4;
     opts.node_mask_v6 = l.node_cidr_mask_size_ipv6;
-    let _ = l.service_cidr;
+    if let Some(sc) = &l.service_cidr {
+        opts.service_cidrs = sc
+            .split(',')
+            .map(|c| c.trim().parse().with_context(|| format!("--service-cidr {sc}: a network in CIDR form")))
+            .collect::<anyhow::Result<_>>()?;
+    }
+    opts.datastore = l.datastore;
 
     // Ctrl-C or SIGTERM: remove everything, then leave.
     let name = opts.name.clone();

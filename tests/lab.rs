@@ -228,7 +228,12 @@ fn spoofed_vxlan_never_reaches_a_pod_and_is_counted() {
     let cases = [
         ("unknown_source", &ul, attacker, crafted(1, vtep(n2), vtep(n1), n2_pod, v4(pod), 7777, b"from-unknown-node")),
         ("wrong_vni", &n2.ns, node_ip(n2), crafted(2, vtep(n2), vtep(n1), n2_pod, v4(pod), 7777, b"wrong-vni")),
-        ("spoofed_source", &n2.ns, node_ip(n2), crafted(1, vtep(n2), vtep(n1), n3_pod, v4(pod), 7777, b"spoofed-inner")),
+        (
+            "spoofed_source",
+            &n2.ns,
+            node_ip(n2),
+            crafted(1, vtep(n2), vtep(n1), n3_pod, v4(pod), 7777, b"spoofed-inner"),
+        ),
         ("wrong_dst_mac", &n2.ns, node_ip(n2), crafted(1, vtep(n2), wrong_mac, n2_pod, v4(pod), 7777, b"wrong-mac")),
     ];
     for (reason, ns, src, payload) in cases {
@@ -391,7 +396,11 @@ fn family_lab(tag: &str, backend: &str, cidrs: &[&str]) -> (Lab, common::Guard, 
 #[test]
 fn dual_stack_vxlan_lab_carries_both_families_both_ways() {
     let (lab, _g, checks) = family_lab("d", "vxlan", &["10.42.0.0/16", "2001:cafe:42::/56"]);
-    assert!(checks.iter().any(|c| c.name.starts_with("tcp 16 MiB 2001:cafe:42:1::") && c.passed), "{}", lab::table(&checks));
+    assert!(
+        checks.iter().any(|c| c.name.starts_with("tcp 16 MiB 2001:cafe:42:1::") && c.passed),
+        "{}",
+        lab::table(&checks)
+    );
     assert!(checks.iter().any(|c| c.name.starts_with("tcp 16 MiB 10.42.3.") && c.passed));
     // Pods got both addresses from host-local, within their node's subnets.
     let pod = &lab.nodes[1].pods[0];
