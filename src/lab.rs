@@ -403,18 +403,19 @@ pub fn etcd_url(lab: &Lab) -> String {
     }
 }
 
-/// Runs etcd in the underlay namespace, reachable from every node.
+/// Runs etcd in the underlay namespace, reachable from every node; its
+/// data stays in the lab directory, so a restart keeps the leases.
 fn start_etcd(lab: &Lab) -> anyhow::Result<()> {
     let ul = format!("{}-ul", lab.opts.name);
     let url = etcd_url(lab);
     if lab.opts.cluster_v4().is_some() {
-        ip(&["-n", &ul, "addr", "add", "192.168.77.254/24", "dev", "br0"])?;
+        ip(&["-n", &ul, "addr", "replace", "192.168.77.254/24", "dev", "br0"])?;
     } else {
-        ip(&["-n", &ul, "addr", "add", "fd77::fe/64", "dev", "br0", "nodad"])?;
+        ip(&["-n", &ul, "addr", "replace", "fd77::fe/64", "dev", "br0", "nodad"])?;
     }
     ip(&["-n", &ul, "link", "set", "lo", "up"])?;
     let data = lab.dir.join("etcd");
-    let log = std::fs::File::create(lab.dir.join("etcd.log"))?;
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(lab.dir.join("etcd.log"))?;
     let peer = "http://127.0.0.1:2380";
     use std::os::unix::process::CommandExt;
     let child = Command::new("ip")
@@ -630,6 +631,19 @@ impl Lab {
             let store = crate::etcd::EtcdStore::connect(&[url], crate::etcd::DEFAULT_PREFIX, Duration::from_secs(2))?;
             f(&store)
         })?
+    }
+
+    /// Stops the lab's etcd (SIGKILL) and waits until it is gone.
+    pub fn stop_etcd(&self) -> anyhow::Result<()> {
+        let pid = read_pid(&self.dir.join("etcd.pid")).context("etcd pid")?;
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL)?;
+        let _ = nix::sys::wait::waitpid(pid, None);
+        Ok(())
+    }
+
+    /// Starts the lab's etcd again on its data.
+    pub fn start_etcd(&self) -> anyhow::Result<()> {
+        start_etcd(self)
     }
 
     /// Kills a node's agent with SIGKILL (no cleanup at all) and waits for it.
