@@ -69,6 +69,24 @@ impl NetworkConfig {
         serde_json::from_slice(json).map_err(|source| DatastoreError::Json { what: "network config".into(), source })
     }
 
+    /// The config of a cluster with these pod networks, node subnet lengths
+    /// and backend, allocation ranges left to Flannel's defaults.
+    pub fn for_cluster(v4: Option<(Ipv4Net, u8)>, v6: Option<(Ipv6Net, u8)>, backend: &str) -> Self {
+        NetworkConfig {
+            network: v4.map(|(n, _)| n),
+            ipv6_network: v6.map(|(n, _)| n),
+            enable_ipv4: Some(v4.is_some()),
+            enable_ipv6: Some(v6.is_some()),
+            subnet_len: v4.map(|(_, l)| l),
+            ipv6_subnet_len: v6.map(|(_, l)| l),
+            subnet_min: None,
+            subnet_max: None,
+            ipv6_subnet_min: None,
+            ipv6_subnet_max: None,
+            backend: serde_json::json!({"Type": backend}),
+        }
+    }
+
     /// The allocation ranges of this config (Flannel's rules and defaults).
     pub fn alloc_config(&self) -> Result<crate::alloc::AllocConfig, crate::alloc::AllocError> {
         let v4 = self.network.filter(|_| self.enable_ipv4 != Some(false));

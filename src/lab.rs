@@ -254,19 +254,11 @@ pub fn plan(opts: &LabOptions) -> anyhow::Result<Vec<Node>> {
 
 /// The static datastore of a lab (pure).
 pub fn datastore(opts: &LabOptions, nodes: &[Node]) -> StaticDatastore {
-    let config = NetworkConfig {
-        network: opts.cluster_v4(),
-        ipv6_network: opts.cluster_v6(),
-        enable_ipv4: Some(opts.cluster_v4().is_some()),
-        enable_ipv6: Some(opts.cluster_v6().is_some()),
-        subnet_len: opts.cluster_v4().map(|_| opts.node_mask_v4),
-        ipv6_subnet_len: opts.cluster_v6().map(|_| opts.node_mask_v6),
-        subnet_min: None,
-        subnet_max: None,
-        ipv6_subnet_min: None,
-        ipv6_subnet_max: None,
-        backend: serde_json::json!({"Type": opts.backend}),
-    };
+    let config = NetworkConfig::for_cluster(
+        opts.cluster_v4().map(|n| (n, opts.node_mask_v4)),
+        opts.cluster_v6().map(|n| (n, opts.node_mask_v6)),
+        &opts.backend,
+    );
     let vxlan = opts.backend == "vxlan";
     let leases = nodes
         .iter()

@@ -83,19 +83,11 @@ impl Hasher for Fnv {
 /// none is there yet.
 pub fn network_config(cfg: &AgentConfig) -> NetworkConfig {
     let c = &cfg.cluster;
-    NetworkConfig {
-        network: c.cluster_v4(),
-        ipv6_network: c.cluster_v6(),
-        enable_ipv4: Some(c.cluster_v4().is_some()),
-        enable_ipv6: Some(c.cluster_v6().is_some()),
-        subnet_len: c.cluster_v4().map(|_| c.node_mask_v4),
-        ipv6_subnet_len: c.cluster_v6().map(|_| c.node_mask_v6),
-        subnet_min: None,
-        subnet_max: None,
-        ipv6_subnet_min: None,
-        ipv6_subnet_max: None,
-        backend: serde_json::json!({"Type": cfg.backend()}),
-    }
+    NetworkConfig::for_cluster(
+        c.cluster_v4().map(|n| (n, c.node_mask_v4)),
+        c.cluster_v6().map(|n| (n, c.node_mask_v6)),
+        cfg.backend(),
+    )
 }
 
 /// The lease value this node announces (pure).
