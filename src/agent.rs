@@ -12,18 +12,23 @@
 //! the netlink calls that apply it are a thin layer after.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context};
 use ipnet::IpNet;
 use weft_engine::sys::netlink::{Netlink, Route};
-use weft_engine::{Engine, EngineConfig, Families, Peer, PeerCounters, Snapshot};
+use weft_engine::{Encap, Engine, EngineConfig, Families, Peer, PeerCounters, Snapshot, WgDevice, WgPeer};
 use weft_tunnel::vxlan::{Vtep, Vxlan, OVERHEAD_V4, OVERHEAD_V6};
 
+/// Flannel's WireGuard overhead: outer IPv6 40 + UDP 8 + WireGuard 32.
+pub const WG_OVERHEAD: usize = 80;
+
+use crate::cluster::Backend;
 use crate::config::{AgentConfig, DatastoreSource};
-use crate::datastore::{subnet_env, StaticDatastore, SubnetKey};
+use crate::datastore::{subnet_env, StaticDatastore, SubnetKey, WgData, WgOptions};
+use crate::keys;
 use crate::lease;
 use crate::metrics::{self, MetricsState};
 
@@ -34,6 +39,8 @@ pub struct Desired {
     pub own_key: SubnetKey,
     /// This node's VTEPs, one per underlay family it has (IPv4 first).
     pub own: Vec<Vtep>,
+    /// This node's WireGuard data as its lease announces it.
+    pub own_wg: Option<WgData>,
     /// The IPv4 pod network, from the datastore config.
     pub network: Option<IpNet>,
     /// The IPv6 pod network, from the datastore config.
@@ -53,14 +60,17 @@ pub struct DesiredPeer {
     pub vtep4: Option<Vtep>,
     /// Its IPv6 underlay address and VTEP MAC.
     pub vtep6: Option<Vtep>,
+    /// WireGuard: its public key and port, and the endpoint to send to.
+    pub wg: Option<(WgData, SocketAddr)>,
 }
 
 /// Derives the desired state from the config and the datastore.
 pub fn desired(cfg: &AgentConfig, ds: &StaticDatastore) -> anyhow::Result<Desired> {
     let backend = ds.config.backend_type();
-    if backend != cfg.backend() {
+    if backend != cfg.lease_backend() {
         bail!("the datastore's Backend.Type is `{backend}` but flannel-backend is `{}`", cfg.backend());
     }
+    let wireguard = cfg.cluster.backend == Backend::WireguardNative;
     let network = ds.config.network.map(IpNet::V4);
     let ipv6_network = ds.config.ipv6_network.map(IpNet::V6);
     if cfg.cluster_cidr_given {
@@ -81,6 +91,7 @@ pub fn desired(cfg: &AgentConfig, ds: &StaticDatastore) -> anyhow::Result<Desire
         .with_context(|| format!("no lease in the datastore has a PublicIP of config key `node-ip` {public:?}"))?;
     let vxlan = cfg.backend() == "vxlan";
     let mut own = Vec::new();
+    let mut own_wg = None;
     for announced in own_lease.public_ips() {
         if !public.contains(&announced) {
             bail!("this node's lease {own_key} announces {announced}, which is not this node's (config key `node-ip`)");
@@ -97,6 +108,9 @@ pub fn desired(cfg: &AgentConfig, ds: &StaticDatastore) -> anyhow::Result<Desire
         } else {
             [0; 6]
         };
+        if wireguard && own_wg.is_none() {
+            own_wg = Some(own_lease.wireguard_data(ip.is_ipv6()).context("this node's lease")?);
+        }
         own.push(Vtep { addr: ip, mac });
     }
     let mut peers = Vec::new();
@@ -105,11 +119,12 @@ pub fn desired(cfg: &AgentConfig, ds: &StaticDatastore) -> anyhow::Result<Desire
         if key == own_key {
             continue;
         }
-        if lease.backend_type != cfg.backend() {
+        if lease.backend_type != cfg.lease_backend() {
             skipped.push((*key, format!("backend {}", lease.backend_type)));
             continue;
         }
         let mut vteps = [None, None];
+        let mut wg = None;
         let mut refused = None;
         for ip in lease.public_ips().filter(|ip| own.iter().any(|o| o.addr.is_ipv6() == ip.is_ipv6())) {
             let mac = if vxlan {
@@ -127,6 +142,17 @@ pub fn desired(cfg: &AgentConfig, ds: &StaticDatastore) -> anyhow::Result<Desire
             } else {
                 [0; 6]
             };
+            if wireguard && wg.is_none() {
+                // One WireGuard peer per node: its first underlay family
+                // we share (IPv4 first) is where its datagrams go.
+                match lease.wireguard_data(ip.is_ipv6()) {
+                    Ok(d) => wg = Some((d, SocketAddr::new(ip, d.port))),
+                    Err(e) => {
+                        refused = Some(e.to_string());
+                        continue;
+                    }
+                }
+            }
             vteps[ip.is_ipv6() as usize] = Some(Vtep { addr: ip, mac });
         }
         if vteps.iter().all(|v| v.is_none()) {
@@ -134,9 +160,9 @@ pub fn desired(cfg: &AgentConfig, ds: &StaticDatastore) -> anyhow::Result<Desire
             skipped.push((*key, why));
             continue;
         }
-        peers.push(DesiredPeer { key: *key, vtep4: vteps[0], vtep6: vteps[1] });
+        peers.push(DesiredPeer { key: *key, vtep4: vteps[0], vtep6: vteps[1], wg });
     }
-    Ok(Desired { own_key: *own_key, own, network, ipv6_network, peers, skipped })
+    Ok(Desired { own_key: *own_key, own, own_wg, network, ipv6_network, peers, skipped })
 }
 
 /// Routes to add (or replace) and to delete to go from `old` to `new`: a
@@ -165,7 +191,7 @@ pub fn routes_for(backend: &str, d: &Desired, tun: u32, local: &[LocalAddr]) -> 
     for p in &d.peers {
         for dst in p.key.subnets() {
             match backend {
-                "vxlan" => routes.push(Route { dst, oif: tun, gateway: None, onlink: false }),
+                "vxlan" | "wireguard-native" => routes.push(Route { dst, oif: tun, gateway: None, onlink: false }),
                 "host-gw" => {
                     let via = if dst.addr().is_ipv6() { p.vtep6 } else { p.vtep4 };
                     let Some(via) = via else {
@@ -218,11 +244,14 @@ enum Event {
 pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let (tx, rx) = crossbeam_channel::unbounded::<Event>();
     let keeper_stop = Arc::new(AtomicBool::new(false));
+    let wireguard = cfg.cluster.backend == Backend::WireguardNative;
+    let device = if wireguard { Some(Arc::new(WgDevice::new(keys::load_or_create(&cfg.wg_key_file)?))) } else { None };
+    let wg_public = device.as_ref().map(|d| d.public_key());
     let mut keeper = None;
     let ds = match &cfg.datastore {
         DatastoreSource::File(path) => StaticDatastore::load(path)?,
         DatastoreSource::Etcd { endpoints, prefix } => {
-            let (store, view, held, revision) = lease::start(&cfg, endpoints, prefix)?;
+            let (store, view, held, revision) = lease::start(&cfg, endpoints, prefix, wg_public)?;
             let (utx, urx) = crossbeam_channel::unbounded();
             let stop = keeper_stop.clone();
             let first = view.clone();
@@ -246,6 +275,17 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     for (key, why) in &want.skipped {
         tracing::warn!(lease = %key, why, "lease skipped");
     }
+    if let (Some(ours), Some(announced)) = (wg_public, want.own_wg) {
+        if announced.public_key != ours {
+            bail!(
+                "this node's lease {} announces the WireGuard key {} but config key `wireguard-key-file` holds the key of {}",
+                want.own_key,
+                keys::encode(&announced.public_key),
+                keys::encode(&ours)
+            );
+        }
+    }
+    let wg_options = if wireguard { Some(ds.config.wireguard_options()?) } else { None };
     let mut nl = Netlink::open().context("opening netlink")?;
     let local = local_addrs()?;
     let first = want.own.first().context("this node's lease announces no public address")?;
@@ -254,23 +294,50 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     })?;
     let underlay_mtu = nl.link_mtu(link.index)?;
     let vxlan = cfg.backend() == "vxlan";
-    let overhead = if !vxlan {
+    let overhead = if wireguard {
+        WG_OVERHEAD
+    } else if !vxlan {
         0
     } else if want.own.iter().any(|v| v.addr.is_ipv6()) {
         OVERHEAD_V6
     } else {
         OVERHEAD_V4
     } as u32;
-    let mtu = underlay_mtu.checked_sub(overhead).filter(|m| *m >= 576).context("underlay MTU too small for VXLAN")?;
+    let mtu = match wg_options.as_ref().and_then(|o| o.mtu) {
+        Some(m) => m,
+        None => {
+            underlay_mtu.checked_sub(overhead).filter(|m| *m >= 576).context("underlay MTU too small for the tunnel")?
+        }
+    };
 
-    let mut counters: HashMap<SubnetKey, Arc<PeerCounters>> = HashMap::new();
-    let snapshot = Arc::new(build_snapshot(&want, families(&want), &mut counters));
-    let engine = if vxlan {
+    let mut peers = PeerState {
+        counters: HashMap::new(),
+        wg: HashMap::new(),
+        next_index: 1,
+        device: device.clone(),
+        options: wg_options.clone(),
+    };
+    let snapshot = Arc::new(peers.snapshot(&want));
+    let encap = match (&device, &wg_options) {
+        (Some(d), Some(o)) => Some((
+            Encap::Wireguard(d.clone(), want.own.iter().map(|v| v.addr).collect()),
+            o.listen_port,
+            o.listen_port_v6,
+        )),
+        _ if vxlan => Some((
+            Encap::Vxlan(want.own.iter().map(|v| Vxlan::new(cfg.vni, cfg.vxlan_port, *v)).collect()),
+            cfg.vxlan_port,
+            cfg.vxlan_port,
+        )),
+        _ => None,
+    };
+    let engine = if let Some((encap, port, port_v6)) = encap {
         let engine_cfg = EngineConfig {
             tun_name: cfg.tun_name.clone(),
             threads: cfg.threads,
-            vxlan: want.own.iter().map(|v| Vxlan::new(cfg.vni, cfg.vxlan_port, *v)).collect(),
-            port: cfg.vxlan_port,
+            encap,
+            port,
+            port_v6,
             mtu: mtu as usize,
         };
         Some(Engine::start(&engine_cfg, snapshot.clone()).context("starting the engine (TUN device, sockets)")?)
@@ -329,7 +396,7 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             (Event::Reload, DatastoreSource::Etcd { .. }) => continue,
             (Event::View(v), _) => Ok(v),
         };
-        let applied = view.and_then(|v| plane.apply(&cfg, &v, own_key, &mut routed, &mut counters, &state));
+        let applied = view.and_then(|v| plane.apply(&cfg, &v, own_key, &mut routed, &mut peers, &state));
         if let Err(e) = applied {
             tracing::error!(error = %format!("{e:#}"), "update refused; keeping the previous state");
         }
@@ -369,7 +436,7 @@ impl Plane<'_> {
         ds: &StaticDatastore,
         own_key: SubnetKey,
         routed: &mut Vec<Route>,
-        counters: &mut HashMap<SubnetKey, Arc<PeerCounters>>,
+        peers: &mut PeerState,
         state: &MetricsState,
     ) -> anyhow::Result<()> {
         let want = desired(cfg, ds)?;
@@ -383,7 +450,7 @@ impl Plane<'_> {
         for r in &add {
             self.nl.replace_route(r).with_context(|| format!("adding the route to {}", r.dst))?;
         }
-        let snapshot = Arc::new(build_snapshot(&want, families(&want), counters));
+        let snapshot = Arc::new(peers.snapshot(&want));
         if let Some(engine) = self.engine {
             engine.update(snapshot.clone());
         }
@@ -404,21 +471,58 @@ fn families(d: &Desired) -> Families {
     Families { v4: d.own.iter().any(|v| v.addr.is_ipv4()), v6: d.own.iter().any(|v| v.addr.is_ipv6()) }
 }
 
-/// The engine's snapshot for `d`, keeping the counters of known nodes.
-fn build_snapshot(d: &Desired, local: Families, counters: &mut HashMap<SubnetKey, Arc<PeerCounters>>) -> Snapshot {
-    counters.retain(|k, _| d.peers.iter().any(|p| p.key == *k));
-    let peers = d
-        .peers
-        .iter()
-        .map(|p| Peer {
-            name: p.key.to_string(),
-            vtep4: p.vtep4,
-            vtep6: p.vtep6,
-            subnets: p.key.subnets(),
-            counters: counters.entry(p.key).or_default().clone(),
-        })
-        .collect();
-    Snapshot::new(peers, local)
+/// What the agent keeps about peers across updates: their counters and
+/// their WireGuard sessions, so that an unchanged node never notices one.
+struct PeerState {
+    counters: HashMap<SubnetKey, Arc<PeerCounters>>,
+    wg: HashMap<SubnetKey, Arc<WgPeer>>,
+    next_index: u32,
+    device: Option<Arc<WgDevice>>,
+    options: Option<WgOptions>,
+}
+
+impl PeerState {
+    /// The engine's snapshot for `d`. A WireGuard peer whose key is
+    /// unchanged keeps its session; a changed endpoint is set on it.
+    fn snapshot(&mut self, d: &Desired) -> Snapshot {
+        self.counters.retain(|k, _| d.peers.iter().any(|p| p.key == *k));
+        self.wg.retain(|k, w| {
+            d.peers.iter().any(|p| p.key == *k && p.wg.is_some_and(|(data, _)| data.public_key == w.public_key))
+        });
+        let peers = d
+            .peers
+            .iter()
+            .map(|p| Peer {
+                name: p.key.to_string(),
+                vtep4: p.vtep4,
+                vtep6: p.vtep6,
+                subnets: p.key.subnets(),
+                counters: self.counters.entry(p.key).or_default().clone(),
+                wg: self.wg_peer(p),
+            })
+            .collect();
+        Snapshot::new(peers, families(d))
+    }
+
+    fn wg_peer(&mut self, p: &DesiredPeer) -> Option<Arc<WgPeer>> {
+        let (device, options) = (self.device.as_ref()?, self.options.as_ref()?);
+        let (data, endpoint) = p.wg?;
+        if let Some(existing) = self.wg.get(&p.key) {
+            let mut st = existing.lock();
+            if st.configured != Some(endpoint) {
+                st.endpoint = Some(endpoint);
+                st.configured = Some(endpoint);
+            }
+            drop(st);
+            return Some(existing.clone());
+        }
+        let keepalive = Some(options.keepalive).filter(|k| *k > 0);
+        let peer =
+            Arc::new(WgPeer::new(device, data.public_key, options.psk, keepalive, self.next_index, Some(endpoint)));
+        self.next_index = (self.next_index + 1) % (1 << 24);
+        self.wg.insert(p.key, peer.clone());
+        Some(peer)
+    }
 }
 
 fn write_subnet_env(cfg: &AgentConfig, env: &str) -> anyhow::Result<()> {

@@ -24,10 +24,11 @@ pub const AGENT_KEYS: &[(&str, &str)] = &[
     ("etcd-endpoints", "etcd datastore: client URLs, comma separated (instead of datastore-file)"),
     ("etcd-prefix", "etcd key prefix (default /coreos.com/network)"),
     ("subnet-file", "where subnet.env is written (default /run/flannel/subnet.env)"),
+    ("wireguard-key-file", "WireGuard private key, created on first start (default /var/lib/weft/wireguard.key)"),
 ];
 
 /// Backends this build runs.
-pub const BACKENDS: &[Backend] = &[Backend::Vxlan, Backend::HostGw, Backend::None];
+pub const BACKENDS: &[Backend] = &[Backend::Vxlan, Backend::HostGw, Backend::WireguardNative, Backend::None];
 
 /// Where leases come from.
 #[derive(Debug, Clone, PartialEq)]
@@ -67,6 +68,8 @@ pub struct AgentConfig {
     pub datastore: DatastoreSource,
     /// subnet.env path.
     pub subnet_file: PathBuf,
+    /// WireGuard private key file.
+    pub wg_key_file: PathBuf,
 }
 
 impl AgentConfig {
@@ -75,9 +78,18 @@ impl AgentConfig {
         crate::cluster::KEYS.iter().chain(AGENT_KEYS)
     }
 
-    /// The backend's name (`vxlan`, `host-gw`, `none`).
+    /// The backend's name (`vxlan`, `host-gw`, `wireguard-native`, `none`).
     pub fn backend(&self) -> &'static str {
         self.cluster.backend.name()
+    }
+
+    /// The backend's name in Flannel's network config and leases (K3s's
+    /// `wireguard-native` is Flannel's `wireguard`).
+    pub fn lease_backend(&self) -> &'static str {
+        match self.cluster.backend {
+            Backend::WireguardNative => "wireguard",
+            b => b.name(),
+        }
     }
 
     /// This node's own underlay addresses (`node-ip`).
@@ -200,6 +212,7 @@ impl AgentConfig {
             metrics_addr,
             datastore,
             subnet_file,
+            wg_key_file: PathBuf::from(get("wireguard-key-file").unwrap_or("/var/lib/weft/wireguard.key")),
         })
     }
 }
@@ -286,8 +299,6 @@ mod tests {
         let e = refused(&format!("{GOOD}flannel-backend: ipsec\n"));
         assert_eq!((e.key.as_str(), e.value.as_str()), ("flannel-backend", "ipsec"));
         assert!(e.accepted.contains("wireguard-native"), "{e}");
-        let e = refused(&format!("{GOOD}flannel-backend: wireguard-native\n"));
-        assert_eq!(e.key, "flannel-backend");
         let e = refused(&format!("{GOOD}vxlan-port: 0\n"));
         assert_eq!(e.key, "vxlan-port");
         let e = refused(&format!("{GOOD}cluster-cidr: 10.244.1.1/16\n"));

@@ -97,6 +97,61 @@ impl NetworkConfig {
         )
     }
 
+    /// Flannel's WireGuard options from `Backend`, checked.
+    pub fn wireguard_options(&self) -> Result<WgOptions, DatastoreError> {
+        let b = &self.backend;
+        let invalid = |what: &str, value: &serde_json::Value, accepted: &str| DatastoreError::Invalid {
+            what: format!("Backend.{what}"),
+            value: value.to_string(),
+            accepted: accepted.into(),
+        };
+        let port = |name: &str, default: u16| match b.get(name) {
+            None => Ok(default),
+            Some(v) => v
+                .as_u64()
+                .filter(|p| (1..=65535).contains(p))
+                .map(|p| p as u16)
+                .ok_or_else(|| invalid(name, v, "a port from 1 to 65535")),
+        };
+        let psk = match b.get("PSK") {
+            None => None,
+            Some(v) => Some(
+                v.as_str().and_then(crate::keys::decode).ok_or_else(|| invalid("PSK", v, "a base64 WireGuard key"))?,
+            ),
+        };
+        let mtu = match b.get("MTU") {
+            None => None,
+            Some(v) => Some(
+                v.as_u64().filter(|m| (576..=65535).contains(m)).ok_or_else(|| invalid("MTU", v, "576 to 65535"))?
+                    as u32,
+            ),
+        };
+        let keepalive = match b.get("PersistentKeepaliveInterval") {
+            None => 0,
+            Some(v) => v
+                .as_u64()
+                .filter(|k| *k <= 65535)
+                .ok_or_else(|| invalid("PersistentKeepaliveInterval", v, "seconds, 0 to 65535 (0: off)"))?
+                as u16,
+        };
+        let mode = match b.get("Mode") {
+            None => "separate".to_string(),
+            Some(v) => v
+                .as_str()
+                .filter(|m| ["separate", "auto", "ipv4", "ipv6"].contains(m))
+                .ok_or_else(|| invalid("Mode", v, "separate, auto, ipv4 or ipv6"))?
+                .to_string(),
+        };
+        Ok(WgOptions {
+            psk,
+            listen_port: port("ListenPort", 51820)?,
+            listen_port_v6: port("ListenPortV6", 51821)?,
+            mtu,
+            keepalive,
+            mode,
+        })
+    }
+
     /// The backend type (`Backend.Type`), `vxlan` when absent as in Flannel.
     pub fn backend_type(&self) -> &str {
         self.backend.get("Type").and_then(|t| t.as_str()).unwrap_or("vxlan")
@@ -134,11 +189,71 @@ impl Lease {
         self.public_ip.map(IpAddr::V4).into_iter().chain(self.public_ipv6.map(IpAddr::V6))
     }
 
+    /// WireGuard backend data for the given underlay family.
+    pub fn wireguard_data(&self, v6: bool) -> Result<WgData, DatastoreError> {
+        let data = if v6 { self.backend_v6_data.as_ref().unwrap_or(&self.backend_data) } else { &self.backend_data };
+        WgData::from_value(data)
+    }
+
     /// VXLAN backend data for the given underlay family.
     pub fn vxlan_data(&self, v6: bool) -> Result<VxlanData, DatastoreError> {
         let data = if v6 { self.backend_v6_data.as_ref().unwrap_or(&self.backend_data) } else { &self.backend_data };
         VxlanData::from_value(data)
     }
+}
+
+/// WireGuard backend data of a lease (`{"PublicKey": "<base64>", "Port": 51820}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WgData {
+    /// The node's WireGuard public key.
+    pub public_key: [u8; 32],
+    /// Its listen port.
+    pub port: u16,
+}
+
+impl WgData {
+    fn from_value(v: &serde_json::Value) -> Result<Self, DatastoreError> {
+        let invalid = |what: &str, value: &serde_json::Value, accepted: &str| DatastoreError::Invalid {
+            what: what.into(),
+            value: value.to_string(),
+            accepted: accepted.into(),
+        };
+        let key = v.get("PublicKey").unwrap_or(&serde_json::Value::Null);
+        let public_key = key
+            .as_str()
+            .and_then(crate::keys::decode)
+            .ok_or_else(|| invalid("BackendData.PublicKey", key, "a base64 WireGuard public key"))?;
+        let port = match v.get("Port") {
+            None => 51820,
+            Some(p) => p
+                .as_u64()
+                .filter(|p| (1..=65535).contains(p))
+                .ok_or_else(|| invalid("BackendData.Port", p, "a port from 1 to 65535"))? as u16,
+        };
+        Ok(WgData { public_key, port })
+    }
+
+    /// As JSON backend data.
+    pub fn to_value(&self) -> serde_json::Value {
+        serde_json::json!({"PublicKey": crate::keys::encode(&self.public_key), "Port": self.port})
+    }
+}
+
+/// Flannel's WireGuard backend options (`Backend` of the network config).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WgOptions {
+    /// `PSK`: a preshared key for every peer.
+    pub psk: Option<[u8; 32]>,
+    /// `ListenPort` (51820).
+    pub listen_port: u16,
+    /// `ListenPortV6` (51821).
+    pub listen_port_v6: u16,
+    /// `MTU`: the device MTU (default: underlay - 80).
+    pub mtu: Option<u32>,
+    /// `PersistentKeepaliveInterval` in seconds (0: off).
+    pub keepalive: u16,
+    /// `Mode`: separate, auto, ipv4, ipv6.
+    pub mode: String,
 }
 
 /// VXLAN backend data of a lease.
@@ -381,6 +496,22 @@ mod tests {
         let c = NetworkConfig::parse(&fixture("config.json")).unwrap();
         assert_eq!(c.network, Some("10.244.0.0/16".parse().unwrap()));
         assert_eq!(c.backend_type(), "vxlan");
+    }
+
+    #[test]
+    fn wireguard_leases_and_options_as_flannel_writes_them() {
+        let l = Lease::parse(&fixture("subnets_10.42.3.0-24&2001:cafe:42:3::-64.json")).unwrap();
+        let d = l.wireguard_data(false).unwrap();
+        assert_eq!(crate::keys::encode(&d.public_key), "kbxApAnJegIYTFGRnNmfvqDjedUI8BYSp7t0H+iPjys=");
+        assert_eq!(d.port, 51820);
+        assert_eq!(l.wireguard_data(true).unwrap().port, 51821);
+        assert_eq!(WgData::from_value(&d.to_value()).unwrap(), d);
+        let c = NetworkConfig::parse(&fixture("config-dualstack-wireguard.json")).unwrap();
+        let o = c.wireguard_options().unwrap();
+        assert_eq!((o.keepalive, o.listen_port, o.listen_port_v6, o.mode.as_str()), (25, 51820, 51821, "separate"));
+        let bad =
+            NetworkConfig::parse(br#"{"Network":"10.0.0.0/8","Backend":{"Type":"wireguard","Mode":"both"}}"#).unwrap();
+        assert!(bad.wireguard_options().unwrap_err().to_string().contains("Backend.Mode"));
     }
 
     #[test]

@@ -31,7 +31,7 @@ use sha2::{Digest, Sha256};
 use weft_tunnel::vxlan::OVERHEAD_V4;
 
 use crate::cni::SubnetEnv;
-use crate::datastore::{format_mac, subnet_env, Lease, NetworkConfig, StaticDatastore, SubnetKey, VxlanData};
+use crate::datastore::{format_mac, subnet_env, Lease, NetworkConfig, StaticDatastore, SubnetKey, VxlanData, WgData};
 use crate::netns::{self, exec, ip};
 
 /// Where lab state (datastore, configs, logs, pids) lives.
@@ -149,6 +149,8 @@ pub struct Node {
     pub kind: NodeKind,
     /// Its pods.
     pub pods: Vec<Pod>,
+    /// Its WireGuard public key (backend wireguard-native, static datastore).
+    pub wg_public: Option<[u8; 32]>,
 }
 
 impl Node {
@@ -247,9 +249,19 @@ pub fn plan(opts: &LabOptions) -> anyhow::Result<Vec<Node>> {
                 mac6: [0x0a, 0x58, 0x0a, 0xf6, i as u8, 0],
                 kind,
                 pods,
+                wg_public: None,
             })
         })
         .collect()
+}
+
+/// The backend's name in Flannel's config and leases.
+fn lease_backend(backend: &str) -> &str {
+    if backend == "wireguard-native" {
+        "wireguard"
+    } else {
+        backend
+    }
 }
 
 /// The static datastore of a lab (pure).
@@ -257,20 +269,25 @@ pub fn datastore(opts: &LabOptions, nodes: &[Node]) -> StaticDatastore {
     let config = NetworkConfig::for_cluster(
         opts.cluster_v4().map(|n| (n, opts.node_mask_v4)),
         opts.cluster_v6().map(|n| (n, opts.node_mask_v6)),
-        &opts.backend,
+        lease_backend(&opts.backend),
     );
-    let vxlan = opts.backend == "vxlan";
     let leases = nodes
         .iter()
         .map(|n| {
-            let data =
-                |mac| if vxlan { VxlanData { vni: 1, vtep_mac: mac }.to_value() } else { serde_json::Value::Null };
+            let data = |mac, v6: bool| match (opts.backend.as_str(), n.wg_public) {
+                ("vxlan", _) => VxlanData { vni: 1, vtep_mac: mac }.to_value(),
+                ("wireguard-native", Some(k)) => {
+                    WgData { public_key: k, port: if v6 { 51821 } else { 51820 } }.to_value()
+                }
+                _ => serde_json::Value::Null,
+            };
+            let tunnel = matches!(opts.backend.as_str(), "vxlan" | "wireguard-native");
             let lease = Lease {
                 public_ip: n.ip4,
                 public_ipv6: n.ip6,
-                backend_type: opts.backend.clone(),
-                backend_data: if n.ip4.is_some() { data(n.mac) } else { data(n.mac6) },
-                backend_v6_data: n.ip6.filter(|_| vxlan).map(|_| data(n.mac6)),
+                backend_type: lease_backend(&opts.backend).to_string(),
+                backend_data: if n.ip4.is_some() { data(n.mac, false) } else { data(n.mac6, true) },
+                backend_v6_data: n.ip6.filter(|_| tunnel).map(|_| data(n.mac6, true)),
             };
             (n.key, lease)
         })
@@ -283,8 +300,8 @@ pub fn up(opts: &LabOptions) -> anyhow::Result<Lab> {
     if opts.nodes < 2 || opts.nodes > 200 {
         bail!("--nodes {}: a lab needs 2 to 200 nodes", opts.nodes);
     }
-    if !["vxlan", "host-gw", "none"].contains(&opts.backend.as_str()) {
-        bail!("--backend {}: this build's lab runs vxlan, host-gw or none", opts.backend);
+    if !["vxlan", "host-gw", "wireguard-native", "none"].contains(&opts.backend.as_str()) {
+        bail!("--backend {}: this build's lab runs vxlan, host-gw, wireguard-native or none", opts.backend);
     }
     if opts.kernel_peer && (opts.backend != "vxlan" || opts.cluster_v4().is_none()) {
         bail!("--peer kernel-vxlan needs --backend vxlan and an IPv4 cluster-cidr");
@@ -328,6 +345,14 @@ fn build(lab: &mut Lab) -> anyhow::Result<()> {
         }
         netns::sysctl(&n.ns, "net.ipv4.ip_forward", "1")?;
         netns::sysctl(&n.ns, "net.ipv6.conf.all.forwarding", "1")?;
+    }
+    if lab.opts.backend == "wireguard-native" && lab.opts.datastore == "file" {
+        // Each node's key, made as the agent would make it; the static
+        // datastore announces the public halves.
+        for n in &mut lab.nodes {
+            let private = crate::keys::load_or_create(&wg_key_path(&lab.dir, n.index))?;
+            n.wg_public = Some(weft_engine::WgDevice::public_of(private));
+        }
     }
     let ds = datastore(&lab.opts, &lab.nodes);
     let ds_path = lab.dir.join("datastore.json");
@@ -432,6 +457,11 @@ fn start_etcd(lab: &Lab) -> anyhow::Result<()> {
     }
 }
 
+/// Where a node's WireGuard private key is.
+fn wg_key_path(dir: &Path, index: usize) -> PathBuf {
+    dir.join(format!("n{index}-wg.key"))
+}
+
 /// Where a node's `subnet.env` is.
 fn subnet_env_path(lab: &Lab, n: &Node) -> PathBuf {
     lab.dir.join(format!("n{}-subnet.env", n.index))
@@ -531,6 +561,9 @@ fn start_agent(lab: &Lab, n: &Node, ds_path: &Path) -> anyhow::Result<()> {
         o.node_mask_v6,
         subnet_env_path(lab, n).display()
     );
+    if o.backend == "wireguard-native" {
+        let _ = writeln!(cfg, "wireguard-key-file: {}", wg_key_path(&lab.dir, n.index).display());
+    }
     match o.datastore.as_str() {
         "etcd" => {
             let _ = writeln!(cfg, "etcd-endpoints: {}", etcd_url(lab));
@@ -713,7 +746,11 @@ impl Lab {
             .sum();
         let (tx, rx) = (get("weft_udp_tx_packets_total"), get("weft_tun_tx_packets_total"));
         // Kernel-routed backends move no packet through weft.
-        let passed = if self.opts.backend == "vxlan" { tx > 0 && rx > 0 && decap_drops == 0 } else { tx == 0 };
+        let passed = match self.opts.backend.as_str() {
+            "vxlan" => tx > 0 && rx > 0 && decap_drops == 0,
+            "wireguard-native" => tx > 0 && rx > 0 && get("weft_drops_total{reason=\"wg_rejected\"}") == 0,
+            _ => tx == 0,
+        };
         let detail = format!(
             "sent {tx} pkts, delivered {rx} pkts, decap drops {decap_drops}, syscalls {}",
             get("weft_syscalls_total")

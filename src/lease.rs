@@ -24,7 +24,7 @@ use serde_json::Value;
 use crate::alloc;
 use crate::cluster::Backend;
 use crate::config::AgentConfig;
-use crate::datastore::{Lease, NetworkConfig, StaticDatastore, SubnetKey, VxlanData};
+use crate::datastore::{Lease, NetworkConfig, StaticDatastore, SubnetKey, VxlanData, WgData};
 use crate::etcd::{EtcdStore, LeaseEvent, StoreError};
 
 /// Lifetime of a subnet lease (Flannel's).
@@ -86,12 +86,12 @@ pub fn network_config(cfg: &AgentConfig) -> NetworkConfig {
     NetworkConfig::for_cluster(
         c.cluster_v4().map(|n| (n, c.node_mask_v4)),
         c.cluster_v6().map(|n| (n, c.node_mask_v6)),
-        cfg.backend(),
+        cfg.lease_backend(),
     )
 }
 
 /// The lease value this node announces (pure).
-pub fn our_lease(cfg: &AgentConfig, net: &NetworkConfig) -> anyhow::Result<Lease> {
+pub fn our_lease(cfg: &AgentConfig, net: &NetworkConfig, wg_public: Option<[u8; 32]>) -> anyhow::Result<Lease> {
     let c = &cfg.cluster;
     let v4 = net.network.is_some() && net.enable_ipv4 != Some(false);
     let v6 = net.ipv6_network.is_some() && (net.enable_ipv6 == Some(true) || !v4);
@@ -105,8 +105,16 @@ pub fn our_lease(cfg: &AgentConfig, net: &NetworkConfig) -> anyhow::Result<Lease
     } else {
         None
     };
-    let data = |addr: Option<IpAddr>| match (c.backend, addr) {
-        (Backend::Vxlan, Some(a)) => VxlanData { vni: cfg.vni, vtep_mac: vtep_mac(a) }.to_value(),
+    let wg = match (c.backend, wg_public) {
+        (Backend::WireguardNative, Some(k)) => Some((k, net.wireguard_options()?)),
+        _ => None,
+    };
+    let data = |addr: Option<IpAddr>| match (c.backend, addr, &wg) {
+        (Backend::Vxlan, Some(a), _) => VxlanData { vni: cfg.vni, vtep_mac: vtep_mac(a) }.to_value(),
+        (Backend::WireguardNative, Some(a), Some((key, o))) => {
+            let port = if a.is_ipv6() { o.listen_port_v6 } else { o.listen_port };
+            WgData { public_key: *key, port }.to_value()
+        }
         _ => Value::Null,
     };
     let as_ip4 = |a: IpAddr| if let IpAddr::V4(a) = a { Some(a) } else { None };
@@ -114,9 +122,11 @@ pub fn our_lease(cfg: &AgentConfig, net: &NetworkConfig) -> anyhow::Result<Lease
     Ok(Lease {
         public_ip: public_ip.and_then(as_ip4),
         public_ipv6: public_ipv6.and_then(as_ip6),
-        backend_type: cfg.backend().to_string(),
+        backend_type: cfg.lease_backend().to_string(),
         backend_data: data(public_ip.or(public_ipv6)),
-        backend_v6_data: public_ipv6.filter(|_| c.backend == Backend::Vxlan).map(|a| data(Some(a))),
+        backend_v6_data: public_ipv6
+            .filter(|_| matches!(c.backend, Backend::Vxlan | Backend::WireguardNative))
+            .map(|a| data(Some(a))),
     })
 }
 
@@ -137,6 +147,7 @@ pub fn start(
     cfg: &AgentConfig,
     endpoints: &[String],
     prefix: &str,
+    wg_public: Option<[u8; 32]>,
 ) -> anyhow::Result<(Arc<EtcdStore>, StaticDatastore, Held, i64)> {
     let store = Arc::new(EtcdStore::connect(endpoints, prefix, ETCD_TIMEOUT).context("connecting to etcd")?);
     let config = match store.network_config() {
@@ -149,7 +160,7 @@ pub fn start(
         }
         Err(e) => return Err(e).context("reading the network config"),
     };
-    let value = our_lease(cfg, &config)?;
+    let value = our_lease(cfg, &config, wg_public)?;
     let previous = std::fs::read_to_string(&cfg.subnet_file).ok().and_then(|t| previous_subnet(&t));
     let held = acquire(&store, &config, &value, previous.as_ref())?;
     let listing = store.leases().context("listing leases")?;

@@ -9,6 +9,7 @@ pub mod cni;
 pub mod config;
 pub mod datastore;
 pub mod error;
+pub mod keys;
 pub mod etcd;
 pub mod lab;
 pub mod lease;

@@ -40,8 +40,8 @@ struct LabArgs {
     /// Number of nodes.
     #[arg(long, default_value_t = 3)]
     nodes: usize,
-    /// Backend of the weft nodes: vxlan, host-gw or none.
-    #[arg(long, default_value = "vxlan", value_parser = ["vxlan", "host-gw", "none"])]
+    /// Backend of the weft nodes: vxlan, host-gw, wireguard-native or none.
+    #[arg(long, default_value = "vxlan", value_parser = ["vxlan", "host-gw", "wireguard-native", "none"])]
     backend: String,
     /// Pod network(s), K3s style: `10.42.0.0/16`, `2001:cafe:42::/56`, or both comma separated.
     #[arg(long, default_value = "10.244.0.0/16")]

@@ -20,12 +20,32 @@ pub enum EngineDrop {
     SendError,
     /// The TUN write failed.
     TunWriteError,
+    /// WireGuard: a datagram naming no peer we know.
+    WgUnknownPeer,
+    /// WireGuard: refused by the protocol (bad MAC, tag, counter, replay, type).
+    WgRejected,
+    /// WireGuard: a decrypted packet whose source is outside the peer's allowed IPs.
+    WgAllowedIps,
+    /// WireGuard: a handshake answered with a cookie (under load).
+    WgCookie,
+    /// WireGuard: a packet for a peer with no known endpoint yet.
+    WgNoEndpoint,
 }
 
 impl EngineDrop {
     /// Every reason, in counter order.
-    pub const ALL: [EngineDrop; 5] =
-        [EngineDrop::NoRoute, EngineDrop::NotIp, EngineDrop::Encap, EngineDrop::SendError, EngineDrop::TunWriteError];
+    pub const ALL: [EngineDrop; 10] = [
+        EngineDrop::NoRoute,
+        EngineDrop::NotIp,
+        EngineDrop::Encap,
+        EngineDrop::SendError,
+        EngineDrop::TunWriteError,
+        EngineDrop::WgUnknownPeer,
+        EngineDrop::WgRejected,
+        EngineDrop::WgAllowedIps,
+        EngineDrop::WgCookie,
+        EngineDrop::WgNoEndpoint,
+    ];
 
     /// Stable snake_case label for metrics.
     pub fn label(self) -> &'static str {
@@ -35,6 +55,11 @@ impl EngineDrop {
             EngineDrop::Encap => "encap_failed",
             EngineDrop::SendError => "send_error",
             EngineDrop::TunWriteError => "tun_write_error",
+            EngineDrop::WgUnknownPeer => "wg_unknown_peer",
+            EngineDrop::WgRejected => "wg_rejected",
+            EngineDrop::WgAllowedIps => "wg_allowed_ips",
+            EngineDrop::WgCookie => "wg_cookie_reply",
+            EngineDrop::WgNoEndpoint => "wg_no_endpoint",
         }
     }
 }

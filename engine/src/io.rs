@@ -43,6 +43,8 @@ pub struct Meta {
     pub len: usize,
     /// Underlay peer: the source on receive, the destination on send.
     pub addr: Option<IpAddr>,
+    /// The underlay peer's UDP port (receive side).
+    pub port: u16,
 }
 
 /// A fixed set of packet buffers, allocated once per worker.
@@ -123,7 +125,7 @@ impl TunIo for TunQueue {
             add(&counters.syscalls, 1);
             match self.recv(&mut buf[headroom..]) {
                 Ok(n) => {
-                    *meta = Meta { start: headroom, len: n, addr: None };
+                    *meta = Meta { start: headroom, len: n, addr: None, port: 0 };
                     batch.count += 1;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -153,8 +155,8 @@ impl TunIo for TunQueue {
 pub struct UdpUnderlay {
     /// The receiving socket, bound to the tunnel port.
     pub rx: mio::net::UdpSocket,
-    /// The transmitting raw socket.
-    pub tx: RawUdpTx,
+    /// The transmitting raw socket (VXLAN); WireGuard sends through `rx`.
+    pub tx: Option<RawUdpTx>,
     /// Whether this is the IPv6 underlay.
     pub v6: bool,
 }
@@ -171,7 +173,7 @@ impl UnderlayIo for UdpUnderlay {
             add(&counters.syscalls, 1);
             match self.rx.recv_from(buf) {
                 Ok((n, from)) => {
-                    *meta = Meta { start: 0, len: n, addr: Some(canonical(from)) };
+                    *meta = Meta { start: 0, len: n, addr: Some(canonical(from)), port: from.port() };
                     add(&counters.udp_rx_packets, 1);
                     add(&counters.udp_rx_bytes, n as u64);
                     batch.count += 1;
@@ -189,8 +191,9 @@ impl UnderlayIo for UdpUnderlay {
         for (datagram, meta) in batch.packets() {
             // A batch may hold datagrams for both underlay families.
             let Some(dst) = meta.addr.filter(|a| a.is_ipv6() == self.v6) else { continue };
+            let Some(tx) = &self.tx else { continue };
             add(&counters.syscalls, 1);
-            match self.tx.send_to(datagram, dst) {
+            match tx.send_to(datagram, dst) {
                 Ok(_) => add(&counters.udp_tx_packets, 1),
                 Err(_) => counters.count_drop(DropCause::Engine(EngineDrop::SendError)),
             }
@@ -199,7 +202,7 @@ impl UnderlayIo for UdpUnderlay {
 }
 
 /// The IP of a socket address, IPv4-mapped IPv6 unmapped.
-fn canonical(a: SocketAddr) -> IpAddr {
+pub fn canonical(a: SocketAddr) -> IpAddr {
     match a.ip() {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
         v4 => v4,

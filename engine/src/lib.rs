@@ -12,17 +12,21 @@ pub mod route;
 pub mod segment;
 pub mod snapshot;
 pub mod sys;
+pub mod wg;
 pub mod worker;
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use crossbeam_channel::Sender;
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use weft_tunnel::vxlan::Vxlan;
 
 pub use snapshot::Families;
+pub use wg::{WgDevice, WgPeer};
 
 pub use counters::{PeerCounters, WorkerCounters};
 pub use snapshot::{Peer, Snapshot};
@@ -32,21 +36,37 @@ use worker::{Control, Worker, WAKER};
 /// than one wakeup drains them; 8 MiB absorbs a few windows.
 pub const UDP_RCVBUF: usize = 8 << 20;
 
+/// Which encapsulation the engine speaks.
+#[derive(Clone)]
+pub enum Encap {
+    /// VXLAN: our endpoints (VNI, port, local VTEP), one per underlay family
+    /// this node has: at least one, at most one IPv4 and one IPv6.
+    Vxlan(Vec<Vxlan>),
+    /// WireGuard: the device, and the local underlay addresses (one per family).
+    Wireguard(Arc<WgDevice>, Vec<IpAddr>),
+}
+
 /// How the engine is set up.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct EngineConfig {
     /// TUN device name.
     pub tun_name: String,
     /// Worker threads (and TUN queues).
     pub threads: usize,
-    /// Our VXLAN endpoints (VNI, port, local VTEP), one per underlay family
-    /// this node has: at least one, at most one IPv4 and one IPv6.
-    pub vxlan: Vec<Vxlan>,
-    /// UDP port to receive on.
+    /// The encapsulation.
+    pub encap: Encap,
+    /// UDP port to receive on over IPv4 (and IPv6 for VXLAN).
     pub port: u16,
+    /// UDP port over IPv6 for WireGuard (Flannel: `ListenPortV6`, 51821).
+    pub port_v6: u16,
     /// MTU of the TUN device.
     pub mtu: usize,
 }
+
+/// How often WireGuard timers (handshake retries, rekeys, keepalives) are
+/// looked at: boringtun's own device ticks every 250 ms; 100 ms keeps
+/// keepalives within a tenth of a second of their due time.
+pub const WG_TIMER_TICK: Duration = Duration::from_millis(100);
 
 struct WorkerHandle {
     thread: JoinHandle<std::io::Result<()>>,
@@ -58,6 +78,10 @@ struct WorkerHandle {
 pub struct Engine {
     workers: Vec<WorkerHandle>,
     counters: Vec<Arc<WorkerCounters>>,
+    /// The snapshot the workers forward with (for the timer thread).
+    current: Arc<Mutex<Arc<Snapshot>>>,
+    stop: Arc<AtomicBool>,
+    timers: Option<JoinHandle<()>>,
 }
 
 impl Engine {
@@ -65,9 +89,15 @@ impl Engine {
     pub fn start(cfg: &EngineConfig, snapshot: Arc<Snapshot>) -> std::io::Result<Engine> {
         let threads = cfg.threads.max(1);
         let queues = sys::tun::TunQueue::create(&cfg.tun_name, threads)?;
-        if cfg.vxlan.is_empty() {
+        let (locals, wg): (Vec<IpAddr>, Option<Arc<WgDevice>>) = match &cfg.encap {
+            Encap::Vxlan(v) => (v.iter().map(|x| x.local().addr).collect(), None),
+            Encap::Wireguard(d, l) => (l.clone(), Some(d.clone())),
+        };
+        if locals.is_empty() {
             return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "no underlay address"));
         }
+        let current = Arc::new(Mutex::new(snapshot.clone()));
+        let mut timer_sockets = Vec::new();
         let mut workers = Vec::with_capacity(threads);
         let mut counters = Vec::with_capacity(threads);
         for (id, tun) in queues.into_iter().enumerate() {
@@ -75,15 +105,19 @@ impl Engine {
             let waker = Arc::new(mio::Waker::new(poll.registry(), WAKER)?);
             let (tx, rx) = crossbeam_channel::unbounded();
             let c = Arc::new(WorkerCounters::default());
-            let mut families = Vec::with_capacity(cfg.vxlan.len());
-            for vx in &cfg.vxlan {
-                let local = vx.local().addr;
-                let io = io::UdpUnderlay {
-                    rx: udp_socket(local, cfg.port)?,
-                    tx: sys::raw::RawUdpTx::open(local)?,
-                    v6: local.is_ipv6(),
+            let mut families = Vec::with_capacity(locals.len());
+            for (i, local) in locals.iter().enumerate() {
+                let port = if local.is_ipv6() && wg.is_some() { cfg.port_v6 } else { cfg.port };
+                let sock = udp_socket(*local, port)?;
+                if id == 0 && wg.is_some() {
+                    timer_sockets.push(sock.try_clone()?);
+                }
+                let (vxlan, tx) = match &cfg.encap {
+                    Encap::Vxlan(v) => (Some(v[i].clone()), Some(sys::raw::RawUdpTx::open(*local)?)),
+                    Encap::Wireguard(..) => (None, None),
                 };
-                families.push(worker::Family { vxlan: vx.clone(), io });
+                let io = io::UdpUnderlay { rx: mio::net::UdpSocket::from_std(sock), tx, v6: local.is_ipv6() };
+                families.push(worker::Family { vxlan, io });
             }
             let w = Worker {
                 poll,
@@ -94,6 +128,8 @@ impl Engine {
                 counters: c.clone(),
                 mtu: cfg.mtu,
                 scratch: vec![0u8; cfg.mtu],
+                wg: wg.clone(),
+                wg_out: if wg.is_some() { vec![0u8; io::BUF_LEN] } else { Vec::new() },
             };
             let thread = std::thread::Builder::new().name(format!("weft-worker-{id}")).spawn(move || {
                 let counters = w.counters.clone();
@@ -107,12 +143,28 @@ impl Engine {
             workers.push(WorkerHandle { thread, control: tx, waker });
             counters.push(c);
         }
+        let stop = Arc::new(AtomicBool::new(false));
+        let timers = match wg {
+            Some(device) => {
+                let (current, stop) = (current.clone(), stop.clone());
+                let c = counters[0].clone();
+                Some(
+                    std::thread::Builder::new()
+                        .name("weft-wg-timers".into())
+                        .spawn(move || wg_timers(device, current, timer_sockets, c, stop))?,
+                )
+            }
+            None => None,
+        };
         tracing::info!(tun = %cfg.tun_name, threads, port = cfg.port, "engine started");
-        Ok(Engine { workers, counters })
+        Ok(Engine { workers, counters, current, stop, timers })
     }
 
     /// Swaps `snapshot` into every worker at its next batch boundary.
     pub fn update(&self, snapshot: Arc<Snapshot>) {
+        if let Ok(mut c) = self.current.lock() {
+            *c = snapshot.clone();
+        }
         for w in &self.workers {
             let _ = w.control.send(Control::Snapshot(snapshot.clone()));
             let _ = w.waker.wake();
@@ -130,15 +182,57 @@ impl Engine {
             let _ = w.control.send(Control::Stop);
             let _ = w.waker.wake();
         }
+        self.stop.store(true, Ordering::Relaxed);
         for w in self.workers {
             let _ = w.thread.join();
+        }
+        if let Some(t) = self.timers {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Drives every WireGuard peer's timers: handshake retries and rekeys,
+/// keepalives, session expiry; resets the handshake rate limiter each second.
+fn wg_timers(
+    device: Arc<WgDevice>,
+    current: Arc<Mutex<Arc<Snapshot>>>,
+    sockets: Vec<std::net::UdpSocket>,
+    counters: Arc<WorkerCounters>,
+    stop: Arc<AtomicBool>,
+) {
+    let mut out = vec![0u8; 2048];
+    let mut ticks = 0u32;
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(WG_TIMER_TICK);
+        ticks = ticks.wrapping_add(1);
+        if ticks % 10 == 0 {
+            device.rate_limiter.reset_count();
+        }
+        let snapshot = current.lock().map(|s| s.clone()).unwrap_or_default();
+        for wg in snapshot.peers().iter().filter_map(|p| p.wg.as_ref()) {
+            let mut st = wg.lock();
+            let endpoint = st.endpoint;
+            if let boringtun::noise::TunnResult::WriteToNetwork(p) = st.tunn.update_timers(&mut out) {
+                let sock = endpoint.and_then(|ep| {
+                    sockets.iter().find(|s| s.local_addr().is_ok_and(|l| l.is_ipv6() == ep.is_ipv6())).map(|s| (s, ep))
+                });
+                match sock {
+                    Some((s, ep)) => {
+                        if s.send_to(p, ep).is_ok() {
+                            counters::add(&counters.udp_tx_packets, 1);
+                        }
+                    }
+                    None => counters.count_drop(counters::DropCause::Engine(counters::EngineDrop::WgNoEndpoint)),
+                }
+            }
         }
     }
 }
 
 /// A non-blocking UDP socket on the tunnel port, shared by the workers
 /// through `SO_REUSEPORT`, of the underlay's family.
-fn udp_socket(local: IpAddr, port: u16) -> std::io::Result<mio::net::UdpSocket> {
+fn udp_socket(local: IpAddr, port: u16) -> std::io::Result<std::net::UdpSocket> {
     let (domain, any) = match local {
         IpAddr::V4(_) => (Domain::IPV4, IpAddr::from([0u8; 4])),
         IpAddr::V6(_) => (Domain::IPV6, IpAddr::from([0u16; 8])),
@@ -152,5 +246,5 @@ fn udp_socket(local: IpAddr, port: u16) -> std::io::Result<mio::net::UdpSocket> 
     // A smaller buffer than asked for is fine; the kernel caps it at rmem_max.
     let _ = s.set_recv_buffer_size(UDP_RCVBUF);
     s.bind(&SockAddr::from(SocketAddr::new(any, port)))?;
-    Ok(mio::net::UdpSocket::from_std(s.into()))
+    Ok(s.into())
 }

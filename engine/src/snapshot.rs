@@ -14,6 +14,7 @@ use weft_tunnel::vxlan::{Peers, Vtep};
 
 use crate::counters::PeerCounters;
 use crate::route::RouteTable;
+use crate::wg::{PeerRef, WgIndex, WgPeer};
 
 /// A remote node.
 #[derive(Debug, Clone)]
@@ -28,6 +29,8 @@ pub struct Peer {
     pub subnets: Vec<IpNet>,
     /// Traffic counters, kept across snapshots.
     pub counters: Arc<PeerCounters>,
+    /// WireGuard state (backend wireguard), kept across snapshots.
+    pub wg: Option<Arc<WgPeer>>,
 }
 
 impl Peer {
@@ -59,6 +62,7 @@ pub struct Snapshot {
     peers: Vec<Peer>,
     routes: RouteTable<Hop>,
     by_underlay: HashMap<IpAddr, usize>,
+    wg_index: WgIndex,
 }
 
 impl Snapshot {
@@ -83,12 +87,18 @@ impl Snapshot {
                 by_underlay.insert(addr, i);
             }
         }
-        Snapshot { peers, routes, by_underlay }
+        let wg_index = WgIndex::new(peers.iter().map(|p| p.wg.as_ref()));
+        Snapshot { peers, routes, by_underlay, wg_index }
     }
 
     /// The peers, in index order.
     pub fn peers(&self) -> &[Peer] {
         &self.peers
+    }
+
+    /// The WireGuard peer a datagram names.
+    pub fn wg_peer(&self, r: PeerRef) -> Option<&Peer> {
+        self.wg_index.find(r).map(|i| &self.peers[i])
     }
 
     /// Where a packet to `dst` goes: the peer and the VTEP to send to.
@@ -120,6 +130,7 @@ mod tests {
             vtep6: v6.map(|a| vtep(a, 6)),
             subnets: subnets.iter().map(|s| s.parse().unwrap()).collect(),
             counters: Default::default(),
+            wg: None,
         }
     }
 

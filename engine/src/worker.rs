@@ -12,11 +12,12 @@
 //! is pending.
 
 use std::io;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::Duration;
 
+use boringtun::noise::TunnResult;
 use crossbeam_channel::Receiver;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
@@ -27,6 +28,7 @@ use crate::io::{Batch, TunIo, UdpUnderlay, UnderlayIo, BATCH_SIZE};
 use crate::segment::segment_tcp;
 use crate::snapshot::Snapshot;
 use crate::sys::tun::TunQueue;
+use crate::wg::{decrypted, Decrypted, WgDevice, WgPeer};
 
 /// Batches per side handled before the loop polls again, so that one busy
 /// direction cannot starve the other or the control channel. 8 x 32 packets
@@ -46,9 +48,9 @@ pub enum Control {
     Stop,
 }
 
-/// One underlay family: its VXLAN endpoint and its sockets.
+/// One underlay family: its VXLAN endpoint (none with WireGuard) and its sockets.
 pub(crate) struct Family {
-    pub vxlan: Vxlan,
+    pub vxlan: Option<Vxlan>,
     pub io: UdpUnderlay,
 }
 
@@ -64,6 +66,10 @@ pub(crate) struct Worker {
     pub mtu: usize,
     /// Where segments are built, one at a time.
     pub scratch: Vec<u8>,
+    /// The WireGuard device, when the backend is WireGuard.
+    pub wg: Option<Arc<WgDevice>>,
+    /// Where WireGuard writes what it encrypts or decrypts.
+    pub wg_out: Vec<u8>,
 }
 
 impl Worker {
@@ -132,11 +138,23 @@ impl Worker {
                 self.counters.count_drop(DropCause::Engine(EngineDrop::NoRoute));
                 continue;
             };
-            let Some(family) = self.families.iter().find(|f| f.io.v6 == vtep.addr.is_ipv6()) else {
+            if let Some(wg) = &peer.wg {
+                wg_send(wg, &buf[HEADROOM..HEADROOM + inner_len], &mut self.wg_out, &self.families, &self.counters);
+                add(&peer.counters.tx_packets, 1);
+                add(&peer.counters.tx_bytes, inner_len as u64);
+                continue;
+            }
+            let Some((family, vxlan)) = self
+                .families
+                .iter()
+                .find(|f| f.io.v6 == vtep.addr.is_ipv6())
+                .and_then(|f| Some((f, f.vxlan.as_ref()?)))
+            else {
                 self.counters.count_drop(DropCause::Engine(EngineDrop::NoRoute));
                 continue;
             };
-            match family.vxlan.encapsulate(&vtep, buf, inner_len) {
+            let _ = family;
+            match vxlan.encapsulate(&vtep, buf, inner_len) {
                 Ok(len) => {
                     meta.start = 0;
                     meta.len = len;
@@ -158,10 +176,14 @@ impl Worker {
     fn underlay_to_tun(&mut self, f: usize, batch: &mut Batch) -> io::Result<usize> {
         let family = &mut self.families[f];
         let n = family.io.recv_batch(batch, &self.counters)?;
+        let Some(vxlan) = self.families[f].vxlan.clone() else {
+            self.wg_receive(f, batch, n);
+            return Ok(n);
+        };
         for i in 0..n {
             let (buf, meta) = batch.slot_mut(i);
             let Some(src) = meta.addr else { continue };
-            match self.families[f].vxlan.decapsulate(src, &buf[..meta.len], &*self.snapshot) {
+            match vxlan.decapsulate(src, &buf[..meta.len], &*self.snapshot) {
                 Ok(d) => {
                     let peer = &self.snapshot.peers()[d.peer];
                     add(&peer.counters.rx_packets, 1);
@@ -185,6 +207,70 @@ impl Worker {
         }
         self.tun.write_batch(batch, &self.counters);
         Ok(n)
+    }
+
+    /// WireGuard receive: find the peer, let boringtun check and decrypt,
+    /// enforce the peer's allowed IPs, follow its endpoint, write to the TUN.
+    fn wg_receive(&mut self, f: usize, batch: &mut Batch, n: usize) {
+        let Some(device) = self.wg.clone() else { return };
+        let mut cookie = [0u8; 64];
+        for i in 0..n {
+            let (buf, meta) = batch.slot_mut(i);
+            let Some(ip) = meta.addr else { continue };
+            let from = SocketAddr::new(ip, meta.port);
+            let datagram = &buf[..meta.len];
+            let sock = &self.families[f].io.rx;
+            let peer = match device.classify(ip, datagram, &mut cookie) {
+                Ok(r) => self.snapshot.wg_peer(r),
+                Err(Some(reply)) => {
+                    add(&self.counters.syscalls, 1);
+                    let _ = sock.send_to(reply, from);
+                    self.counters.count_drop(DropCause::Engine(EngineDrop::WgCookie));
+                    continue;
+                }
+                Err(None) => {
+                    self.counters.count_drop(DropCause::Engine(EngineDrop::WgRejected));
+                    continue;
+                }
+            };
+            let Some((peer, wg)) = peer.and_then(|p| Some((p, p.wg.as_ref()?))) else {
+                self.counters.count_drop(DropCause::Engine(EngineDrop::WgUnknownPeer));
+                continue;
+            };
+            let mut st = wg.lock();
+            match decrypted(st.tunn.decapsulate(Some(ip), datagram, &mut self.wg_out)) {
+                Decrypted::Reply(reply) => {
+                    st.endpoint = Some(from);
+                    add(&self.counters.syscalls, 1);
+                    let _ = sock.send_to(reply, from);
+                    // Packets queued while the handshake ran go out now.
+                    while let TunnResult::WriteToNetwork(p) = st.tunn.decapsulate(None, &[], &mut self.wg_out) {
+                        add(&self.counters.syscalls, 1);
+                        let _ = sock.send_to(p, from);
+                        add(&self.counters.udp_tx_packets, 1);
+                    }
+                }
+                Decrypted::Packet(p, inner_src) => {
+                    if !peer.subnets.iter().any(|n| n.contains(&inner_src)) {
+                        self.counters.count_drop(DropCause::Engine(EngineDrop::WgAllowedIps));
+                        continue;
+                    }
+                    st.endpoint = Some(from);
+                    add(&peer.counters.rx_packets, 1);
+                    add(&peer.counters.rx_bytes, p.len() as u64);
+                    add(&self.counters.syscalls, 1);
+                    match self.tun.send(p) {
+                        Ok(_) => {
+                            add(&self.counters.tun_tx_packets, 1);
+                            add(&self.counters.tun_tx_bytes, p.len() as u64);
+                        }
+                        Err(_) => self.counters.count_drop(DropCause::Engine(EngineDrop::TunWriteError)),
+                    }
+                }
+                Decrypted::Nothing => st.endpoint = Some(from),
+                Decrypted::Refused => self.counters.count_drop(DropCause::Engine(EngineDrop::WgRejected)),
+            }
+        }
     }
 
     /// Writes a TCP super-packet (a sender's TSO frame that crossed a veth
@@ -222,5 +308,31 @@ pub fn ip_destination(p: &[u8]) -> Option<IpAddr> {
             Some(IpAddr::from(d))
         }
         _ => None,
+    }
+}
+
+/// Encrypts `packet` for `peer` and sends it to the peer's endpoint (or
+/// starts a handshake, the packet queued in boringtun until it completes).
+pub(crate) fn wg_send(peer: &WgPeer, packet: &[u8], out: &mut [u8], families: &[Family], counters: &WorkerCounters) {
+    let mut st = peer.lock();
+    let endpoint = st.endpoint;
+    match st.tunn.encapsulate(packet, out) {
+        TunnResult::WriteToNetwork(d) => {
+            let Some(ep) = endpoint else {
+                counters.count_drop(DropCause::Engine(EngineDrop::WgNoEndpoint));
+                return;
+            };
+            let Some(f) = families.iter().find(|f| f.io.v6 == ep.is_ipv6()) else {
+                counters.count_drop(DropCause::Engine(EngineDrop::WgNoEndpoint));
+                return;
+            };
+            add(&counters.syscalls, 1);
+            match f.io.rx.send_to(d, ep) {
+                Ok(_) => add(&counters.udp_tx_packets, 1),
+                Err(_) => counters.count_drop(DropCause::Engine(EngineDrop::SendError)),
+            }
+        }
+        TunnResult::Done => {}
+        _ => counters.count_drop(DropCause::Engine(EngineDrop::WgRejected)),
     }
 }
