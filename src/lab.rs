@@ -40,6 +40,10 @@ pub const STATE_ROOT: &str = "/run/weft/lab";
 pub const UNDERLAY_MTU: u32 = 1500;
 /// Metrics port of every agent (inside its own node namespace).
 pub const METRICS_PORT: u16 = 9464;
+/// How long a TCP check may make no progress before it fails: long enough
+/// for a WireGuard peer to notice a restarted node and handshake again
+/// (15 s without a reply, then a new handshake) and TCP to retransmit.
+const TRANSFER_STALL: Duration = Duration::from_secs(60);
 /// Client port of the lab's etcd.
 pub const ETCD_PORT: u16 = 2379;
 /// Port the TCP check listens on inside the receiving pod.
@@ -726,10 +730,100 @@ impl Lab {
             checks.push(transfer_check(first, last, v6, bytes));
             checks.push(transfer_check(last, first, v6, bytes));
         }
+        if self.opts.backend == "wireguard-native" {
+            checks.push(self.underlay_check());
+        }
         for n in self.weft_nodes() {
             checks.push(self.counter_check(n));
         }
         checks
+    }
+
+    /// Captures the underlay while a pod pings another with a marker
+    /// payload, and checks that only WireGuard crossed it: every datagram
+    /// to or from a WireGuard port, no inner address and no marker in clear.
+    fn underlay_check(&self) -> Check {
+        let name = "underlay carries only WireGuard".to_string();
+        match self.underlay_capture() {
+            Ok(detail) => Check { name, passed: true, detail },
+            Err(e) => Check { name, passed: false, detail: format!("{e:#}") },
+        }
+    }
+
+    /// The capture behind [`Lab::check`]'s underlay check; an error says
+    /// what crossed the underlay in clear.
+    pub fn underlay_capture(&self) -> anyhow::Result<String> {
+        let (a, b) = (&self.nodes[0].pods[0], &self.nodes[self.nodes.len() - 1].pods[0]);
+        let v6 = a.ip(false).is_none();
+        let (Some(from), Some(to)) = (a.ip(v6), b.ip(v6)) else { bail!("pods without addresses") };
+        let pcap = self.dir.join("underlay.pcap");
+        let ul = format!("{}-ul", self.opts.name);
+        let pcap_s = pcap.display().to_string();
+        let mut dump = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &ul,
+                "tcpdump",
+                "-Z",
+                "root",
+                "--immediate-mode",
+                "-U",
+                "-n",
+                "-i",
+                "br0",
+                "-w",
+                &pcap_s,
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("tcpdump")?;
+        let mut stderr = std::io::BufReader::new(dump.stderr.take().context("tcpdump stderr")?);
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut stderr, &mut line)?;
+        let drain = std::thread::spawn(move || std::io::Read::read_to_end(&mut stderr, &mut Vec::new()));
+        // "weftmark" as the ping payload pattern.
+        let marker = b"weftmark";
+        let pattern: String = marker.iter().map(|b| format!("{b:02x}")).collect();
+        let pinged = exec(&a.ns, "ping", &["-c", "3", "-i", "0.2", "-W", "2", "-p", &pattern, &to.to_string()]);
+        std::thread::sleep(Duration::from_millis(300));
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(dump.id() as i32), nix::sys::signal::Signal::SIGINT);
+        let _ = dump.wait();
+        let _ = drain.join();
+        pinged.context("ping through the tunnel")?;
+        let bytes = std::fs::read(&pcap)?;
+        let frames = pcap_frames(&bytes)?;
+        let mut wireguard = 0;
+        for f in &frames {
+            if let Some((sport, dport)) = udp_ports(f) {
+                if [51820, 51821].contains(&sport) || [51820, 51821].contains(&dport) {
+                    wireguard += 1;
+                    continue;
+                }
+            }
+            // ARP, neighbour discovery and other link chatter carry no pod data.
+        }
+        let needles: Vec<Vec<u8>> = vec![
+            marker.to_vec(),
+            match from {
+                IpAddr::V4(a) => a.octets().to_vec(),
+                IpAddr::V6(a) => a.octets().to_vec(),
+            },
+            match to {
+                IpAddr::V4(a) => a.octets().to_vec(),
+                IpAddr::V6(a) => a.octets().to_vec(),
+            },
+        ];
+        for n in &needles {
+            if bytes.windows(n.len()).any(|w| w == &n[..]) {
+                bail!("the capture holds {n:02x?} in clear");
+            }
+        }
+        if wireguard < 6 {
+            bail!("only {wireguard} WireGuard datagrams among {} frames", frames.len());
+        }
+        Ok(format!("{} frames, {wireguard} WireGuard datagrams, no inner address or payload in clear", frames.len()))
     }
 
     fn counter_check(&self, n: &Node) -> Check {
@@ -832,7 +926,7 @@ fn transfer(a: &Pod, b: &Pod, to: IpAddr, bytes: usize) -> anyhow::Result<(Diges
         let l = TcpListener::bind((any, TRANSFER_PORT))?;
         l.set_nonblocking(true)?;
         let _ = ready_tx.send(());
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(15);
         let mut s = loop {
             match l.accept() {
                 Ok((s, _)) => break s,
@@ -843,7 +937,7 @@ fn transfer(a: &Pod, b: &Pod, to: IpAddr, bytes: usize) -> anyhow::Result<(Diges
             }
         };
         s.set_nonblocking(false)?;
-        s.set_read_timeout(Some(Duration::from_secs(20)))?;
+        s.set_read_timeout(Some(TRANSFER_STALL))?;
         let mut h = Sha256::new();
         let mut buf = vec![0u8; 1 << 16];
         let mut total = 0;
@@ -862,7 +956,7 @@ fn transfer(a: &Pod, b: &Pod, to: IpAddr, bytes: usize) -> anyhow::Result<(Diges
     let sender = netns::spawn_in_netns(&a.ns, move || -> anyhow::Result<(Digest32, f64)> {
         let start = Instant::now();
         let mut s = TcpStream::connect_timeout(&dst, Duration::from_secs(5)).context("connecting")?;
-        s.set_write_timeout(Some(Duration::from_secs(20)))?;
+        s.set_write_timeout(Some(TRANSFER_STALL))?;
         let mut h = Sha256::new();
         let mut buf = vec![0u8; 1 << 16];
         let mut state = 0x9e37_79b9_7f4a_7c15u64;
@@ -886,6 +980,33 @@ fn transfer(a: &Pod, b: &Pod, to: IpAddr, bytes: usize) -> anyhow::Result<(Diges
         bail!("received {total} of {bytes} bytes");
     }
     Ok((sent, got, secs))
+}
+
+/// The frames of a classic little-endian pcap file.
+fn pcap_frames(pcap: &[u8]) -> anyhow::Result<Vec<&[u8]>> {
+    if pcap.len() < 24 || pcap[..4] != [0xd4, 0xc3, 0xb2, 0xa1] {
+        bail!("not a little-endian pcap file");
+    }
+    let mut out = Vec::new();
+    let mut off = 24;
+    while off + 16 <= pcap.len() {
+        let caplen = u32::from_le_bytes([pcap[off + 8], pcap[off + 9], pcap[off + 10], pcap[off + 11]]) as usize;
+        let frame = pcap.get(off + 16..off + 16 + caplen).context("truncated pcap")?;
+        out.push(frame);
+        off += 16 + caplen;
+    }
+    Ok(out)
+}
+
+/// UDP source and destination ports of an Ethernet frame, if it is UDP.
+fn udp_ports(frame: &[u8]) -> Option<(u16, u16)> {
+    let ethertype = u16::from_be_bytes([*frame.get(12)?, *frame.get(13)?]);
+    let l4 = match ethertype {
+        0x0800 if *frame.get(23)? == 17 => frame.get(14 + ((frame[14] & 0x0f) as usize) * 4..)?,
+        0x86dd if *frame.get(20)? == 17 => frame.get(54..)?,
+        _ => return None,
+    };
+    Some((u16::from_be_bytes([*l4.first()?, *l4.get(1)?]), u16::from_be_bytes([*l4.get(2)?, *l4.get(3)?])))
 }
 
 fn hex(d: &[u8]) -> String {

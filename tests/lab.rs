@@ -141,6 +141,10 @@ fn underlay_capture_is_vxlan_vni_1_with_the_pods_inside() {
         let inner_dst_mac = f[4].split(',').nth(1).unwrap_or("");
         assert!(inner_dst_mac.starts_with("0a:58:0a:f4:0"), "inner destination MAC in {line}");
     }
+    // VXLAN carries pod traffic in clear: the WireGuard lab's underlay check
+    // must see that here.
+    let e = lab.underlay_capture().unwrap_err().to_string();
+    assert!(e.contains("in clear"), "{e}");
 }
 
 /// Builds a VXLAN payload (UDP payload: VXLAN header onwards) carrying an

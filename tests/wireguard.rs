@@ -1,0 +1,66 @@
+//! The wireguard-native backend in network namespaces (root): the mesh, its
+//! underlay, a node's restart with its keys, and roaming.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{assert_all_passed, options, up};
+use weft::lab::{self, Lab};
+use weft::netns;
+
+fn wg_lab(tag: &str, nodes: usize) -> (Lab, common::Guard) {
+    let mut o = options(tag);
+    o.backend = "wireguard-native".into();
+    o.nodes = nodes;
+    o.transfer_mib = 8;
+    up(&o)
+}
+
+#[test]
+fn wireguard_mesh_passes_and_its_underlay_carries_only_wireguard() {
+    let (lab, _g) = wg_lab("w", 3);
+    let checks = lab.check();
+    assert!(checks.iter().any(|c| c.name == "underlay carries only WireGuard"), "{}", lab::table(&checks));
+    assert_all_passed(&lab, &checks);
+    let m = lab.metrics(&lab.nodes[0]).unwrap();
+    assert_eq!(m.get("weft_drops_total{reason=\"wg_rejected\"}"), Some(&0.0));
+}
+
+#[test]
+fn killed_node_restarts_with_its_keys_and_the_mesh_recovers_mid_transfer() {
+    let (lab, _g) = wg_lab("k", 2);
+    let (n1, n2) = (&lab.nodes[0], &lab.nodes[1]);
+    let key_before = std::fs::read(lab.dir.join("n2-wg.key")).unwrap();
+    let (a, b) = (n1.pods[0].clone(), n2.pods[0].clone());
+    let transfer = std::thread::spawn(move || lab::transfer_check(&a, &b, false, 24 << 20));
+    std::thread::sleep(Duration::from_millis(800));
+    lab.kill_agent(n2).unwrap();
+    lab.restart_agent(n2).unwrap();
+    assert_eq!(std::fs::read(lab.dir.join("n2-wg.key")).unwrap(), key_before, "the same key after the restart");
+    let t = transfer.join().unwrap();
+    assert!(t.passed, "the transfer across the restart: {}\n{}", t.detail, lab.agent_logs());
+}
+
+#[test]
+fn a_node_that_changes_its_underlay_address_is_followed() {
+    let (lab, _g) = wg_lab("m", 2);
+    let (n1, n2) = (&lab.nodes[0], &lab.nodes[1]);
+    let (a, b) = (n1.pods[0].clone(), n2.pods[0].clone());
+    netns::exec(&b.ns, "ping", &["-c", "1", "-W", "2", &a.ip(false).unwrap().to_string()]).unwrap();
+    // Node 2 moves from .2 to .22 while it sends to node 1.
+    let transfer = std::thread::spawn(move || lab::transfer_check(&b, &a, false, 24 << 20));
+    std::thread::sleep(Duration::from_millis(500));
+    // (Deleting a primary address takes its secondaries along, so the old
+    // one goes first.)
+    netns::ip(&["-n", &n2.ns, "addr", "del", "192.168.77.2/24", "dev", "eth0"]).unwrap();
+    netns::ip(&["-n", &n2.ns, "addr", "add", "192.168.77.22/24", "dev", "eth0"]).unwrap();
+    let t = transfer.join().unwrap();
+    assert!(t.passed, "the transfer across the move: {}\n{}", t.detail, lab.agent_logs());
+    // Node 1 now sends to the new address: a ping the other way works.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let target = n2.pods[0].ip(false).unwrap().to_string();
+    while netns::exec(&n1.pods[0].ns, "ping", &["-c", "1", "-W", "1", &target]).is_err() {
+        assert!(Instant::now() < deadline, "node 1 reaches node 2 at its new address");
+    }
+}
