@@ -58,6 +58,8 @@ pub enum NodeKind {
     Weft,
     /// The kernel's VXLAN device laid out as flanneld lays it out.
     KernelVxlan,
+    /// A userspace WireGuard implementation (`wireguard-go`) set up with `wg`.
+    UserspaceWg,
 }
 
 /// How to build a lab.
@@ -73,6 +75,9 @@ pub struct LabOptions {
     pub backend: String,
     /// Run the last node as a kernel Flannel node.
     pub kernel_peer: bool,
+    /// Run the last node as a userspace WireGuard peer nobody here wrote:
+    /// `wireguard-go`, configured with `wg` from the leases.
+    pub wg_peer: Option<String>,
     /// Size of the TCP check transfer, in MiB.
     pub transfer_mib: usize,
     /// Worker threads per agent (`None`: the agent's default).
@@ -102,6 +107,7 @@ impl LabOptions {
             pods_per_node: 1,
             backend: "vxlan".into(),
             kernel_peer: false,
+            wg_peer: None,
             transfer_mib: 64,
             threads: None,
             weft_bin,
@@ -241,7 +247,11 @@ pub fn plan(opts: &LabOptions) -> anyhow::Result<Vec<Node>> {
                     },
                 };
             let ns = format!("{}-n{i}", opts.name);
-            let kind = if opts.kernel_peer && i == opts.nodes { NodeKind::KernelVxlan } else { NodeKind::Weft };
+            let kind = match (i == opts.nodes, opts.kernel_peer, &opts.wg_peer) {
+                (true, true, _) => NodeKind::KernelVxlan,
+                (true, false, Some(_)) => NodeKind::UserspaceWg,
+                _ => NodeKind::Weft,
+            };
             let pods = (1..=opts.pods_per_node).map(|j| Pod { ns: format!("{ns}p{j}"), ips: Vec::new() }).collect();
             Ok(Node {
                 index: i,
@@ -310,6 +320,12 @@ pub fn up(opts: &LabOptions) -> anyhow::Result<Lab> {
     if opts.kernel_peer && (opts.backend != "vxlan" || opts.cluster_v4().is_none()) {
         bail!("--peer kernel-vxlan needs --backend vxlan and an IPv4 cluster-cidr");
     }
+    if let Some(p) = &opts.wg_peer {
+        if p != "wireguard-go" || opts.backend != "wireguard-native" || opts.cluster_v4().is_none() || opts.kernel_peer
+        {
+            bail!("--peer {p}: wireguard-go needs --backend wireguard-native and an IPv4 cluster-cidr");
+        }
+    }
     if netns::exists(&format!("{}-ul", opts.name)) {
         bail!("a lab named {} exists already; remove it with `weft lab down --name {}`", opts.name, opts.name);
     }
@@ -350,10 +366,12 @@ fn build(lab: &mut Lab) -> anyhow::Result<()> {
         netns::sysctl(&n.ns, "net.ipv4.ip_forward", "1")?;
         netns::sysctl(&n.ns, "net.ipv6.conf.all.forwarding", "1")?;
     }
-    if lab.opts.backend == "wireguard-native" && lab.opts.datastore == "file" {
+    if lab.opts.backend == "wireguard-native" {
         // Each node's key, made as the agent would make it; the static
-        // datastore announces the public halves.
-        for n in &mut lab.nodes {
+        // datastore announces the public halves (with etcd, the agents'
+        // leases do, and only the userspace peer's key is made here).
+        let file = lab.opts.datastore == "file";
+        for n in lab.nodes.iter_mut().filter(|n| file || n.kind == NodeKind::UserspaceWg) {
             let private = crate::keys::load_or_create(&wg_key_path(&lab.dir, n.index))?;
             n.wg_public = Some(weft_engine::WgDevice::public_of(private));
         }
@@ -368,7 +386,7 @@ fn build(lab: &mut Lab) -> anyhow::Result<()> {
         let kernel: Vec<(String, String)> = lab
             .nodes
             .iter()
-            .filter(|n| n.kind == NodeKind::KernelVxlan)
+            .filter(|n| matches!(n.kind, NodeKind::KernelVxlan | NodeKind::UserspaceWg))
             .filter_map(|n| Some((n.key.to_string(), serde_json::to_string(ds.leases.get(&n.key)?).ok()?)))
             .collect();
         lab.with_etcd(move |store| {
@@ -401,10 +419,17 @@ fn build(lab: &mut Lab) -> anyhow::Result<()> {
             if let Ok(d) = lease.vxlan_data(true) {
                 n.mac6 = d.vtep_mac;
             }
+            if let Ok(d) = lease.wireguard_data(false) {
+                n.wg_public = Some(d.public_key);
+            }
         }
     }
-    for n in lab.nodes.iter().filter(|n| n.kind == NodeKind::KernelVxlan) {
-        kernel_flannel_node(lab, n)?;
+    for n in &lab.nodes {
+        match n.kind {
+            NodeKind::KernelVxlan => kernel_flannel_node(lab, n)?,
+            NodeKind::UserspaceWg => userspace_wg_node(lab, n)?,
+            NodeKind::Weft => {}
+        }
     }
     for i in 0..lab.nodes.len() {
         let ips = attach_pods(lab, &lab.nodes[i])?;
@@ -545,6 +570,66 @@ fn kernel_flannel_node(lab: &Lab, n: &Node) -> anyhow::Result<()> {
         ip(&["-n", ns, "route", "replace", &rsub.to_string(), "via", &gw, "dev", "flannel.1", "onlink"])?;
     }
     let env = subnet_env(lab.opts.cluster_v4().map(IpNet::V4), &n.key, None, UNDERLAY_MTU - OVERHEAD_V4 as u32, false);
+    std::fs::write(subnet_env_path(lab, n), env)?;
+    Ok(())
+}
+
+/// The interface name of a lab's userspace WireGuard peer: unique across
+/// labs, since its UAPI socket lives in the shared `/var/run/wireguard`.
+pub fn wg_ifname(lab: &Lab, n: &Node) -> String {
+    let h = lab.opts.name.bytes().fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(b as u32));
+    format!("wg{:06x}n{}", h & 0xff_ffff, n.index)
+}
+
+/// Runs `wireguard-go` on `n` and configures it with `wg` from the other
+/// nodes' leases, the way a WireGuard operator would; writes the
+/// `subnet.env` a Flannel node would have.
+fn userspace_wg_node(lab: &Lab, n: &Node) -> anyhow::Result<()> {
+    let ns = n.ns.as_str();
+    let (Some(subnet), Some(_)) = (n.key.v4, n.ip4) else { bail!("the userspace WireGuard peer is IPv4 only") };
+    let ifname = wg_ifname(lab, n);
+    let log = std::fs::File::create(lab.dir.join(format!("n{}.log", n.index)))?;
+    use std::os::unix::process::CommandExt;
+    let child = Command::new("ip")
+        .args(["netns", "exec", ns, "wireguard-go", "-f", &ifname])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .context("starting wireguard-go (Debian package wireguard-go)")?;
+    std::fs::write(lab.dir.join(format!("n{}.pid", n.index)), child.id().to_string())?;
+    let sock = Path::new("/var/run/wireguard").join(format!("{ifname}.sock"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !sock.exists() {
+        if Instant::now() > deadline {
+            bail!("wireguard-go made no UAPI socket at {}", sock.display());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let key = wg_key_path(&lab.dir, n.index).display().to_string();
+    exec(ns, "wg", &["set", &ifname, "private-key", &key, "listen-port", "51820"])?;
+    for r in lab.nodes.iter().filter(|r| r.index != n.index) {
+        let (Some(rip), Some(rsub), Some(public)) = (r.ip4, r.key.v4, r.wg_public) else { continue };
+        let public = crate::keys::encode(&public);
+        let endpoint = format!("{rip}:51820");
+        exec(ns, "wg", &["set", &ifname, "peer", &public, "endpoint", &endpoint, "allowed-ips", &rsub.to_string()])?;
+    }
+    let mtu = (UNDERLAY_MTU - crate::agent::WG_OVERHEAD as u32).to_string();
+    ip(&["-n", ns, "addr", "add", &format!("{}/32", subnet.network()), "dev", &ifname])?;
+    ip(&["-n", ns, "link", "set", &ifname, "mtu", &mtu, "up"])?;
+    for r in lab.nodes.iter().filter(|r| r.index != n.index) {
+        if let Some(rsub) = r.key.v4 {
+            ip(&["-n", ns, "route", "replace", &rsub.to_string(), "dev", &ifname])?;
+        }
+    }
+    let env = subnet_env(
+        lab.opts.cluster_v4().map(IpNet::V4),
+        &n.key,
+        None,
+        UNDERLAY_MTU - crate::agent::WG_OVERHEAD as u32,
+        false,
+    );
     std::fs::write(subnet_env_path(lab, n), env)?;
     Ok(())
 }

@@ -61,8 +61,8 @@ struct LabArgs {
     /// Leave the lab running and print how to enter a pod.
     #[arg(long)]
     keep: bool,
-    /// Run the last node without weft, as a real peer: kernel-vxlan.
-    #[arg(long, value_parser = ["kernel-vxlan"])]
+    /// Run the last node without weft, as a real peer: kernel-vxlan or wireguard-go.
+    #[arg(long, value_parser = ["kernel-vxlan", "wireguard-go"])]
     peer: Option<String>,
     /// Lab name: prefix of its namespaces.
     #[arg(long, default_value = "weftlab")]
@@ -153,7 +153,8 @@ fn run_lab(l: LabArgs) -> anyhow::Result<ExitCode> {
     let mut opts = LabOptions::new(&l.name, std::env::current_exe()?);
     opts.nodes = l.nodes;
     opts.backend = l.backend;
-    opts.kernel_peer = l.peer.is_some();
+    opts.kernel_peer = l.peer.as_deref() == Some("kernel-vxlan");
+    opts.wg_peer = l.peer.clone().filter(|p| p != "kernel-vxlan");
     opts.pods_per_node = l.pods.max(1);
     opts.threads = l.threads;
     opts.transfer_mib = l.transfer_mib.max(1);
@@ -187,7 +188,13 @@ fn run_lab(l: LabArgs) -> anyhow::Result<ExitCode> {
         "building lab {}: {} nodes{}",
         opts.name,
         opts.nodes,
-        if opts.kernel_peer { ", the last one a kernel Flannel node" } else { "" }
+        if opts.kernel_peer {
+            ", the last one a kernel Flannel node"
+        } else if opts.wg_peer.is_some() {
+            ", the last one wireguard-go"
+        } else {
+            ""
+        }
     );
     let lab = lab::up(&opts)?;
     let checks = lab.check();
