@@ -8,7 +8,8 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 use anyhow::{bail, Context};
-use base64::Engine as _;
+
+use crate::uapi::Key;
 
 /// Reads the key at `path`, or creates one there.
 pub fn load_or_create(path: &Path) -> anyhow::Result<[u8; 32]> {
@@ -56,12 +57,12 @@ fn generate() -> anyhow::Result<[u8; 32]> {
 
 /// Standard base64, as WireGuard writes keys.
 pub fn encode(key: &[u8; 32]) -> String {
-    base64::engine::general_purpose::STANDARD.encode(key)
+    Key(*key).to_base64()
 }
 
 /// A 32-byte key from standard base64.
 pub fn decode(s: &str) -> Option<[u8; 32]> {
-    base64::engine::general_purpose::STANDARD.decode(s).ok()?.try_into().ok()
+    Key::from_base64(s).map(|k| k.0)
 }
 
 #[cfg(test)]

@@ -15,3 +15,4 @@ pub mod lab;
 pub mod lease;
 pub mod metrics;
 pub mod netns;
+pub mod uapi;
