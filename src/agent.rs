@@ -354,6 +354,17 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             .with_context(|| format!("config key `metrics-addr`: cannot listen on {addr}"))?;
     }
 
+    let _uapi = match (&device, &wg_options) {
+        (Some(d), Some(o)) => {
+            let dev = crate::wgdev::AgentWg { device: d.clone(), options: o.clone(), state: state.clone() };
+            let path = crate::uapi::socket_path(&cfg.tun_name);
+            Some(
+                crate::uapi::serve(&path, Arc::new(dev))
+                    .with_context(|| format!("serving the UAPI on {}", path.display()))?,
+            )
+        }
+        _ => None,
+    };
     let mut tun = 0;
     if engine.is_some() {
         tun = Netlink::link_index(&cfg.tun_name)?;

@@ -652,6 +652,9 @@ fn start_agent(lab: &Lab, n: &Node, ds_path: &Path) -> anyhow::Result<()> {
     );
     if o.backend == "wireguard-native" {
         let _ = writeln!(cfg, "wireguard-key-file: {}", wg_key_path(&lab.dir, n.index).display());
+        // The UAPI socket is named after the device, in a directory all
+        // namespaces share: the name must be unique.
+        let _ = writeln!(cfg, "tun-name: {}", wg_ifname(lab, n));
     }
     match o.datastore.as_str() {
         "etcd" => {

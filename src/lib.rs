@@ -16,3 +16,4 @@ pub mod lease;
 pub mod metrics;
 pub mod netns;
 pub mod uapi;
+pub mod wgdev;

@@ -25,6 +25,31 @@ fn wireguard_mesh_passes_and_its_underlay_carries_only_wireguard() {
     assert_all_passed(&lab, &checks);
     let m = lab.metrics(&lab.nodes[0]).unwrap();
     assert_eq!(m.get("weft_drops_total{reason=\"wg_rejected\"}"), Some(&0.0));
+
+    // `wg show` against a running weft node: its peers, with handshake times
+    // and transfer counters.
+    let (n1, n2) = (&lab.nodes[0], &lab.nodes[1]);
+    let ifname = lab::wg_ifname(&lab, n1);
+    let dump = netns::exec(&n1.ns, "wg", &["show", &ifname, "dump"]).unwrap();
+    let peers: Vec<Vec<&str>> = dump.lines().skip(1).map(|l| l.split('\t').collect()).collect();
+    assert_eq!(peers.len(), 2, "{dump}");
+    for p in &peers {
+        // public-key psk endpoint allowed-ips latest-handshake rx tx keepalive
+        assert!(p[3].starts_with("10.244."), "allowed IPs: {dump}");
+        assert!(p[4].parse::<u64>().unwrap() > 1_600_000_000, "a handshake time: {dump}");
+        assert!(p[5].parse::<u64>().unwrap() > 0 && p[6].parse::<u64>().unwrap() > 0, "transfer counters: {dump}");
+    }
+    // An existing peer's keepalive changes; taking a peer away is refused in
+    // agent mode (peers come from leases); traffic goes on.
+    let n2_key = weft::keys::encode(&weft_engine::WgDevice::public_of(
+        weft::keys::decode(std::fs::read_to_string(lab.dir.join("n2-wg.key")).unwrap().trim()).unwrap(),
+    ));
+    netns::exec(&n1.ns, "wg", &["set", &ifname, "peer", &n2_key, "persistent-keepalive", "7"]).unwrap();
+    let ka = netns::exec(&n1.ns, "wg", &["show", &ifname, "persistent-keepalive"]).unwrap();
+    assert!(ka.lines().any(|l| l.starts_with(&n2_key) && l.ends_with("\t7")), "{ka}");
+    assert!(netns::exec(&n1.ns, "wg", &["set", &ifname, "peer", &n2_key, "remove"]).is_err());
+    let target = n2.pods[0].ip(false).unwrap().to_string();
+    netns::exec(&n1.pods[0].ns, "ping", &["-c", "1", "-W", "3", &target]).expect("traffic after wg set");
 }
 
 #[test]

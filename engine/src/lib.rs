@@ -206,7 +206,7 @@ fn wg_timers(
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(WG_TIMER_TICK);
         ticks = ticks.wrapping_add(1);
-        if ticks % 10 == 0 {
+        if ticks.is_multiple_of(10) {
             device.rate_limiter.reset_count();
         }
         let snapshot = current.lock().map(|s| s.clone()).unwrap_or_default();

@@ -144,6 +144,23 @@ impl WgPeer {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Replaces the session state with one for a new preshared key or
+    /// keepalive (boringtun fixes both at creation); the next packet
+    /// handshakes again.
+    pub fn reconfigure(&self, device: &WgDevice, preshared_key: Option<[u8; 32]>, keepalive: Option<u16>) {
+        let mut st = self.lock();
+        st.tunn = Tunn::new(
+            device.private.clone(),
+            PublicKey::from(self.public_key),
+            preshared_key,
+            keepalive.filter(|k| *k > 0),
+            self.index,
+            Some(device.rate_limiter.clone()),
+        );
+        st.preshared_key = preshared_key;
+        st.keepalive = keepalive;
+    }
+
     /// Time since the last handshake, bytes sent and received.
     pub fn stats(&self) -> (Option<Duration>, u64, u64) {
         let (since, tx, rx, _, _) = self.lock().tunn.stats();
