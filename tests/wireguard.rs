@@ -111,3 +111,16 @@ fn wireguard_go_configured_with_wg_joins_the_mesh() {
     assert_eq!(handshakes.len(), 2, "{dump}");
     assert!(handshakes.iter().all(|t| *t > 0), "both peers handshook: {dump}");
 }
+
+#[test]
+fn dual_stack_pods_cross_one_wireguard_peer_per_node() {
+    let mut o = options("d");
+    o.backend = "wireguard-native".into();
+    o.nodes = 2;
+    o.transfer_mib = 8;
+    o.cluster_cidrs = vec!["10.42.0.0/16".parse().unwrap(), "2001:cafe:42::/56".parse().unwrap()];
+    let (lab, _g) = up(&o);
+    let checks = lab.check();
+    assert!(checks.iter().any(|c| c.name.starts_with("tcp 8 MiB 2001:cafe:42:") && c.passed), "{}", lab::table(&checks));
+    assert_all_passed(&lab, &checks);
+}
