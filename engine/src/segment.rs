@@ -44,7 +44,7 @@ pub fn segment_tcp(
             if packet[9] != 6 {
                 return Err(SegmentError::NotTcp);
             }
-            if ihl < 20 || total > packet.len() || frag != 0 {
+            if ihl < 20 || total < ihl || total > packet.len() || frag != 0 {
                 return Err(SegmentError::Malformed);
             }
             let s: [u8; 4] = packet[12..16].try_into().map_err(|_| SegmentError::Malformed)?;

@@ -44,7 +44,7 @@ pub fn pseudo_header(src: IpAddr, dst: IpAddr, proto: u8, len: u32) -> Option<u6
         (IpAddr::V6(s), IpAddr::V6(d)) => sum(sum(0, &s.octets()), &d.octets()),
         _ => return None,
     };
-    Some(sum(acc, &[0, 0, 0, proto]) + sum(0, &len.to_be_bytes()))
+    Some(sum(sum(acc, &[0, 0, 0, proto]), &len.to_be_bytes()))
 }
 
 /// UDP checksum over `datagram` (header with a zero checksum field, then
@@ -183,6 +183,18 @@ mod tests {
             let _ = complete_partial(&mut vec![0x45; len]);
             let _ = complete_partial(&mut vec![0x60; len]);
         }
+    }
+
+    #[test]
+    fn pseudo_header_sum_carries_instead_of_overflowing() {
+        // Found by fuzzing: IPv6 addresses near all-ones push the 64-bit
+        // accumulator to its top, where a plain `+` overflowed.
+        let src: IpAddr = "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffee".parse().unwrap();
+        let dst: IpAddr = "::".parse().unwrap();
+        assert_eq!(fold(pseudo_header(src, dst, 17, 8).unwrap()), 0x0008);
+        let src: IpAddr = "fd10:244:2:0:5df:fb77:fffc:fff6".parse().unwrap();
+        let dst: IpAddr = "fd10:244:1::2".parse().unwrap();
+        assert_eq!(fold(pseudo_header(src, dst, 6, 1440).unwrap()), 0x05a0);
     }
 
     #[test]
