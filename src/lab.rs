@@ -838,47 +838,51 @@ impl Lab {
         }
     }
 
+    /// Captures the underlay bridge (tcpdump `filter`) while `during` runs;
+    /// returns the pcap file.
+    pub fn capture_underlay(&self, filter: &[&str], during: impl FnOnce()) -> anyhow::Result<PathBuf> {
+        let pcap = self.dir.join("underlay.pcap");
+        let ul = format!("{}-ul", self.opts.name);
+        let pcap_s = pcap.display().to_string();
+        let mut dump = Command::new("ip")
+            .args(["netns", "exec", &ul, "tcpdump", "-Z", "root", "--immediate-mode", "-U", "-n", "-i", "br0"])
+            .args(["-w", &pcap_s])
+            .args(filter)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("tcpdump")?;
+        // tcpdump says "listening on br0" once its capture is open; its
+        // closing words are read too, so they never meet a closed pipe.
+        let mut stderr = std::io::BufReader::new(dump.stderr.take().context("tcpdump stderr")?);
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut stderr, &mut line)?;
+        if !line.contains("listening on") {
+            let _ = dump.kill();
+            bail!("tcpdump: {line}");
+        }
+        let drain = std::thread::spawn(move || std::io::Read::read_to_end(&mut stderr, &mut Vec::new()));
+        during();
+        std::thread::sleep(Duration::from_millis(300));
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(dump.id() as i32), nix::sys::signal::Signal::SIGINT);
+        let _ = dump.wait();
+        let _ = drain.join();
+        Ok(pcap)
+    }
+
     /// The capture behind [`Lab::check`]'s underlay check; an error says
     /// what crossed the underlay in clear.
     pub fn underlay_capture(&self) -> anyhow::Result<String> {
         let (a, b) = (&self.nodes[0].pods[0], &self.nodes[self.nodes.len() - 1].pods[0]);
         let v6 = a.ip(false).is_none();
         let (Some(from), Some(to)) = (a.ip(v6), b.ip(v6)) else { bail!("pods without addresses") };
-        let pcap = self.dir.join("underlay.pcap");
-        let ul = format!("{}-ul", self.opts.name);
-        let pcap_s = pcap.display().to_string();
-        let mut dump = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &ul,
-                "tcpdump",
-                "-Z",
-                "root",
-                "--immediate-mode",
-                "-U",
-                "-n",
-                "-i",
-                "br0",
-                "-w",
-                &pcap_s,
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("tcpdump")?;
-        let mut stderr = std::io::BufReader::new(dump.stderr.take().context("tcpdump stderr")?);
-        let mut line = String::new();
-        std::io::BufRead::read_line(&mut stderr, &mut line)?;
-        let drain = std::thread::spawn(move || std::io::Read::read_to_end(&mut stderr, &mut Vec::new()));
         // "weftmark" as the ping payload pattern.
         let marker = b"weftmark";
         let pattern: String = marker.iter().map(|b| format!("{b:02x}")).collect();
-        let pinged = exec(&a.ns, "ping", &["-c", "3", "-i", "0.2", "-W", "2", "-p", &pattern, &to.to_string()]);
-        std::thread::sleep(Duration::from_millis(300));
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(dump.id() as i32), nix::sys::signal::Signal::SIGINT);
-        let _ = dump.wait();
-        let _ = drain.join();
+        let mut pinged = Ok(String::new());
+        let pcap = self.capture_underlay(&[], || {
+            pinged = exec(&a.ns, "ping", &["-c", "3", "-i", "0.2", "-W", "2", "-p", &pattern, &to.to_string()]);
+        })?;
         pinged.context("ping through the tunnel")?;
         let bytes = std::fs::read(&pcap)?;
         let frames = pcap_frames(&bytes)?;

@@ -53,48 +53,13 @@ fn underlay_capture_is_vxlan_vni_1_with_the_pods_inside() {
     let mut o = options("c");
     o.nodes = 2;
     let (lab, _g) = up(&o);
-    let pcap = lab.dir.join("underlay.pcap");
-    let pcap_s = pcap.display().to_string();
-    let ul = format!("{}-ul", lab.opts.name);
-    let mut dump = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &ul,
-            "tcpdump",
-            "-Z",
-            "root",
-            "--immediate-mode",
-            "-i",
-            "br0",
-            "-U",
-            "-n",
-            "-w",
-            &pcap_s,
-            "udp",
-            "port",
-            "8472",
-        ])
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("tcpdump");
-    // tcpdump says "listening on br0" once its capture is open.
-    let mut stderr = std::io::BufReader::new(dump.stderr.take().unwrap());
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut stderr, &mut line).unwrap();
-    assert!(line.contains("listening on"), "tcpdump: {line}");
-    // Keep reading, so tcpdump's closing words never meet a closed pipe.
-    let drain = std::thread::spawn(move || {
-        let mut rest = String::new();
-        let _ = std::io::Read::read_to_string(&mut stderr, &mut rest);
-        rest
-    });
     let (a, b) = (&lab.nodes[0].pods[0], &lab.nodes[1].pods[0]);
-    netns::exec(&a.ns, "ping", &["-c", "3", "-i", "0.2", "-W", "2", &v4(b).to_string()]).unwrap();
-    std::thread::sleep(Duration::from_millis(300));
-    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(dump.id() as i32), nix::sys::signal::Signal::SIGINT);
-    let _ = dump.wait();
-    let tcpdump_said = drain.join().unwrap_or_default();
+    let pcap = lab
+        .capture_underlay(&["udp", "port", "8472"], || {
+            netns::exec(&a.ns, "ping", &["-c", "3", "-i", "0.2", "-W", "2", &v4(b).to_string()]).unwrap();
+        })
+        .unwrap();
+    let pcap_s = pcap.display().to_string();
     let out = netns::run(
         "tshark",
         &[
@@ -122,7 +87,7 @@ fn underlay_capture_is_vxlan_vni_1_with_the_pods_inside() {
     )
     .unwrap();
     let lines: Vec<&str> = out.lines().filter(|l| !l.is_empty()).collect();
-    assert!(lines.len() >= 6, "3 echo requests and 3 replies, got:\n{out}\ntcpdump: {tcpdump_said}");
+    assert!(lines.len() >= 6, "3 echo requests and 3 replies, got:\n{out}");
     for line in &lines {
         let f: Vec<&str> = line.split('|').collect();
         assert_eq!(f[0], "1", "VNI in {line}");

@@ -121,6 +121,10 @@ fn dual_stack_pods_cross_one_wireguard_peer_per_node() {
     o.cluster_cidrs = vec!["10.42.0.0/16".parse().unwrap(), "2001:cafe:42::/56".parse().unwrap()];
     let (lab, _g) = up(&o);
     let checks = lab.check();
-    assert!(checks.iter().any(|c| c.name.starts_with("tcp 8 MiB 2001:cafe:42:") && c.passed), "{}", lab::table(&checks));
+    assert!(
+        checks.iter().any(|c| c.name.starts_with("tcp 8 MiB 2001:cafe:42:") && c.passed),
+        "{}",
+        lab::table(&checks)
+    );
     assert_all_passed(&lab, &checks);
 }
