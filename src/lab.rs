@@ -321,9 +321,9 @@ pub fn up(opts: &LabOptions) -> anyhow::Result<Lab> {
         bail!("--peer kernel-vxlan needs --backend vxlan and an IPv4 cluster-cidr");
     }
     if let Some(p) = &opts.wg_peer {
-        if p != "wireguard-go" || opts.backend != "wireguard-native" || opts.cluster_v4().is_none() || opts.kernel_peer
-        {
-            bail!("--peer {p}: wireguard-go needs --backend wireguard-native and an IPv4 cluster-cidr");
+        let known = ["wireguard-go", "boringtun"].contains(&p.as_str());
+        if !known || opts.backend != "wireguard-native" || opts.cluster_v4().is_none() || opts.kernel_peer {
+            bail!("--peer {p}: wireguard-go and boringtun need --backend wireguard-native and an IPv4 cluster-cidr");
         }
     }
     if netns::exists(&format!("{}-ul", opts.name)) {
@@ -581,29 +581,37 @@ pub fn wg_ifname(lab: &Lab, n: &Node) -> String {
     format!("wg{:06x}n{}", h & 0xff_ffff, n.index)
 }
 
-/// Runs `wireguard-go` on `n` and configures it with `wg` from the other
-/// nodes' leases, the way a WireGuard operator would; writes the
-/// `subnet.env` a Flannel node would have.
+/// Runs the userspace WireGuard peer (`wireguard-go`, or `boringtun-cli`)
+/// on `n` and configures it with `wg` from the other nodes' leases, the way a
+/// WireGuard operator would; writes the `subnet.env` a Flannel node would have.
 fn userspace_wg_node(lab: &Lab, n: &Node) -> anyhow::Result<()> {
     let ns = n.ns.as_str();
     let (Some(subnet), Some(_)) = (n.key.v4, n.ip4) else { bail!("the userspace WireGuard peer is IPv4 only") };
     let ifname = wg_ifname(lab, n);
     let log = std::fs::File::create(lab.dir.join(format!("n{}.log", n.index)))?;
     use std::os::unix::process::CommandExt;
+    let program: &[&str] = match lab.opts.wg_peer.as_deref() {
+        Some("boringtun") => &["boringtun-cli", "--foreground", "--disable-drop-privileges"],
+        _ => &["wireguard-go", "-f"],
+    };
     let child = Command::new("ip")
-        .args(["netns", "exec", ns, "wireguard-go", "-f", &ifname])
+        .args(["netns", "exec", ns])
+        .args(program)
+        .arg(&ifname)
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
         .process_group(0)
         .spawn()
-        .context("starting wireguard-go (Debian package wireguard-go)")?;
+        .with_context(|| {
+            format!("starting {} (wireguard-go: Debian package; boringtun-cli: cargo install)", program[0])
+        })?;
     std::fs::write(lab.dir.join(format!("n{}.pid", n.index)), child.id().to_string())?;
     let sock = Path::new("/var/run/wireguard").join(format!("{ifname}.sock"));
     let deadline = Instant::now() + Duration::from_secs(10);
     while !sock.exists() {
         if Instant::now() > deadline {
-            bail!("wireguard-go made no UAPI socket at {}", sock.display());
+            bail!("{} made no UAPI socket at {}", program[0], sock.display());
         }
         std::thread::sleep(Duration::from_millis(50));
     }

@@ -61,8 +61,8 @@ struct LabArgs {
     /// Leave the lab running and print how to enter a pod.
     #[arg(long)]
     keep: bool,
-    /// Run the last node without weft, as a real peer: kernel-vxlan or wireguard-go.
-    #[arg(long, value_parser = ["kernel-vxlan", "wireguard-go"])]
+    /// Run the last node without weft, as a real peer: kernel-vxlan, wireguard-go or boringtun.
+    #[arg(long, value_parser = ["kernel-vxlan", "wireguard-go", "boringtun"])]
     peer: Option<String>,
     /// Lab name: prefix of its namespaces.
     #[arg(long, default_value = "weftlab")]
@@ -190,8 +190,12 @@ fn run_lab(l: LabArgs) -> anyhow::Result<ExitCode> {
         opts.nodes,
         if opts.kernel_peer {
             ", the last one a kernel Flannel node"
-        } else if opts.wg_peer.is_some() {
-            ", the last one wireguard-go"
+        } else if let Some(p) = &opts.wg_peer {
+            if p == "boringtun" {
+                ", the last one boringtun-cli"
+            } else {
+                ", the last one wireguard-go"
+            }
         } else {
             ""
         }

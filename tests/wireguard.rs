@@ -90,26 +90,36 @@ fn a_node_that_changes_its_underlay_address_is_followed() {
     }
 }
 
-#[test]
-fn wireguard_go_configured_with_wg_joins_the_mesh() {
-    let mut o = options("g");
+/// A lab whose last node is the userspace WireGuard `peer`, configured with `wg`.
+fn userspace_peer_joins_the_mesh(tag: &str, peer: &str) {
+    let mut o = options(tag);
     o.backend = "wireguard-native".into();
-    o.wg_peer = Some("wireguard-go".into());
+    o.wg_peer = Some(peer.into());
     o.transfer_mib = 8;
     let (lab, _g) = up(&o);
     assert_eq!(lab.nodes[2].kind, lab::NodeKind::UserspaceWg);
     let checks = lab.check();
-    // Both TCP directions between weft (node 1) and wireguard-go (node 3).
+    // Both TCP directions between weft (node 1) and the peer (node 3).
     assert!(checks.iter().any(|c| c.name == "tcp 8 MiB 10.244.1.2 -> 10.244.3.2" && c.passed));
     assert!(checks.iter().any(|c| c.name == "tcp 8 MiB 10.244.3.2 -> 10.244.1.2" && c.passed));
     assert_all_passed(&lab, &checks);
-    // wireguard-go's own view: a handshake with both weft nodes.
+    // The peer's own view: a handshake with both weft nodes.
     let dump =
         netns::exec(&lab.nodes[2].ns, "wg", &["show", &lab::wg_ifname(&lab, &lab.nodes[2]), "latest-handshakes"])
             .unwrap();
     let handshakes: Vec<u64> = dump.lines().filter_map(|l| l.split_whitespace().nth(1)?.parse().ok()).collect();
     assert_eq!(handshakes.len(), 2, "{dump}");
     assert!(handshakes.iter().all(|t| *t > 0), "both peers handshook: {dump}");
+}
+
+#[test]
+fn wireguard_go_configured_with_wg_joins_the_mesh() {
+    userspace_peer_joins_the_mesh("g", "wireguard-go");
+}
+
+#[test]
+fn boringtun_cli_configured_with_wg_joins_the_mesh() {
+    userspace_peer_joins_the_mesh("b", "boringtun");
 }
 
 #[test]
