@@ -138,14 +138,21 @@ impl TunIo for TunQueue {
 
     fn write_batch(&mut self, batch: &Batch, counters: &WorkerCounters) {
         for (packet, _) in batch.packets() {
-            add(&counters.syscalls, 1);
-            match self.send(packet) {
-                Ok(_) => {
-                    add(&counters.tun_tx_packets, 1);
-                    add(&counters.tun_tx_bytes, packet.len() as u64);
-                }
-                Err(_) => counters.count_drop(DropCause::Engine(EngineDrop::TunWriteError)),
+            self.write_counted(packet, counters);
+        }
+    }
+}
+
+impl TunQueue {
+    /// Writes one packet, counting it (or its failure as a drop).
+    pub fn write_counted(&self, packet: &[u8], counters: &WorkerCounters) {
+        add(&counters.syscalls, 1);
+        match self.send(packet) {
+            Ok(_) => {
+                add(&counters.tun_tx_packets, 1);
+                add(&counters.tun_tx_bytes, packet.len() as u64);
             }
+            Err(_) => counters.count_drop(DropCause::Engine(EngineDrop::TunWriteError)),
         }
     }
 }

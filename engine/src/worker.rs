@@ -258,14 +258,7 @@ impl Worker {
                     st.endpoint = Some(from);
                     add(&peer.counters.rx_packets, 1);
                     add(&peer.counters.rx_bytes, p.len() as u64);
-                    add(&self.counters.syscalls, 1);
-                    match self.tun.send(p) {
-                        Ok(_) => {
-                            add(&self.counters.tun_tx_packets, 1);
-                            add(&self.counters.tun_tx_bytes, p.len() as u64);
-                        }
-                        Err(_) => self.counters.count_drop(DropCause::Engine(EngineDrop::TunWriteError)),
-                    }
+                    self.tun.write_counted(p, &self.counters);
                 }
                 Decrypted::Nothing => st.endpoint = Some(from),
                 Decrypted::Refused => self.counters.count_drop(DropCause::Engine(EngineDrop::WgRejected)),
@@ -279,16 +272,7 @@ impl Worker {
     /// the kernel (fragmentation or ICMP "too big").
     fn write_segmented(&mut self, packet: &[u8]) {
         let (tun, counters) = (&self.tun, &*self.counters);
-        let mut write = |seg: &[u8]| {
-            add(&counters.syscalls, 1);
-            match tun.send(seg) {
-                Ok(_) => {
-                    add(&counters.tun_tx_packets, 1);
-                    add(&counters.tun_tx_bytes, seg.len() as u64);
-                }
-                Err(_) => counters.count_drop(DropCause::Engine(EngineDrop::TunWriteError)),
-            }
-        };
+        let mut write = |seg: &[u8]| tun.write_counted(seg, counters);
         match segment_tcp(packet, self.mtu, &mut self.scratch, &mut write) {
             Ok(_) => add(&counters.sw_segmented, 1),
             Err(_) => write(packet),
