@@ -22,6 +22,8 @@ enum Command {
     Agent(AgentArgs),
     /// Build a cluster of network namespaces here, run agents, check pods talk.
     Lab(LabArgs),
+    /// Measure pod-to-pod throughput, packet rate, latency and CPU per data plane.
+    Bench(weft::bench::BenchArgs),
 }
 
 /// `weft agent`'s arguments, parsed by [`agent_command`] (one flag per key).
@@ -97,6 +99,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Agent(a) => agent(a).map(|()| ExitCode::SUCCESS),
         Command::Lab(l) => run_lab(l),
+        Command::Bench(b) => weft::bench::run(b),
     };
     match result {
         Ok(code) => code,

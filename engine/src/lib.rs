@@ -82,43 +82,116 @@ pub struct Engine {
     current: Arc<Mutex<Arc<Snapshot>>>,
     stop: Arc<AtomicBool>,
     timers: Option<JoinHandle<()>>,
+    cfg: EngineConfig,
+    /// The UDP ports bound (IPv4, IPv6): the configured ones, or the ones
+    /// the kernel picked for port 0.
+    ports: (u16, u16),
+    /// What the timer thread sends with.
+    shared: Arc<WgShared>,
+}
+
+/// The WireGuard device and the sockets the timer thread uses; both change
+/// when the device's key or listen port does.
+struct WgShared {
+    device: Mutex<Option<Arc<WgDevice>>>,
+    sockets: Mutex<Vec<std::net::UdpSocket>>,
+}
+
+/// Sockets opened for all workers at one port pair.
+struct Opened {
+    per_worker: Vec<Vec<worker::Family>>,
+    timer_sockets: Vec<std::net::UdpSocket>,
+    ports: (u16, u16),
+}
+
+/// Opens every worker's underlay sockets at `port` (IPv4, and IPv6 for
+/// VXLAN) and `port_v6` (IPv6 for WireGuard). Port 0 takes a free port,
+/// the same for both families when `port_v6` is 0 too.
+fn open_families(cfg: &EngineConfig, threads: usize, port: u16, port_v6: u16) -> std::io::Result<Opened> {
+    let locals: Vec<IpAddr> = match &cfg.encap {
+        Encap::Vxlan(v) => v.iter().map(|x| x.local().addr).collect(),
+        Encap::Wireguard(_, l) => l.clone(),
+    };
+    if locals.is_empty() {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "no underlay address"));
+    }
+    let wg = matches!(cfg.encap, Encap::Wireguard(..));
+    // A kernel-picked port may be taken in the other family: try again.
+    let mut last_err = None;
+    for _ in 0..8 {
+        match open_at(cfg, &locals, wg, threads, port, port_v6) {
+            Ok(o) => return Ok(o),
+            Err(e) if port == 0 && e.kind() == std::io::ErrorKind::AddrInUse => last_err = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last_err.unwrap_or_else(|| std::io::ErrorKind::AddrInUse.into()))
+}
+
+fn open_at(
+    cfg: &EngineConfig,
+    locals: &[IpAddr],
+    wg: bool,
+    threads: usize,
+    port: u16,
+    port_v6: u16,
+) -> std::io::Result<Opened> {
+    let (mut port, mut port_v6) = (port, port_v6);
+    let mut per_worker: Vec<Vec<worker::Family>> = (0..threads).map(|_| Vec::new()).collect();
+    let mut timer_sockets = Vec::new();
+    for (i, local) in locals.iter().enumerate() {
+        let v6_port = local.is_ipv6() && wg;
+        for families in per_worker.iter_mut() {
+            let want = if v6_port { port_v6 } else { port };
+            let sock = udp_socket(*local, want)?;
+            if want == 0 {
+                let got = sock.local_addr()?.port();
+                // Every later socket (and family) joins the picked port.
+                if v6_port {
+                    port_v6 = got;
+                } else {
+                    port = got;
+                    if port_v6 == 0 {
+                        port_v6 = got;
+                    }
+                }
+            }
+            if timer_sockets.len() <= i && wg {
+                timer_sockets.push(sock.try_clone()?);
+            }
+            let (vxlan, tx) = match &cfg.encap {
+                Encap::Vxlan(v) => (Some(v[i].clone()), Some(sys::raw::RawUdpTx::open(*local)?)),
+                Encap::Wireguard(..) => (None, None),
+            };
+            let io = io::UdpUnderlay { rx: mio::net::UdpSocket::from_std(sock), tx, v6: local.is_ipv6() };
+            families.push(worker::Family { vxlan, io });
+        }
+    }
+    Ok(Opened { per_worker, timer_sockets, ports: (port, port_v6) })
 }
 
 impl Engine {
     /// Creates the TUN device and starts the workers with `snapshot`.
     pub fn start(cfg: &EngineConfig, snapshot: Arc<Snapshot>) -> std::io::Result<Engine> {
         let threads = cfg.threads.max(1);
-        let queues = sys::tun::TunQueue::create(&cfg.tun_name, threads)?;
-        let (locals, wg): (Vec<IpAddr>, Option<Arc<WgDevice>>) = match &cfg.encap {
-            Encap::Vxlan(v) => (v.iter().map(|x| x.local().addr).collect(), None),
-            Encap::Wireguard(d, l) => (l.clone(), Some(d.clone())),
+        let wg = match &cfg.encap {
+            Encap::Vxlan(_) => None,
+            Encap::Wireguard(d, _) => Some(d.clone()),
         };
-        if locals.is_empty() {
-            return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "no underlay address"));
-        }
+        let mut opened = open_families(cfg, threads, cfg.port, cfg.port_v6)?;
+        let queues = sys::tun::TunQueue::create(&cfg.tun_name, threads)?;
         let current = Arc::new(Mutex::new(snapshot.clone()));
-        let mut timer_sockets = Vec::new();
+        let shared = Arc::new(WgShared {
+            device: Mutex::new(wg.clone()),
+            sockets: Mutex::new(std::mem::take(&mut opened.timer_sockets)),
+        });
         let mut workers = Vec::with_capacity(threads);
         let mut counters = Vec::with_capacity(threads);
-        for (id, tun) in queues.into_iter().enumerate() {
+        for ((id, tun), families) in queues.into_iter().enumerate().zip(opened.per_worker) {
             let poll = mio::Poll::new()?;
             let waker = Arc::new(mio::Waker::new(poll.registry(), WAKER)?);
             let (tx, rx) = crossbeam_channel::unbounded();
             let c = Arc::new(WorkerCounters::default());
-            let mut families = Vec::with_capacity(locals.len());
-            for (i, local) in locals.iter().enumerate() {
-                let port = if local.is_ipv6() && wg.is_some() { cfg.port_v6 } else { cfg.port };
-                let sock = udp_socket(*local, port)?;
-                if id == 0 && wg.is_some() {
-                    timer_sockets.push(sock.try_clone()?);
-                }
-                let (vxlan, tx) = match &cfg.encap {
-                    Encap::Vxlan(v) => (Some(v[i].clone()), Some(sys::raw::RawUdpTx::open(*local)?)),
-                    Encap::Wireguard(..) => (None, None),
-                };
-                let io = io::UdpUnderlay { rx: mio::net::UdpSocket::from_std(sock), tx, v6: local.is_ipv6() };
-                families.push(worker::Family { vxlan, io });
-            }
             let w = Worker {
                 poll,
                 tun,
@@ -145,19 +218,19 @@ impl Engine {
         }
         let stop = Arc::new(AtomicBool::new(false));
         let timers = match wg {
-            Some(device) => {
-                let (current, stop) = (current.clone(), stop.clone());
+            Some(_) => {
+                let (current, stop, shared) = (current.clone(), stop.clone(), shared.clone());
                 let c = counters[0].clone();
                 Some(
                     std::thread::Builder::new()
                         .name("weft-wg-timers".into())
-                        .spawn(move || wg_timers(device, current, timer_sockets, c, stop))?,
+                        .spawn(move || wg_timers(shared, current, c, stop))?,
                 )
             }
             None => None,
         };
-        tracing::info!(tun = %cfg.tun_name, threads, port = cfg.port, "engine started");
-        Ok(Engine { workers, counters, current, stop, timers })
+        tracing::info!(tun = %cfg.tun_name, threads, port = opened.ports.0, "engine started");
+        Ok(Engine { workers, counters, current, stop, timers, cfg: cfg.clone(), ports: opened.ports, shared })
     }
 
     /// Swaps `snapshot` into every worker at its next batch boundary.
@@ -169,6 +242,44 @@ impl Engine {
             let _ = w.control.send(Control::Snapshot(snapshot.clone()));
             let _ = w.waker.wake();
         }
+    }
+
+    /// The UDP ports the workers listen on (IPv4, IPv6).
+    pub fn ports(&self) -> (u16, u16) {
+        self.ports
+    }
+
+    /// Moves every worker to new UDP ports (0: a free one). Nothing changes
+    /// if a port cannot be bound. Returns the ports bound.
+    pub fn set_ports(&mut self, port: u16, port_v6: u16) -> std::io::Result<(u16, u16)> {
+        let opened = open_families(&self.cfg, self.workers.len(), port, port_v6)?;
+        if let Ok(mut s) = self.shared.sockets.lock() {
+            *s = opened.timer_sockets;
+        }
+        for (w, families) in self.workers.iter().zip(opened.per_worker) {
+            let _ = w.control.send(Control::Families(families));
+            let _ = w.waker.wake();
+        }
+        self.ports = opened.ports;
+        Ok(self.ports)
+    }
+
+    /// Replaces the WireGuard device (a new private key). The peers built
+    /// with the old key must be replaced too, with [`Engine::update`].
+    pub fn set_wg_device(&self, device: Arc<WgDevice>) {
+        if let Ok(mut d) = self.shared.device.lock() {
+            *d = Some(device.clone());
+        }
+        for w in &self.workers {
+            let _ = w.control.send(Control::WgDevice(device.clone()));
+            let _ = w.waker.wake();
+        }
+    }
+
+    /// Whether any worker has stopped on its own (its TUN queue or socket
+    /// failed: the device was deleted, for instance).
+    pub fn failed(&self) -> bool {
+        self.counters.iter().any(|c| c.stopped.load(Ordering::Relaxed))
     }
 
     /// Per-worker counters.
@@ -195,9 +306,8 @@ impl Engine {
 /// Drives every WireGuard peer's timers: handshake retries and rekeys,
 /// keepalives, session expiry; resets the handshake rate limiter each second.
 fn wg_timers(
-    device: Arc<WgDevice>,
+    shared: Arc<WgShared>,
     current: Arc<Mutex<Arc<Snapshot>>>,
-    sockets: Vec<std::net::UdpSocket>,
     counters: Arc<WorkerCounters>,
     stop: Arc<AtomicBool>,
 ) {
@@ -207,9 +317,12 @@ fn wg_timers(
         std::thread::sleep(WG_TIMER_TICK);
         ticks = ticks.wrapping_add(1);
         if ticks.is_multiple_of(10) {
-            device.rate_limiter.reset_count();
+            if let Some(d) = shared.device.lock().ok().and_then(|d| d.clone()) {
+                d.rate_limiter.reset_count();
+            }
         }
         let snapshot = current.lock().map(|s| s.clone()).unwrap_or_default();
+        let Ok(sockets) = shared.sockets.lock() else { return };
         for wg in snapshot.peers().iter().filter_map(|p| p.wg.as_ref()) {
             let mut st = wg.lock();
             let endpoint = st.endpoint;

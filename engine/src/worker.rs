@@ -44,12 +44,16 @@ const UDP_BASE: usize = 2;
 pub enum Control {
     /// Forward with this snapshot from the next batch on.
     Snapshot(Arc<Snapshot>),
+    /// Use these underlay sockets (a new port) instead of the current ones.
+    Families(Vec<Family>),
+    /// Use this WireGuard device (a new private key).
+    WgDevice(Arc<WgDevice>),
     /// Leave the loop.
     Stop,
 }
 
 /// One underlay family: its VXLAN endpoint (none with WireGuard) and its sockets.
-pub(crate) struct Family {
+pub struct Family {
     pub vxlan: Option<Vxlan>,
     pub io: UdpUnderlay,
 }
@@ -102,6 +106,17 @@ impl Worker {
             while let Ok(msg) = self.control.try_recv() {
                 match msg {
                     Control::Snapshot(s) => self.snapshot = s,
+                    Control::WgDevice(d) => self.wg = Some(d),
+                    Control::Families(families) => {
+                        for f in &mut self.families {
+                            let _ = self.poll.registry().deregister(&mut f.io.rx);
+                        }
+                        self.families = families;
+                        for (i, f) in self.families.iter_mut().enumerate() {
+                            self.poll.registry().register(&mut f.io.rx, Token(UDP_BASE + i), Interest::READABLE)?;
+                        }
+                        udp_pending = [true; 2];
+                    }
                     Control::Stop => return Ok(()),
                 }
             }
