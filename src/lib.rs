@@ -16,5 +16,6 @@ pub mod lab;
 pub mod lease;
 pub mod metrics;
 pub mod netns;
+pub mod standalone;
 pub mod uapi;
 pub mod wgdev;

@@ -24,6 +24,8 @@ enum Command {
     Lab(LabArgs),
     /// Measure pod-to-pod throughput, packet rate, latency and CPU per data plane.
     Bench(weft::bench::BenchArgs),
+    /// A userspace WireGuard device, as `wireguard-go IFNAME` (also run as `weft-wg IFNAME`).
+    Wg(weft::standalone::WgArgs),
 }
 
 /// `weft agent`'s arguments, parsed by [`agent_command`] (one flag per key).
@@ -95,11 +97,12 @@ fn main() -> ExitCode {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(argv());
     let result = match cli.command {
         Command::Agent(a) => agent(a).map(|()| ExitCode::SUCCESS),
         Command::Lab(l) => run_lab(l),
         Command::Bench(b) => weft::bench::run(b),
+        Command::Wg(w) => weft::standalone::run(w),
     };
     match result {
         Ok(code) => code,
@@ -109,6 +112,21 @@ fn main() -> ExitCode {
         }
     }
 }
+
+/// The command line; invoked as `weft-wg` (a symlink, the name wg-quick's
+/// `WG_QUICK_USERSPACE_IMPLEMENTATION` is given), it is `weft wg ...`.
+fn argv() -> Vec<std::ffi::OsString> {
+    let mut args: Vec<_> = std::env::args_os().collect();
+    let invoked = args.first().map(std::path::Path::new).and_then(|p| p.file_name()).map(|n| n.to_owned());
+    if invoked.as_deref() == Some(std::ffi::OsStr::new(WG_NAME)) {
+        args[0] = "weft".into();
+        args.insert(1, "wg".into());
+    }
+    args
+}
+
+/// The name under which the binary acts as `weft wg`.
+const WG_NAME: &str = "weft-wg";
 
 /// The agent's command line: `--config FILE`, and every config key as a flag.
 fn agent_command() -> clap::Command {

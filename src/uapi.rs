@@ -344,6 +344,82 @@ pub struct DeviceStatus {
     pub peers: Vec<PeerStatus>,
 }
 
+impl DeviceStatus {
+    /// Applies a set request to this configuration the way WireGuard does
+    /// (the order [`Device::apply`] describes): a new private key drops the
+    /// peer that has its public key, a peer with the device's own public key
+    /// is ignored, `update_only` skips unknown peers, a prefix belongs to one
+    /// peer at a time (adding it to one takes it from any other), prefixes
+    /// are kept masked. Binding the port and the fwmark is the caller's part;
+    /// run-time fields (handshake, counters) of kept peers stay as they are.
+    pub fn apply_set(&mut self, req: &SetRequest) {
+        if let Some(k) = req.private_key {
+            self.private_key = k.filter(|k| !k.is_zero());
+        }
+        let own = self.private_key.map(|k| Key(weft_engine::WgDevice::public_of(k.0)));
+        if let Some(own) = own {
+            self.peers.retain(|p| p.public_key != own);
+        }
+        if let Some(port) = req.listen_port {
+            self.listen_port = port;
+        }
+        if let Some(mark) = req.fwmark {
+            self.fwmark = Some(mark).filter(|&m| m != 0);
+        }
+        if req.replace_peers {
+            self.peers.clear();
+        }
+        for pc in &req.peers {
+            if Some(pc.public_key) == own {
+                continue;
+            }
+            let existing = self.peers.iter().position(|p| p.public_key == pc.public_key);
+            if pc.remove {
+                if let Some(i) = existing {
+                    self.peers.remove(i);
+                }
+                continue;
+            }
+            let i = match existing {
+                Some(i) => i,
+                None if pc.update_only => continue,
+                None => {
+                    self.peers.push(PeerStatus { public_key: pc.public_key, ..Default::default() });
+                    self.peers.len() - 1
+                }
+            };
+            let p = &mut self.peers[i];
+            if let Some(psk) = pc.preshared_key {
+                p.preshared_key = psk.filter(|k| !k.is_zero());
+            }
+            if let Some(ep) = pc.endpoint {
+                p.endpoint = Some(ep);
+            }
+            if let Some(secs) = pc.persistent_keepalive {
+                p.persistent_keepalive = secs;
+            }
+            if pc.replace_allowed_ips {
+                p.allowed_ips.clear();
+            }
+            for net in pc.allowed_ips.iter().map(IpNet::trunc) {
+                for (j, other) in self.peers.iter_mut().enumerate() {
+                    if j != i {
+                        other.allowed_ips.retain(|n| *n != net);
+                    }
+                }
+                let p = &mut self.peers[i];
+                if !p.allowed_ips.contains(&net) {
+                    p.allowed_ips.push(net);
+                }
+            }
+            let p = &mut self.peers[i];
+            for net in pc.remove_allowed_ips.iter().map(IpNet::trunc) {
+                p.allowed_ips.retain(|n| *n != net);
+            }
+        }
+    }
+}
+
 /// The reply to `get=1`, laid out as wireguard-go lays it out: `private_key`
 /// (if set and not zero), `listen_port` (if not 0), `fwmark` (if set and not
 /// 0); per peer `public_key`, `preshared_key` (always, all zeros when none, as
@@ -1401,6 +1477,53 @@ mod tests {
         assert!(UapiError::Truncated.is_fatal());
         // A refusal whose request then ends without its blank line still reports the refusal.
         assert_eq!(parse("set=1\nbogus=1\nx=2\n"), Err(UapiError::UnknownDeviceKey("bogus".into())));
+    }
+
+    #[test]
+    fn test_apply_set_follows_wireguard() {
+        let own_private = key(1);
+        let own_public = Key(weft_engine::WgDevice::public_of(own_private.0));
+        let (b, c) = (key(2), key(3));
+        let mut dev = DeviceStatus::default();
+        // Peers b and c; c shares a prefix with b, which moves it to c.
+        dev.apply_set(&parse_set_ok(&format!(
+            "set=1\nlisten_port=7\npublic_key={}\nallowed_ip=10.0.0.1/24\nallowed_ip=10.9.0.0/16\n\
+             public_key={}\nallowed_ip=10.9.0.0/16\npreshared_key={}\n\n",
+            b.to_hex(),
+            c.to_hex(),
+            key(9).to_hex()
+        )));
+        assert_eq!(dev.listen_port, 7);
+        assert_eq!(dev.peers.len(), 2);
+        assert_eq!(dev.peers[0].allowed_ips, [net("10.0.0.0/24")], "masked, and the shared prefix taken by c");
+        assert_eq!(dev.peers[1].allowed_ips, [net("10.9.0.0/16")]);
+        assert_eq!(dev.peers[1].preshared_key, Some(key(9)));
+        // A peer with the device's own key is ignored; setting that private
+        // key later drops a peer that has its public key.
+        dev.apply_set(&parse_set_ok(&format!("set=1\npublic_key={}\n\n", own_public.to_hex())));
+        assert_eq!(dev.peers.len(), 3, "no private key yet: any peer is taken");
+        dev.apply_set(&parse_set_ok(&format!("set=1\nprivate_key={}\n\n", own_private.to_hex())));
+        assert_eq!(dev.private_key, Some(own_private));
+        assert_eq!(dev.peers.len(), 2, "the peer with our own public key is gone");
+        dev.apply_set(&parse_set_ok(&format!("set=1\npublic_key={}\nallowed_ip=10.1.0.0/16\n\n", own_public.to_hex())));
+        assert!(dev.peers.iter().all(|p| p.public_key != own_public), "own key ignored");
+        // update_only leaves unknown peers out; a zero PSK clears it; remove.
+        let d = key(4);
+        dev.apply_set(&parse_set_ok(&format!(
+            "set=1\npublic_key={}\nupdate_only=true\nallowed_ip=10.4.0.0/16\n\
+             public_key={}\npreshared_key={}\npublic_key={}\nremove=true\n\n",
+            d.to_hex(),
+            c.to_hex(),
+            Key::ZERO.to_hex(),
+            b.to_hex()
+        )));
+        assert_eq!(dev.peers.len(), 1);
+        assert_eq!(dev.peers[0].public_key, c);
+        assert_eq!(dev.peers[0].preshared_key, None);
+        // A zero private key removes it; replace_peers empties the list.
+        dev.apply_set(&parse_set_ok(&format!("set=1\nprivate_key={}\nreplace_peers=true\n\n", Key::ZERO.to_hex())));
+        assert_eq!(dev.private_key, None);
+        assert!(dev.peers.is_empty());
     }
 
     #[test]

@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ipnet::IpNet;
-use weft::uapi::{self, Device, DeviceStatus, Key, PeerStatus, ServerHandle, SetRequest, UapiError};
+use weft::uapi::{self, Device, DeviceStatus, Key, ServerHandle, SetRequest, UapiError};
 
 // ---------------------------------------------------------------------------
 // An in-memory device with WireGuard's set semantics.
@@ -58,71 +58,12 @@ impl Device for MemDevice {
     }
 
     fn apply(&self, req: SetRequest) -> Result<(), UapiError> {
-        let mut guard = self.state.lock().unwrap();
-        // Work on a copy so that a refusal changes nothing.
-        let mut st = guard.clone();
-        if let Some(k) = req.private_key {
-            st.private_key = k;
+        let mut st = self.state.lock().unwrap();
+        // A refused port changes nothing.
+        if let Some(port) = req.listen_port.filter(|p| Some(*p) == self.busy_port) {
+            return Err(UapiError::PortInUse(port));
         }
-        if let Some(port) = req.listen_port {
-            if Some(port) == self.busy_port {
-                return Err(UapiError::PortInUse(port));
-            }
-            st.listen_port = port;
-        }
-        if let Some(mark) = req.fwmark {
-            st.fwmark = Some(mark).filter(|&m| m != 0);
-        }
-        if req.replace_peers {
-            st.peers.clear();
-        }
-        for pc in req.peers {
-            let existing = st.peers.iter().position(|p| p.public_key == pc.public_key);
-            if pc.remove {
-                if let Some(i) = existing {
-                    st.peers.remove(i);
-                }
-                continue;
-            }
-            let i = match existing {
-                Some(i) => i,
-                None if pc.update_only => continue,
-                None => {
-                    st.peers.push(PeerStatus { public_key: pc.public_key, ..Default::default() });
-                    st.peers.len() - 1
-                }
-            };
-            let p = &mut st.peers[i];
-            if let Some(psk) = pc.preshared_key {
-                p.preshared_key = psk;
-            }
-            if let Some(ep) = pc.endpoint {
-                p.endpoint = Some(ep);
-            }
-            if let Some(secs) = pc.persistent_keepalive {
-                p.persistent_keepalive = secs;
-            }
-            if pc.replace_allowed_ips {
-                p.allowed_ips.clear();
-            }
-            for net in pc.allowed_ips.iter().map(IpNet::trunc) {
-                // A prefix belongs to one peer: taking it moves it.
-                for (j, other) in st.peers.iter_mut().enumerate() {
-                    if j != i {
-                        other.allowed_ips.retain(|n| *n != net);
-                    }
-                }
-                let p = &mut st.peers[i];
-                if !p.allowed_ips.contains(&net) {
-                    p.allowed_ips.push(net);
-                }
-            }
-            let p = &mut st.peers[i];
-            for net in pc.remove_allowed_ips.iter().map(IpNet::trunc) {
-                p.allowed_ips.retain(|n| *n != net);
-            }
-        }
-        *guard = st;
+        st.apply_set(&req);
         Ok(())
     }
 }

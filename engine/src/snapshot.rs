@@ -49,6 +49,9 @@ pub struct Families {
     pub v6: bool,
 }
 
+/// The VTEP of a WireGuard peer known by key only (never used to send).
+const NO_VTEP: Vtep = Vtep { addr: IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), mac: [0; 6] };
+
 /// Where packets to one pod subnet go: the peer and the VTEP to use.
 #[derive(Debug, Clone, Copy)]
 struct Hop {
@@ -79,6 +82,9 @@ impl Snapshot {
             let v6 = p.vtep6.filter(|_| local.v6);
             for net in &p.subnets {
                 let vtep = if net.addr().is_ipv6() { v6.or(v4) } else { v4.or(v6) };
+                // A WireGuard peer is reached at its endpoint, not a VTEP:
+                // its allowed IPs route to it even before it has one.
+                let vtep = vtep.or_else(|| p.wg.as_ref().map(|_| NO_VTEP));
                 if let Some(vtep) = vtep {
                     routes.insert(*net, Hop { peer: i, vtep });
                 }
