@@ -286,9 +286,6 @@ impl Device for StandaloneWg {
     }
 
     fn apply(&self, req: SetRequest) -> Result<(), UapiError> {
-        if req.fwmark.is_some_and(|m| m != 0) {
-            return Err(UapiError::Unsupported("fwmark (socket marks) is not supported by weft wg yet"));
-        }
         let mut inner = self.lock();
         let mut config = inner.config.clone();
         config.apply_set(&req);
@@ -303,6 +300,12 @@ impl Device for StandaloneWg {
             }
         } else {
             config.listen_port = inner.config.listen_port;
+        }
+        if config.fwmark != inner.config.fwmark {
+            let Some(engine) = inner.engine.as_mut() else {
+                return Err(UapiError::Io(std::io::ErrorKind::NotConnected));
+            };
+            engine.set_fwmark(config.fwmark).map_err(|e| UapiError::Io(e.kind()))?;
         }
         if config.private_key != inner.config.private_key {
             // Sessions made with the old key are worthless: every peer

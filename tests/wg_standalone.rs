@@ -199,6 +199,14 @@ fn wg_quick_up_with_weft_wg_carries_traffic_both_ways_and_down_ends_it() {
     let mut net = Net::new("q");
     let (a, b) = (net.ns("a"), net.ns("b"));
     net.link(&a, &b, 93);
+    // Node a reaches b's underlay address only through its default route,
+    // and sends everything through the tunnel (AllowedIPs 0.0.0.0/0): wg-quick
+    // then marks weft's sockets (fwmark) and routes unmarked traffic into the
+    // tunnel, so the tunnel's own datagrams leave only if the mark holds.
+    let va = format!("{}va", net.tag);
+    netns::exec(&a, "ip", &["addr", "flush", "dev", &va]).unwrap();
+    netns::exec(&a, "ip", &["addr", "add", "192.168.93.1/32", "dev", &va]).unwrap();
+    netns::exec(&a, "ip", &["route", "add", "default", "dev", &va]).unwrap();
     let (ia, ib) = (net.iface("a"), net.iface("b"));
     let (ka, pa) = net.keypair();
     let (kb, pb) = net.keypair();
@@ -209,7 +217,7 @@ fn wg_quick_up_with_weft_wg_carries_traffic_both_ways_and_down_ends_it() {
         )
     };
     let files = [
-        (&a, &ia, conf(&ka, "10.93.0.1/24", &pb, "10.93.0.2/32", "192.168.93.2:51820")),
+        (&a, &ia, conf(&ka, "10.93.0.1/24", &pb, "0.0.0.0/0", "192.168.93.2:51820")),
         (&b, &ib, conf(&kb, "10.93.0.2/24", &pa, "10.93.0.1/32", "192.168.93.1:51820")),
     ];
     let env = [("WG_QUICK_USERSPACE_IMPLEMENTATION", "weft-wg")];
@@ -229,6 +237,7 @@ fn wg_quick_up_with_weft_wg_carries_traffic_both_ways_and_down_ends_it() {
         let c = transfer_check(&from, &to, false, 8 << 20);
         assert!(c.passed, "{}: {}", c.name, c.detail);
     }
+    assert_eq!(wg(&a, &["show", &ia, "fwmark"]).unwrap().trim(), "0xca6c", "wg-quick's mark (51820)");
     let rows = peer_rows(&a, &ia);
     assert_eq!(rows.len(), 1);
     assert_eq!(rows[0][0], pb);

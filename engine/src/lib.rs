@@ -86,6 +86,8 @@ pub struct Engine {
     /// The UDP ports bound (IPv4, IPv6): the configured ones, or the ones
     /// the kernel picked for port 0.
     ports: (u16, u16),
+    /// The mark (`SO_MARK`) on every underlay socket, if any.
+    fwmark: Option<u32>,
     /// What the timer thread sends with.
     shared: Arc<WgShared>,
 }
@@ -107,7 +109,13 @@ struct Opened {
 /// Opens every worker's underlay sockets at `port` (IPv4, and IPv6 for
 /// VXLAN) and `port_v6` (IPv6 for WireGuard). Port 0 takes a free port,
 /// the same for both families when `port_v6` is 0 too.
-fn open_families(cfg: &EngineConfig, threads: usize, port: u16, port_v6: u16) -> std::io::Result<Opened> {
+fn open_families(
+    cfg: &EngineConfig,
+    threads: usize,
+    port: u16,
+    port_v6: u16,
+    fwmark: Option<u32>,
+) -> std::io::Result<Opened> {
     let locals: Vec<IpAddr> = match &cfg.encap {
         Encap::Vxlan(v) => v.iter().map(|x| x.local().addr).collect(),
         Encap::Wireguard(_, l) => l.clone(),
@@ -119,7 +127,7 @@ fn open_families(cfg: &EngineConfig, threads: usize, port: u16, port_v6: u16) ->
     // A kernel-picked port may be taken in the other family: try again.
     let mut last_err = None;
     for _ in 0..8 {
-        match open_at(cfg, &locals, wg, threads, port, port_v6) {
+        match open_at(cfg, &locals, wg, threads, (port, port_v6), fwmark) {
             Ok(o) => return Ok(o),
             Err(e) if port == 0 && e.kind() == std::io::ErrorKind::AddrInUse => last_err = Some(e),
             Err(e) => return Err(e),
@@ -133,10 +141,9 @@ fn open_at(
     locals: &[IpAddr],
     wg: bool,
     threads: usize,
-    port: u16,
-    port_v6: u16,
+    (mut port, mut port_v6): (u16, u16),
+    fwmark: Option<u32>,
 ) -> std::io::Result<Opened> {
-    let (mut port, mut port_v6) = (port, port_v6);
     let mut per_worker: Vec<Vec<worker::Family>> = (0..threads).map(|_| Vec::new()).collect();
     let mut timer_sockets = Vec::new();
     for (i, local) in locals.iter().enumerate() {
@@ -144,6 +151,9 @@ fn open_at(
         for families in per_worker.iter_mut() {
             let want = if v6_port { port_v6 } else { port };
             let sock = udp_socket(*local, want)?;
+            if let Some(mark) = fwmark {
+                socket2::SockRef::from(&sock).set_mark(mark)?;
+            }
             if want == 0 {
                 let got = sock.local_addr()?.port();
                 // Every later socket (and family) joins the picked port.
@@ -178,7 +188,7 @@ impl Engine {
             Encap::Vxlan(_) => None,
             Encap::Wireguard(d, _) => Some(d.clone()),
         };
-        let mut opened = open_families(cfg, threads, cfg.port, cfg.port_v6)?;
+        let mut opened = open_families(cfg, threads, cfg.port, cfg.port_v6, None)?;
         let queues = sys::tun::TunQueue::create(&cfg.tun_name, threads)?;
         let current = Arc::new(Mutex::new(snapshot.clone()));
         let shared = Arc::new(WgShared {
@@ -230,7 +240,17 @@ impl Engine {
             None => None,
         };
         tracing::info!(tun = %cfg.tun_name, threads, port = opened.ports.0, "engine started");
-        Ok(Engine { workers, counters, current, stop, timers, cfg: cfg.clone(), ports: opened.ports, shared })
+        Ok(Engine {
+            workers,
+            counters,
+            current,
+            stop,
+            timers,
+            cfg: cfg.clone(),
+            ports: opened.ports,
+            fwmark: None,
+            shared,
+        })
     }
 
     /// Swaps `snapshot` into every worker at its next batch boundary.
@@ -252,7 +272,7 @@ impl Engine {
     /// Moves every worker to new UDP ports (0: a free one). Nothing changes
     /// if a port cannot be bound. Returns the ports bound.
     pub fn set_ports(&mut self, port: u16, port_v6: u16) -> std::io::Result<(u16, u16)> {
-        let opened = open_families(&self.cfg, self.workers.len(), port, port_v6)?;
+        let opened = open_families(&self.cfg, self.workers.len(), port, port_v6, self.fwmark)?;
         if let Ok(mut s) = self.shared.sockets.lock() {
             *s = opened.timer_sockets;
         }
@@ -262,6 +282,19 @@ impl Engine {
         }
         self.ports = opened.ports;
         Ok(self.ports)
+    }
+
+    /// Marks every underlay socket with `mark` (`SO_MARK`, for policy
+    /// routing such as wg-quick's), or no mark: the workers move to new
+    /// sockets on the same ports.
+    pub fn set_fwmark(&mut self, mark: Option<u32>) -> std::io::Result<()> {
+        let (old, ports) = (self.fwmark, self.ports);
+        self.fwmark = mark;
+        if let Err(e) = self.set_ports(ports.0, ports.1) {
+            self.fwmark = old;
+            return Err(e);
+        }
+        Ok(())
     }
 
     /// Replaces the WireGuard device (a new private key). The peers built
