@@ -4,8 +4,14 @@
 //! down: a cluster has a handful of distinct lengths (usually one), so a
 //! lookup is one or two hash probes. The table is built whole by the control
 //! plane and never changed in place; workers read it without a lock.
+//!
+//! Keys are hashed with a multiply-fold of their own, not SipHash: the keys
+//! (pod subnets) come from the control plane, never from packets, so there
+//! is no table an attacker can fill with collisions, and a lookup costs a
+//! few nanoseconds instead of a SipHash round per probe.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::net::IpAddr;
 
 use ipnet::IpNet;
@@ -20,7 +26,36 @@ pub struct RouteTable<V> {
 #[derive(Debug, Clone)]
 struct Family<V> {
     /// (prefix length, masked address -> value), longest length first.
-    levels: Vec<(u8, HashMap<u128, V>)>,
+    levels: Vec<(u8, HashMap<u128, V, BuildHasherDefault<PrefixHasher>>)>,
+}
+
+/// Hashes a masked address: both halves multiplied by odd constants and
+/// folded, so that the low bits the map indexes by depend on every bit.
+#[derive(Default)]
+struct PrefixHasher(u64);
+
+impl Hasher for PrefixHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut b = [0u8; 8];
+            b[..chunk.len()].copy_from_slice(chunk);
+            self.write_u64(u64::from_le_bytes(b));
+        }
+    }
+
+    fn write_u64(&mut self, v: u64) {
+        let m = u128::from(self.0 ^ v).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        self.0 = (m as u64) ^ ((m >> 64) as u64);
+    }
+
+    fn write_u128(&mut self, v: u128) {
+        self.write_u64(v as u64);
+        self.write_u64((v >> 64) as u64);
+    }
 }
 
 impl<V> Default for Family<V> {
@@ -50,7 +85,7 @@ impl<V> RouteTable<V> {
         let pos = match family.levels.binary_search_by(|(l, _)| len.cmp(l)) {
             Ok(i) => i,
             Err(i) => {
-                family.levels.insert(i, (len, HashMap::new()));
+                family.levels.insert(i, (len, HashMap::default()));
                 i
             }
         };
