@@ -26,8 +26,11 @@ pub struct RouteTable<V> {
 #[derive(Debug, Clone)]
 struct Family<V> {
     /// (prefix length, masked address -> value), longest length first.
-    levels: Vec<(u8, HashMap<u128, V, BuildHasherDefault<PrefixHasher>>)>,
+    levels: Vec<(u8, Level<V>)>,
 }
+
+/// The prefixes of one length: masked address -> value.
+type Level<V> = HashMap<u128, V, BuildHasherDefault<PrefixHasher>>;
 
 /// Hashes a masked address: both halves multiplied by odd constants and
 /// folded, so that the low bits the map indexes by depend on every bit.
