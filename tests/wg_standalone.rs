@@ -210,24 +210,11 @@ fn wg_quick_up_with_weft_wg_carries_traffic_both_ways_and_down_ends_it() {
     let (ia, ib) = (net.iface("a"), net.iface("b"));
     let (ka, pa) = net.keypair();
     let (kb, pb) = net.keypair();
-    let conf = |private: &str, addr: &str, peer: &str, allowed: &str, endpoint: &str| {
-        format!(
-            "[Interface]\nPrivateKey = {private}\nAddress = {addr}\nListenPort = 51820\n\n\
-             [Peer]\nPublicKey = {peer}\nAllowedIPs = {allowed}\nEndpoint = {endpoint}\n"
-        )
-    };
-    let files = [
-        (&a, &ia, conf(&ka, "10.93.0.1/24", &pb, "0.0.0.0/0", "192.168.93.2:51820")),
-        (&b, &ib, conf(&kb, "10.93.0.2/24", &pa, "10.93.0.1/32", "192.168.93.1:51820")),
-    ];
-    let env = [("WG_QUICK_USERSPACE_IMPLEMENTATION", "weft-wg")];
-    for (ns, iface, text) in &files {
-        let path = net.dir.join(format!("{iface}.conf"));
-        std::fs::write(&path, text).unwrap();
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
-        let out = net.run_in(ns, "wg-quick", &["up", path.to_str().unwrap()], &env);
-        let log = ok(&out, "wg-quick up") + &String::from_utf8_lossy(&out.stderr);
-        assert!(log.contains("weft-wg"), "wg-quick ran the userspace implementation: {log}");
+    for (ns, iface, text) in [
+        (&a, &ia, quick_conf(&ka, "10.93.0.1/24", &pb, "0.0.0.0/0", "192.168.93.2:51820")),
+        (&b, &ib, quick_conf(&kb, "10.93.0.2/24", &pa, "10.93.0.1/32", "192.168.93.1:51820")),
+    ] {
+        wg_quick_up(&net, ns, iface, &text, "weft-wg");
         assert!(device_pid(iface).is_some(), "weft wg runs in the background");
     }
 
@@ -247,10 +234,57 @@ fn wg_quick_up_with_weft_wg_carries_traffic_both_ways_and_down_ends_it() {
     // wg-quick down deletes the link: the process sees its TUN go and exits,
     // taking its socket with it.
     let path = net.dir.join(format!("{ia}.conf"));
+    let env = [("WG_QUICK_USERSPACE_IMPLEMENTATION", "weft-wg")];
     ok(&net.run_in(&a, "wg-quick", &["down", path.to_str().unwrap()], &env), "wg-quick down");
     assert!(eventually(Duration::from_secs(3), || device_pid(&ia).is_none()), "weft wg exits with its TUN");
     assert!(!weft::uapi::socket_path(&ia).exists(), "its socket is removed");
     assert!(device_pid(&ib).is_some(), "the other device runs on");
+}
+
+/// A wg-quick configuration with one peer.
+fn quick_conf(private: &str, addr: &str, peer: &str, allowed: &str, endpoint: &str) -> String {
+    format!(
+        "[Interface]\nPrivateKey = {private}\nAddress = {addr}\nListenPort = 51820\n\n\
+         [Peer]\nPublicKey = {peer}\nAllowedIPs = {allowed}\nEndpoint = {endpoint}\n"
+    )
+}
+
+/// `wg-quick up` of `text` as interface `iface` in `ns`, with `program` as
+/// the userspace implementation.
+fn wg_quick_up(net: &Net, ns: &str, iface: &str, text: &str, program: &str) {
+    let path = net.dir.join(format!("{iface}.conf"));
+    std::fs::write(&path, text).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let env = [("WG_QUICK_USERSPACE_IMPLEMENTATION", program)];
+    let out = net.run_in(ns, "wg-quick", &["up", path.to_str().unwrap()], &env);
+    let log = ok(&out, "wg-quick up") + &String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains(&format!("[#] {program} {iface}")), "wg-quick ran {program}: {log}");
+}
+
+#[test]
+fn weft_wg_and_wireguard_go_talk_through_wg_quick() {
+    let mut net = Net::new("g");
+    let (a, b) = (net.ns("a"), net.ns("b"));
+    net.link(&a, &b, 98);
+    let (ia, ib) = (net.iface("a"), net.iface("b"));
+    let (ka, pa) = net.keypair();
+    let (kb, pb) = net.keypair();
+    wg_quick_up(&net, &a, &ia, &quick_conf(&ka, "10.98.0.1/24", &pb, "10.98.0.2/32", "192.168.98.2:51820"), "weft-wg");
+    wg_quick_up(
+        &net,
+        &b,
+        &ib,
+        &quick_conf(&kb, "10.98.0.2/24", &pa, "10.98.0.1/32", "192.168.98.1:51820"),
+        "wireguard-go",
+    );
+    assert!(ping_within(&a, "10.98.0.2", Duration::from_secs(5)), "weft -> wireguard-go");
+    assert!(ping(&b, "10.98.0.1"), "wireguard-go -> weft");
+    for (from, to) in [(pod(&a, "10.98.0.1"), pod(&b, "10.98.0.2")), (pod(&b, "10.98.0.2"), pod(&a, "10.98.0.1"))] {
+        let c = transfer_check(&from, &to, false, 4 << 20);
+        assert!(c.passed, "{}: {}", c.name, c.detail);
+    }
+    // wireguard-go exits when its TUN goes with the namespace; stop it now anyway.
+    let _ = Command::new("pkill").args(["-f", &format!("wireguard-go {ib}$")]).status();
 }
 
 /// Two standalone devices: `ua` keeps its TUN, `ub`'s TUN is moved into
