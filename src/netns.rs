@@ -77,3 +77,58 @@ pub fn spawn_in_netns<T: Send + 'static>(
         Err(_) => bail!("entering namespace {ns}: thread died"),
     }
 }
+
+/// What a command run by [`exec_timeout`] left.
+#[derive(Debug, Clone)]
+pub struct Output {
+    /// Whether it exited with status 0.
+    pub success: bool,
+    /// Its stdout.
+    pub stdout: String,
+    /// Its stderr.
+    pub stderr: String,
+}
+
+/// Runs `program args...` inside namespace `ns`; kills it and fails if it
+/// runs longer than `limit`. A non-zero exit is not an error here: the
+/// caller reads [`Output::success`] and the output (iperf3 writes its
+/// errors into its JSON).
+pub fn exec_timeout(ns: &str, program: &str, args: &[&str], limit: std::time::Duration) -> anyhow::Result<Output> {
+    use std::io::Read;
+    use std::process::Stdio;
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", ns, program])
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {program} in {ns}"))?;
+    let mut out = child.stdout.take().context("stdout")?;
+    let mut err = child.stderr.take().context("stderr")?;
+    let out_t = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = out.read_to_end(&mut s);
+        s
+    });
+    let err_t = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = err.read_to_end(&mut s);
+        s
+    });
+    let deadline = std::time::Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("`{program} {}` in {ns} ran longer than {limit:?}: killed", args.join(" "));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let stdout = String::from_utf8_lossy(&out_t.join().unwrap_or_default()).into_owned();
+    let stderr = String::from_utf8_lossy(&err_t.join().unwrap_or_default()).into_owned();
+    Ok(Output { success: status.success(), stdout, stderr })
+}

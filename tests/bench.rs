@@ -1,0 +1,77 @@
+//! `weft bench --quick` (root): the harness builds its topologies, measures,
+//! reports a table, JSON and SVG, and leaves nothing behind. It checks the
+//! harness works, not the figures: a benchmark is never a timed test.
+
+mod common;
+
+use std::process::Command;
+
+use common::{unique_name, weft_bin};
+
+const MODES: [&str; 3] = ["weft-vxlan", "kernel-vxlan", "kernel-hostgw"];
+const FIELDS: [&str; 7] = ["tcp1_gbps", "tcp4_gbps", "udp64_pps", "udp64_loss", "rtt_avg_us", "rtt_p99_us", "cpu_pct"];
+
+#[test]
+fn quick_bench_reports_every_mode_and_cleans_up() {
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("skipped: weft bench builds network namespaces and must run as root");
+        return;
+    }
+    let name = unique_name("bench");
+    let dir = std::env::temp_dir().join(format!("{name}-out"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (json_path, svg_path) = (dir.join("bench.json"), dir.join("bench.svg"));
+    let out = Command::new(weft_bin())
+        .args(["bench", "--quick", "--modes", &MODES.join(","), "--name", &name])
+        .arg("--json")
+        .arg(&json_path)
+        .arg("--svg")
+        .arg(&svg_path)
+        .output()
+        .expect("running weft bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let leftovers: Vec<String> =
+        weft::netns::list().into_iter().filter(|n| n.starts_with(&format!("{name}-"))).collect();
+    if !leftovers.is_empty() {
+        weft::lab::down(&name);
+    }
+    assert!(out.status.success(), "weft bench failed: {}\nstdout:\n{stdout}\nstderr:\n{stderr}", out.status);
+    assert!(leftovers.is_empty(), "namespaces left behind: {leftovers:?}");
+    assert!(!std::path::Path::new(weft::lab::STATE_ROOT).join(&name).exists(), "state directory left behind");
+
+    // The table: a line per mode, then the ratios to kernel VXLAN.
+    assert!(stdout.contains("machine: "), "{stdout}");
+    let header = stdout.lines().position(|l| l.starts_with("mode") && l.contains("tcp1 Gbit/s")).expect(&stdout);
+    let ratios = stdout.lines().position(|l| l.starts_with("ratio to kernel-vxlan")).expect(&stdout);
+    assert!(ratios > header, "{stdout}");
+    for m in MODES {
+        let ratio_line = stdout.lines().skip(ratios + 2).find(|l| l.starts_with(m)).expect(&stdout);
+        assert_eq!(ratio_line.split_whitespace().count(), 7, "{ratio_line}");
+        assert!(ratio_line.split_whitespace().skip(1).all(|r| r.ends_with('x')), "{ratio_line}");
+    }
+
+    let doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
+    assert!(doc["commit"].is_string());
+    assert!(doc["machine"]["cores"].as_u64().unwrap() >= 1);
+    assert!(doc["machine"]["kernel"].as_str().unwrap().contains("Linux"));
+    for m in MODES {
+        let f = &doc["modes"][m];
+        for k in FIELDS {
+            assert!(f[k].is_number(), "{m}.{k} missing in {doc:#}");
+        }
+        let get = |k: &str| f[k].as_f64().unwrap();
+        assert!(get("tcp1_gbps") > 0.0 && get("tcp4_gbps") > 0.0, "{m}: {f}");
+        assert!(get("udp64_pps") > 0.0, "{m}: {f}");
+        assert!((0.0..=1.0).contains(&get("udp64_loss")), "{m}: {f}");
+        assert!(get("rtt_avg_us") > 0.0 && get("rtt_p99_us") >= get("rtt_avg_us"), "{m}: {f}");
+        assert!(get("cpu_pct") >= 0.0, "{m}: {f}");
+    }
+
+    let svg = std::fs::read_to_string(&svg_path).unwrap();
+    assert!(svg.starts_with("<svg"), "{svg}");
+    for m in MODES {
+        assert!(svg.contains(m), "the chart does not name {m}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
