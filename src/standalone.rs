@@ -61,12 +61,20 @@ pub struct WgArgs {
 /// Runs `weft wg`.
 pub fn run(args: WgArgs) -> anyhow::Result<ExitCode> {
     check_ifname(&args.ifname)?;
+    // A TUN of that name would take our queues beside its owner's; refuse
+    // as wireguard-go does ("device or resource busy").
+    if weft_engine::sys::netlink::Netlink::link_index(&args.ifname).is_ok() {
+        bail!("interface {} already exists", args.ifname);
+    }
+    let path = uapi::socket_path(&args.ifname);
+    if std::os::unix::net::UnixStream::connect(&path).is_ok() {
+        bail!("{} is in use by a running device", path.display());
+    }
     if !args.foreground {
         return daemonize(&args);
     }
     let threads = args.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let dev = Arc::new(StandaloneWg::start(&args.ifname, threads)?);
-    let path = uapi::socket_path(&args.ifname);
     let server = match uapi::serve(&path, dev.clone()) {
         Ok(s) => s,
         Err(e) => {
@@ -167,6 +175,8 @@ struct Inner {
 struct Live {
     wg: Arc<WgPeer>,
     counters: Arc<PeerCounters>,
+    /// The last handshake seen.
+    last_handshake: Option<SystemTime>,
 }
 
 impl StandaloneWg {
@@ -246,10 +256,15 @@ impl Inner {
                     l
                 }
                 None => {
-                    let index = self.next_index;
-                    self.next_index = (self.next_index + 1) & 0x00ff_ffff;
+                    // Local indices are 24 bits (the low byte of a receiver
+                    // index is the session's); skip 0 and any still in use.
+                    let mut index = self.next_index;
+                    while index == 0 || live.values().chain(self.peers.values()).any(|l| l.wg.index == index) {
+                        index = (index + 1) & 0x00ff_ffff;
+                    }
+                    self.next_index = (index + 1) & 0x00ff_ffff;
                     let wg = WgPeer::new(&self.device, p.public_key.0, psk, keepalive, index, p.endpoint);
-                    Live { wg: Arc::new(wg), counters: Default::default() }
+                    Live { wg: Arc::new(wg), counters: Default::default(), last_handshake: None }
                 }
             };
             peers.push(Peer {
@@ -271,14 +286,19 @@ impl Inner {
 
 impl Device for StandaloneWg {
     fn status(&self) -> DeviceStatus {
-        let inner = self.lock();
+        let mut inner = self.lock();
         let mut status = inner.config.clone();
         let now = SystemTime::now();
         for p in &mut status.peers {
-            let Some(l) = inner.peers.get(&p.public_key) else { continue };
+            let Some(l) = inner.peers.get_mut(&p.public_key) else { continue };
             let (since, tx, rx) = l.wg.stats();
             p.endpoint = l.wg.lock().endpoint.or(p.endpoint);
-            p.last_handshake = since.and_then(|d| now.checked_sub(d));
+            // boringtun forgets the handshake when its sessions expire;
+            // WireGuard keeps reporting the last one.
+            if let Some(at) = since.and_then(|d| now.checked_sub(d)) {
+                l.last_handshake = Some(at);
+            }
+            p.last_handshake = l.last_handshake;
             p.tx_bytes = tx;
             p.rx_bytes = rx;
         }
@@ -289,30 +309,35 @@ impl Device for StandaloneWg {
         let mut inner = self.lock();
         let mut config = inner.config.clone();
         config.apply_set(&req);
-        if let Some(port) = req.listen_port.filter(|p| *p != inner.config.listen_port || *p == 0) {
+        // Port and mark in one rebind, so that a refusal changes nothing.
+        let old_port = inner.config.listen_port;
+        let new_port = req.listen_port.filter(|p| *p == 0 || *p != old_port);
+        if new_port.is_some() || config.fwmark != inner.config.fwmark {
+            let port = new_port.unwrap_or(old_port);
             let Some(engine) = inner.engine.as_mut() else {
                 return Err(UapiError::Io(std::io::ErrorKind::NotConnected));
             };
-            match engine.set_ports(port, port) {
-                Ok((bound, _)) => config.listen_port = bound,
-                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => return Err(UapiError::PortInUse(port)),
-                Err(e) => return Err(UapiError::Io(e.kind())),
-            }
+            // wireguard-go answers any failure to bind with EADDRINUSE.
+            let (bound, _) = engine.rebind((port, port), config.fwmark).map_err(|_| UapiError::PortInUse(port))?;
+            config.listen_port = bound;
         } else {
-            config.listen_port = inner.config.listen_port;
+            config.listen_port = old_port;
         }
-        if config.fwmark != inner.config.fwmark {
-            let Some(engine) = inner.engine.as_mut() else {
-                return Err(UapiError::Io(std::io::ErrorKind::NotConnected));
-            };
-            engine.set_fwmark(config.fwmark).map_err(|e| UapiError::Io(e.kind()))?;
+        // A peer removed, or all of them with replace_peers, starts over
+        // (new session, counters at zero) if it is added again.
+        if req.replace_peers {
+            inner.peers.clear();
+        }
+        for pc in req.peers.iter().filter(|p| p.remove) {
+            inner.peers.remove(&pc.public_key);
         }
         if config.private_key != inner.config.private_key {
-            // Sessions made with the old key are worthless: every peer
-            // starts over with the new identity.
+            // The peers stay; their sessions, made with the old key, end.
             let key = config.private_key.map_or([0; 32], |k| k.0);
             inner.device = Arc::new(WgDevice::new(key));
-            inner.peers.clear();
+            for l in inner.peers.values() {
+                l.wg.set_private(&inner.device);
+            }
             if let Some(e) = &inner.engine {
                 e.set_wg_device(inner.device.clone());
             }

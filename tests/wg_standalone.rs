@@ -60,7 +60,12 @@ impl Net {
 
     /// A veth between `a` (address `.1`) and `b` (`.2`) of `192.168.<net>.0/24`.
     fn link(&self, a: &str, b: &str, net: u8) {
-        let (va, vb) = (format!("{}va", self.tag), format!("{}vb", self.tag));
+        self.link_named(a, b, net, ("va", "vb"));
+    }
+
+    /// [`Net::link`] with the veth ends named `<tag><names>`.
+    fn link_named(&self, a: &str, b: &str, net: u8, names: (&str, &str)) {
+        let (va, vb) = (format!("{}{}", self.tag, names.0), format!("{}{}", self.tag, names.1));
         netns::ip(&["link", "add", &va, "netns", a, "type", "veth", "peer", "name", &vb, "netns", b]).unwrap();
         for (ns, dev, host) in [(a, &va, 1), (b, &vb, 2)] {
             netns::exec(ns, "ip", &["addr", "add", &format!("192.168.{net}.{host}/24"), "dev", dev]).unwrap();
@@ -335,6 +340,14 @@ fn standalone_device_follows_wg_set_and_outlives_malformed_requests() {
     let (ua, pb, ia, ib) = (&p.ua, &p.pb, &p.ia, &p.ib);
     assert!(ping_within(ua, "10.94.0.2", Duration::from_secs(5)), "a -> b through the moved TUN");
     assert!(ping(pb, "10.94.0.1"), "b -> a");
+    // A second device of the same name is refused and leaves the first alone.
+    netns::exec(ua, "ip", &["link", "set", ia, "mtu", "1300"]).unwrap();
+    let again = p.net.run_in(ua, weft_bin().to_str().unwrap(), &["wg", ia], &[]);
+    assert!(!again.status.success(), "a second weft wg {ia} is refused");
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"), "{again:?}");
+    let link = netns::exec(ua, "ip", &["link", "show", ia]).unwrap();
+    assert!(link.contains("mtu 1300"), "{link}");
+    assert!(ping(ua, "10.94.0.2"), "the first device goes on");
     assert_eq!(wg(ua, &["show", ia, "listen-port"]).unwrap().trim(), "51901");
     assert_eq!(wg(ua, &["show", ia, "public-key"]).unwrap().trim(), p.a_key.1);
 
@@ -348,9 +361,18 @@ fn standalone_device_follows_wg_set_and_outlives_malformed_requests() {
     assert_eq!(peer_rows(ua, ia)[0][3], "10.94.0.2/32", "allowed IPs replaced");
     assert!(ping(ua, "10.94.0.2"), "traffic after changing the peer");
 
-    // A port in use is refused and changes nothing; a free one is taken, and
-    // the peer follows it (roaming) once we send from it.
-    let blocker = netns::in_netns(ua, || UdpSocket::bind("0.0.0.0:51950")).unwrap().unwrap();
+    // A port in use is refused and changes nothing, even when its holder
+    // allows SO_REUSEPORT (as every weft socket does, another device's
+    // included); a free one is taken, and the peer follows it (roaming) once
+    // we send from it.
+    let blocker = netns::in_netns(ua, || {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)?;
+        s.set_reuse_port(true)?;
+        s.bind(&"0.0.0.0:51950".parse::<SocketAddr>().unwrap().into())?;
+        std::io::Result::Ok(s)
+    })
+    .unwrap()
+    .unwrap();
     let e = wg(ua, &["set", ia, "listen-port", "51950"]).unwrap_err().to_string();
     assert!(e.contains("in use"), "{e}");
     assert_eq!(wg(ua, &["show", ia, "listen-port"]).unwrap().trim(), "51901");
@@ -398,6 +420,64 @@ fn standalone_device_follows_wg_set_and_outlives_malformed_requests() {
     assert!(!ping(ua, "10.94.0.2"), "no peer, no traffic");
     wg(ua, &["set", ia, "peer", b, "allowed-ips", "10.94.0.2/32", "endpoint", "192.168.94.2:51902"]).unwrap();
     assert!(ping_within(ua, "10.94.0.2", Duration::from_secs(10)), "peer added back");
+}
+
+#[test]
+fn a_peer_cannot_inject_sources_that_route_to_another_peer() {
+    let p = Pair::up("o", 99);
+    let mut net = p.net;
+    // A third device c, on a link of its own to a; a gives c 10.94.0.0/24,
+    // which overlaps b's 10.94.0.2/32: the longest match owns an address.
+    let uc = net.ns("uc");
+    net.link_named(&p.ua, &uc, 100, ("vc", "vd"));
+    let ic = net.iface("c");
+    ok(&net.run_in(&uc, weft_bin().to_str().unwrap(), &["wg", &ic], &[]), "weft wg c");
+    let c_key = net.keypair();
+    let file = net.key_file(&c_key.0);
+    wg(&uc, &["set", &ic, "private-key", file.to_str().unwrap(), "listen-port", "51903"]).unwrap();
+    wg(&uc, &["set", &ic, "peer", &p.a_key.1, "allowed-ips", "10.94.0.1/32", "endpoint", "192.168.100.1:51901"])
+        .unwrap();
+    for addr in ["10.94.0.3/24", "10.94.0.2/32"] {
+        netns::exec(&uc, "ip", &["addr", "add", addr, "dev", &ic]).unwrap();
+    }
+    netns::exec(&uc, "ip", &["link", "set", &ic, "up"]).unwrap();
+    wg(&p.ua, &["set", &p.ia, "peer", &c_key.1, "allowed-ips", "10.94.0.0/24", "endpoint", "192.168.100.2:51903"])
+        .unwrap();
+
+    let listener = netns::in_netns(&p.ua, || UdpSocket::bind("10.94.0.1:7777")).unwrap().unwrap();
+    listener.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let send_from = |ns: &str, src: &'static str, what: &'static [u8]| {
+        netns::in_netns(ns, move || {
+            let s = UdpSocket::bind((src, 0)).unwrap();
+            s.send_to(what, "10.94.0.1:7777").unwrap();
+        })
+        .unwrap()
+    };
+    let received = |want: &[u8]| {
+        let mut buf = [0u8; 64];
+        while let Ok((n, _)) = listener.recv_from(&mut buf) {
+            if &buf[..n] == want {
+                return true;
+            }
+        }
+        false
+    };
+    // c's own address gets through (after the handshake).
+    let mut through = false;
+    for _ in 0..5 {
+        send_from(&uc, "10.94.0.3", b"from c");
+        if received(b"from c") {
+            through = true;
+            break;
+        }
+    }
+    assert!(through, "c reaches a from its own address");
+    // c claiming b's address, which is inside c's /24 but routes to b: dropped.
+    send_from(&uc, "10.94.0.2", b"c as b");
+    assert!(!received(b"c as b"), "c injected a packet with b's address");
+    // b itself is still heard from that address.
+    send_from(&p.pb, "10.94.0.2", b"from b");
+    assert!(received(b"from b"), "b reaches a");
 }
 
 fn read_reply(s: &mut UnixStream) -> String {

@@ -109,12 +109,17 @@ struct Opened {
 /// Opens every worker's underlay sockets at `port` (IPv4, and IPv6 for
 /// VXLAN) and `port_v6` (IPv6 for WireGuard). Port 0 takes a free port,
 /// the same for both families when `port_v6` is 0 too.
+/// Opens every worker's underlay sockets at `ports` (IPv4, and IPv6 for
+/// VXLAN; IPv6 for WireGuard), marked with `fwmark`. Port 0 takes a free
+/// port, the same for both families when both are 0. `exclusive`: the ports
+/// must not be held by anyone (see [`udp_socket`]); off only when moving our
+/// own sockets to new ones on the same ports.
 fn open_families(
     cfg: &EngineConfig,
     threads: usize,
-    port: u16,
-    port_v6: u16,
+    (port, port_v6): (u16, u16),
     fwmark: Option<u32>,
+    exclusive: bool,
 ) -> std::io::Result<Opened> {
     let locals: Vec<IpAddr> = match &cfg.encap {
         Encap::Vxlan(v) => v.iter().map(|x| x.local().addr).collect(),
@@ -127,7 +132,7 @@ fn open_families(
     // A kernel-picked port may be taken in the other family: try again.
     let mut last_err = None;
     for _ in 0..8 {
-        match open_at(cfg, &locals, wg, threads, (port, port_v6), fwmark) {
+        match open_at(cfg, &locals, wg, threads, (port, port_v6), fwmark, exclusive) {
             Ok(o) => return Ok(o),
             Err(e) if port == 0 && e.kind() == std::io::ErrorKind::AddrInUse => last_err = Some(e),
             Err(e) => return Err(e),
@@ -143,14 +148,30 @@ fn open_at(
     threads: usize,
     (mut port, mut port_v6): (u16, u16),
     fwmark: Option<u32>,
+    exclusive: bool,
 ) -> std::io::Result<Opened> {
     let mut per_worker: Vec<Vec<worker::Family>> = (0..threads).map(|_| Vec::new()).collect();
     let mut timer_sockets = Vec::new();
     for (i, local) in locals.iter().enumerate() {
         let v6_port = local.is_ipv6() && wg;
+        if exclusive {
+            // SO_REUSEPORT lets any socket of the same user join a port, so
+            // a port is first taken by a socket without it: that fails if
+            // anyone holds the port, and picks one for port 0.
+            let want = if v6_port { port_v6 } else { port };
+            let got = udp_socket(*local, want, false)?.local_addr()?.port();
+            if v6_port {
+                port_v6 = got;
+            } else {
+                port = got;
+                if port_v6 == 0 {
+                    port_v6 = got;
+                }
+            }
+        }
         for families in per_worker.iter_mut() {
             let want = if v6_port { port_v6 } else { port };
-            let sock = udp_socket(*local, want)?;
+            let sock = udp_socket(*local, want, true)?;
             if let Some(mark) = fwmark {
                 socket2::SockRef::from(&sock).set_mark(mark)?;
             }
@@ -188,7 +209,7 @@ impl Engine {
             Encap::Vxlan(_) => None,
             Encap::Wireguard(d, _) => Some(d.clone()),
         };
-        let mut opened = open_families(cfg, threads, cfg.port, cfg.port_v6, None)?;
+        let mut opened = open_families(cfg, threads, (cfg.port, cfg.port_v6), None, true)?;
         let queues = sys::tun::TunQueue::create(&cfg.tun_name, threads)?;
         let current = Arc::new(Mutex::new(snapshot.clone()));
         let shared = Arc::new(WgShared {
@@ -269,10 +290,13 @@ impl Engine {
         self.ports
     }
 
-    /// Moves every worker to new UDP ports (0: a free one). Nothing changes
-    /// if a port cannot be bound. Returns the ports bound.
-    pub fn set_ports(&mut self, port: u16, port_v6: u16) -> std::io::Result<(u16, u16)> {
-        let opened = open_families(&self.cfg, self.workers.len(), port, port_v6, self.fwmark)?;
+    /// Moves every worker to new UDP sockets at `ports` (0: a free one),
+    /// marked with `fwmark` (`SO_MARK`, for policy routing such as
+    /// wg-quick's). New ports must be free; the current ones are reopened
+    /// (a new mark). Nothing changes on an error. Returns the ports bound.
+    pub fn rebind(&mut self, ports: (u16, u16), fwmark: Option<u32>) -> std::io::Result<(u16, u16)> {
+        let exclusive = ports != self.ports;
+        let opened = open_families(&self.cfg, self.workers.len(), ports, fwmark, exclusive)?;
         if let Ok(mut s) = self.shared.sockets.lock() {
             *s = opened.timer_sockets;
         }
@@ -281,20 +305,8 @@ impl Engine {
             let _ = w.waker.wake();
         }
         self.ports = opened.ports;
+        self.fwmark = fwmark;
         Ok(self.ports)
-    }
-
-    /// Marks every underlay socket with `mark` (`SO_MARK`, for policy
-    /// routing such as wg-quick's), or no mark: the workers move to new
-    /// sockets on the same ports.
-    pub fn set_fwmark(&mut self, mark: Option<u32>) -> std::io::Result<()> {
-        let (old, ports) = (self.fwmark, self.ports);
-        self.fwmark = mark;
-        if let Err(e) = self.set_ports(ports.0, ports.1) {
-            self.fwmark = old;
-            return Err(e);
-        }
-        Ok(())
     }
 
     /// Replaces the WireGuard device (a new private key). The peers built
@@ -376,9 +388,9 @@ fn wg_timers(
     }
 }
 
-/// A non-blocking UDP socket on the tunnel port, shared by the workers
-/// through `SO_REUSEPORT`, of the underlay's family.
-fn udp_socket(local: IpAddr, port: u16) -> std::io::Result<std::net::UdpSocket> {
+/// A non-blocking UDP socket on the tunnel port, of the underlay's family;
+/// with `reuse`, shared by the workers through `SO_REUSEPORT`.
+fn udp_socket(local: IpAddr, port: u16, reuse: bool) -> std::io::Result<std::net::UdpSocket> {
     let (domain, any) = match local {
         IpAddr::V4(_) => (Domain::IPV4, IpAddr::from([0u8; 4])),
         IpAddr::V6(_) => (Domain::IPV6, IpAddr::from([0u16; 8])),
@@ -387,7 +399,7 @@ fn udp_socket(local: IpAddr, port: u16) -> std::io::Result<std::net::UdpSocket> 
     if local.is_ipv6() {
         s.set_only_v6(true)?;
     }
-    s.set_reuse_port(true)?;
+    s.set_reuse_port(reuse)?;
     s.set_nonblocking(true)?;
     // A smaller buffer than asked for is fine; the kernel caps it at rmem_max.
     let _ = s.set_recv_buffer_size(UDP_RCVBUF);

@@ -111,6 +111,8 @@ pub struct PeerState {
     pub keepalive: Option<u16>,
     /// Preshared key, as configured.
     pub preshared_key: Option<[u8; 32]>,
+    /// Bytes (received, sent) counted by session states this one replaced.
+    carried: (u64, u64),
 }
 
 impl WgPeer {
@@ -134,7 +136,14 @@ impl WgPeer {
         WgPeer {
             public_key,
             index,
-            state: Mutex::new(PeerState { tunn, endpoint, configured: endpoint, keepalive, preshared_key }),
+            state: Mutex::new(PeerState {
+                tunn,
+                endpoint,
+                configured: endpoint,
+                keepalive,
+                preshared_key,
+                carried: (0, 0),
+            }),
         }
     }
 
@@ -146,9 +155,12 @@ impl WgPeer {
 
     /// Replaces the session state with one for a new preshared key or
     /// keepalive (boringtun fixes both at creation); the next packet
-    /// handshakes again.
+    /// handshakes again. The transfer counters carry over.
     pub fn reconfigure(&self, device: &WgDevice, preshared_key: Option<[u8; 32]>, keepalive: Option<u16>) {
         let mut st = self.lock();
+        let (_, tx, rx, _, _) = st.tunn.stats();
+        st.carried.0 += rx as u64;
+        st.carried.1 += tx as u64;
         st.tunn = Tunn::new(
             device.private.clone(),
             PublicKey::from(self.public_key),
@@ -161,10 +173,17 @@ impl WgPeer {
         st.keepalive = keepalive;
     }
 
+    /// Takes `device`'s (new) private key; the sessions made with the old
+    /// one end, the next packet handshakes again.
+    pub fn set_private(&self, device: &WgDevice) {
+        self.lock().tunn.set_static_private(device.private.clone(), device.public, Some(device.rate_limiter.clone()));
+    }
+
     /// Time since the last handshake, bytes sent and received.
     pub fn stats(&self) -> (Option<Duration>, u64, u64) {
-        let (since, tx, rx, _, _) = self.lock().tunn.stats();
-        (since, tx as u64, rx as u64)
+        let st = self.lock();
+        let (since, tx, rx, _, _) = st.tunn.stats();
+        (since, st.carried.1 + tx as u64, st.carried.0 + rx as u64)
     }
 }
 

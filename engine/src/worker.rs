@@ -88,7 +88,10 @@ impl Worker {
         let mut tun_batch = Batch::default();
         let mut udp_batch = Batch::default();
         let mut tun_pending = true;
-        let mut udp_pending = [true; 2];
+        // Only families that exist can be pending: a flag left set for a
+        // missing family would keep the loop polling without blocking.
+        let all_pending = |n: usize| [n > 0, n > 1];
+        let mut udp_pending = all_pending(self.families.len());
         loop {
             let busy = tun_pending || udp_pending.iter().any(|p| *p);
             match self.poll.poll(&mut events, busy.then_some(Duration::ZERO)) {
@@ -115,7 +118,7 @@ impl Worker {
                         for (i, f) in self.families.iter_mut().enumerate() {
                             self.poll.registry().register(&mut f.io.rx, Token(UDP_BASE + i), Interest::READABLE)?;
                         }
-                        udp_pending = [true; 2];
+                        udp_pending = all_pending(self.families.len());
                     }
                     Control::Stop => return Ok(()),
                 }
@@ -266,7 +269,11 @@ impl Worker {
                     }
                 }
                 Decrypted::Packet(p, inner_src) => {
-                    if !peer.subnets.iter().any(|n| n.contains(&inner_src)) {
+                    // Cryptokey routing: the source must route back to this
+                    // very peer (a longest match), not merely lie inside one
+                    // of its prefixes, which may overlap another peer's.
+                    let owner = self.snapshot.route(inner_src).map(|(o, _)| o);
+                    if !owner.is_some_and(|o| std::ptr::eq(o, peer)) {
                         self.counters.count_drop(DropCause::Engine(EngineDrop::WgAllowedIps));
                         continue;
                     }
