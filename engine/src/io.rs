@@ -13,6 +13,7 @@ use std::net::{IpAddr, SocketAddr};
 use crate::counters::{add, DropCause, EngineDrop, WorkerCounters};
 use crate::sys::raw::RawUdpTx;
 use crate::sys::tun::TunQueue;
+use crate::vnet::{VnetHdr, VNET_HDR_LEN};
 
 /// Packets per batch. 32 keeps a batch's buffers (32 x 64 KiB per direction)
 /// small next to the socket buffers while amortising the poll wakeup over
@@ -45,6 +46,9 @@ pub struct Meta {
     pub addr: Option<IpAddr>,
     /// The underlay peer's UDP port (receive side).
     pub port: u16,
+    /// The virtio-net header read with the packet from an offloading TUN,
+    /// or to write with it.
+    pub vnet: VnetHdr,
 }
 
 /// A fixed set of packet buffers, allocated once per worker.
@@ -56,15 +60,40 @@ pub struct Batch {
 
 impl Default for Batch {
     fn default() -> Self {
-        Batch {
-            bufs: (0..BATCH_SIZE).map(|_| vec![0u8; BUF_LEN].into_boxed_slice()).collect(),
-            meta: vec![Meta::default(); BATCH_SIZE],
-            count: 0,
-        }
+        Batch::new(BATCH_SIZE)
     }
 }
 
 impl Batch {
+    /// A batch of `slots` buffers of [`BUF_LEN`] bytes.
+    pub fn new(slots: usize) -> Self {
+        Batch {
+            bufs: (0..slots).map(|_| vec![0u8; BUF_LEN].into_boxed_slice()).collect(),
+            meta: vec![Meta::default(); slots],
+            count: 0,
+        }
+    }
+
+    /// Number of slots.
+    pub fn capacity(&self) -> usize {
+        self.bufs.len()
+    }
+
+    /// Sets the number of packets in the batch (at most its capacity).
+    pub fn set_len(&mut self, n: usize) {
+        self.count = n.min(self.bufs.len());
+    }
+
+    /// The buffers and metadata of the packets in the batch.
+    pub fn parts_mut(&mut self) -> (&mut [Box<[u8]>], &mut [Meta]) {
+        (&mut self.bufs[..self.count], &mut self.meta[..self.count])
+    }
+
+    /// Swaps buffer `i` of this batch with buffer `j` of `other` (no copy).
+    pub fn swap_buf(&mut self, i: usize, other: &mut Batch, j: usize) {
+        std::mem::swap(&mut self.bufs[i], &mut other.bufs[j]);
+    }
+
     /// Number of packets in the batch.
     pub fn len(&self) -> usize {
         self.count
@@ -115,17 +144,31 @@ const ONE_BY_ONE: Capabilities = Capabilities { batch_size: BATCH_SIZE, max_gso_
 
 impl TunIo for TunQueue {
     fn capabilities(&self) -> Capabilities {
-        ONE_BY_ONE
+        if self.vnet_hdr() {
+            Capabilities { batch_size: BATCH_SIZE, max_gso_segments: 64, gro: true }
+        } else {
+            ONE_BY_ONE
+        }
     }
 
     fn read_batch(&mut self, batch: &mut Batch, headroom: usize, counters: &WorkerCounters) -> io::Result<usize> {
         batch.count = 0;
-        while batch.count < BATCH_SIZE {
+        let vnet = self.vnet_hdr();
+        let at = if vnet { headroom - VNET_HDR_LEN } else { headroom };
+        while batch.count < batch.capacity() {
             let (buf, meta) = batch.slot_mut(batch.count);
             add(&counters.syscalls, 1);
-            match self.recv(&mut buf[headroom..]) {
+            match self.recv(&mut buf[at..]) {
+                Ok(n) if vnet => {
+                    let Ok(hdr) = VnetHdr::parse(&buf[at..at + n]) else {
+                        counters.count_drop(DropCause::Engine(EngineDrop::NotIp));
+                        continue;
+                    };
+                    *meta = Meta { start: headroom, len: n - VNET_HDR_LEN, addr: None, port: 0, vnet: hdr };
+                    batch.count += 1;
+                }
                 Ok(n) => {
-                    *meta = Meta { start: headroom, len: n, addr: None, port: 0 };
+                    *meta = Meta { start: headroom, len: n, addr: None, port: 0, vnet: VnetHdr::default() };
                     batch.count += 1;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -137,17 +180,24 @@ impl TunIo for TunQueue {
     }
 
     fn write_batch(&mut self, batch: &Batch, counters: &WorkerCounters) {
-        for (packet, _) in batch.packets() {
-            self.write_counted(packet, counters);
+        for (packet, meta) in batch.packets() {
+            self.write_with(packet, &meta.vnet, counters);
         }
     }
 }
 
 impl TunQueue {
-    /// Writes one packet, counting it (or its failure as a drop).
+    /// Writes one complete packet, counting it (or its failure as a drop).
     pub fn write_counted(&self, packet: &[u8], counters: &WorkerCounters) {
+        self.write_with(packet, &VnetHdr::default(), counters)
+    }
+
+    /// Writes one packet with `vnet` as its virtio-net header (ignored when
+    /// the TUN has none), counting it.
+    pub fn write_with(&self, packet: &[u8], vnet: &VnetHdr, counters: &WorkerCounters) {
         add(&counters.syscalls, 1);
-        match self.send(packet) {
+        let r = if self.vnet_hdr() { self.send_vnet(&vnet.to_bytes(), packet) } else { self.send(packet) };
+        match r {
             Ok(_) => {
                 add(&counters.tun_tx_packets, 1);
                 add(&counters.tun_tx_bytes, packet.len() as u64);
@@ -175,12 +225,18 @@ impl UnderlayIo for UdpUnderlay {
 
     fn recv_batch(&mut self, batch: &mut Batch, counters: &WorkerCounters) -> io::Result<usize> {
         batch.count = 0;
-        while batch.count < BATCH_SIZE {
+        while batch.count < batch.capacity() {
             let (buf, meta) = batch.slot_mut(batch.count);
             add(&counters.syscalls, 1);
             match self.rx.recv_from(buf) {
                 Ok((n, from)) => {
-                    *meta = Meta { start: 0, len: n, addr: Some(canonical(from)), port: from.port() };
+                    *meta = Meta {
+                        start: 0,
+                        len: n,
+                        addr: Some(canonical(from)),
+                        port: from.port(),
+                        vnet: VnetHdr::default(),
+                    };
                     add(&counters.udp_rx_packets, 1);
                     add(&counters.udp_rx_bytes, n as u64);
                     batch.count += 1;

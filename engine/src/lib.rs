@@ -6,12 +6,14 @@
 //! datastore. Kernel state other than the TUN itself (addresses, routes, MTU)
 //! is set through [`sys::netlink`] by the caller.
 
+pub mod coalesce;
 pub mod counters;
 pub mod io;
 pub mod route;
 pub mod segment;
 pub mod snapshot;
 pub mod sys;
+pub mod vnet;
 pub mod wg;
 pub mod worker;
 
@@ -26,6 +28,7 @@ use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use weft_tunnel::vxlan::Vxlan;
 
 pub use snapshot::Families;
+
 pub use wg::{WgDevice, WgPeer};
 
 pub use counters::{PeerCounters, WorkerCounters};
@@ -61,6 +64,33 @@ pub struct EngineConfig {
     pub port_v6: u16,
     /// MTU of the TUN device.
     pub mtu: usize,
+    /// Which offloads to try; each falls back at run time when refused.
+    pub offloads: Offloads,
+}
+
+/// The offloads the engine tries. Each one the kernel refuses is dropped at
+/// run time (logged once); turning one off here never asks for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Offloads {
+    /// TUN `IFF_VNET_HDR` + `TUNSETOFFLOAD`: super-packet reads, software
+    /// segmentation, and coalesced (software GRO) writes.
+    pub tun: bool,
+    /// `UDP_SEGMENT` sends on the underlay.
+    pub udp_gso: bool,
+    /// `UDP_GRO` receives on the underlay.
+    pub udp_gro: bool,
+}
+
+impl Default for Offloads {
+    fn default() -> Self {
+        Offloads { tun: true, udp_gso: true, udp_gro: true }
+    }
+}
+
+impl Offloads {
+    /// Every offload off: one packet per read and write, as peers without
+    /// offloads see it.
+    pub const NONE: Offloads = Offloads { tun: false, udp_gso: false, udp_gro: false };
 }
 
 /// How often WireGuard timers (handshake retries, rekeys, keepalives) are
@@ -179,7 +209,7 @@ impl Engine {
             Encap::Wireguard(d, _) => Some(d.clone()),
         };
         let mut opened = open_families(cfg, threads, cfg.port, cfg.port_v6)?;
-        let queues = sys::tun::TunQueue::create(&cfg.tun_name, threads)?;
+        let queues = sys::tun::TunQueue::create(&cfg.tun_name, threads, cfg.offloads.tun)?;
         let current = Arc::new(Mutex::new(snapshot.clone()));
         let shared = Arc::new(WgShared {
             device: Mutex::new(wg.clone()),
@@ -200,7 +230,7 @@ impl Engine {
                 control: rx,
                 counters: c.clone(),
                 mtu: cfg.mtu,
-                scratch: vec![0u8; cfg.mtu],
+                scratch: vec![0u8; io::BUF_LEN],
                 wg: wg.clone(),
                 wg_out: if wg.is_some() { vec![0u8; io::BUF_LEN] } else { Vec::new() },
             };

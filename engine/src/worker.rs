@@ -23,17 +23,24 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use weft_tunnel::vxlan::{Vxlan, HEADROOM};
 
+use crate::coalesce::coalesce;
 use crate::counters::{add, DropCause, EngineDrop, WorkerCounters};
-use crate::io::{Batch, TunIo, UdpUnderlay, UnderlayIo, BATCH_SIZE};
-use crate::segment::segment_tcp;
+use crate::io::{Batch, Meta, TunIo, UdpUnderlay, UnderlayIo, BATCH_SIZE};
+use crate::segment::{segment_tcp, Plan};
 use crate::snapshot::Snapshot;
 use crate::sys::tun::TunQueue;
+use crate::vnet::{complete_csum, F_NEEDS_CSUM};
 use crate::wg::{decrypted, Decrypted, WgDevice, WgPeer};
 
 /// Batches per side handled before the loop polls again, so that one busy
 /// direction cannot starve the other or the control channel. 8 x 32 packets
 /// keeps a control message's latency well under a millisecond at line rate.
 pub const IO_LOOP_BOUND: usize = 8;
+
+/// Datagrams the transmit batch holds before it is sent: one 64 KiB
+/// super-packet cut at a 1450-byte MTU makes 47, so 64 holds one whole
+/// plus the small packets around it; a longer run is sent in several calls.
+pub const TX_SLOTS: usize = 64;
 
 pub(crate) const TUN: Token = Token(0);
 pub(crate) const WAKER: Token = Token(1);
@@ -87,8 +94,11 @@ impl Worker {
         let mut events = Events::with_capacity(16);
         let mut tun_batch = Batch::default();
         let mut udp_batch = Batch::default();
+        let mut tx_batch = Batch::new(TX_SLOTS);
         let mut tun_pending = true;
-        let mut udp_pending = [true; 2];
+        // Only families that exist can be pending: a slot left true for a
+        // missing family would keep the loop polling without ever blocking.
+        let mut udp_pending = [true, self.families.len() > 1];
         loop {
             let busy = tun_pending || udp_pending.iter().any(|p| *p);
             match self.poll.poll(&mut events, busy.then_some(Duration::ZERO)) {
@@ -115,14 +125,14 @@ impl Worker {
                         for (i, f) in self.families.iter_mut().enumerate() {
                             self.poll.registry().register(&mut f.io.rx, Token(UDP_BASE + i), Interest::READABLE)?;
                         }
-                        udp_pending = [true; 2];
+                        udp_pending = [true, self.families.len() > 1];
                     }
                     Control::Stop => return Ok(()),
                 }
             }
             for _ in 0..IO_LOOP_BOUND {
                 if tun_pending {
-                    tun_pending = self.tun_to_underlay(&mut tun_batch)? == BATCH_SIZE;
+                    tun_pending = self.tun_to_underlay(&mut tun_batch, &mut tx_batch)? == BATCH_SIZE;
                 }
                 for (f, pending) in udp_pending.iter_mut().enumerate().take(self.families.len()) {
                     if *pending {
@@ -136,16 +146,26 @@ impl Worker {
         }
     }
 
-    /// Pod to tunnel: read a batch from the TUN, encapsulate, send.
-    fn tun_to_underlay(&mut self, batch: &mut Batch) -> io::Result<usize> {
+    /// Pod to tunnel: read a batch from the TUN, cut super-packets, look up
+    /// the route, encapsulate into the transmit batch, send.
+    ///
+    /// ```text
+    ///  read batch (64 KiB super-packets) --Plan::write--> tx slot [HEADROOM..]
+    ///      (or, single packets: buffer swapped into the tx slot, no copy)
+    ///  tx slot --encapsulate in place--> send_batch when full and at the end
+    /// ```
+    fn tun_to_underlay(&mut self, batch: &mut Batch, tx: &mut Batch) -> io::Result<usize> {
         let n = self.tun.read_batch(batch, HEADROOM, &self.counters)?;
+        tx.set_len(0);
         for i in 0..n {
             let (buf, meta) = batch.slot_mut(i);
             add(&self.counters.tun_rx_packets, 1);
             add(&self.counters.tun_rx_bytes, meta.len as u64);
             let inner_len = meta.len;
+            let vnet = meta.vnet;
             meta.len = 0;
-            let Some(dst) = ip_destination(&buf[HEADROOM..HEADROOM + inner_len]) else {
+            let inner = &mut buf[HEADROOM..HEADROOM + inner_len];
+            let Some(dst) = ip_destination(inner) else {
                 self.counters.count_drop(DropCause::Engine(EngineDrop::NotIp));
                 continue;
             };
@@ -153,35 +173,92 @@ impl Worker {
                 self.counters.count_drop(DropCause::Engine(EngineDrop::NoRoute));
                 continue;
             };
+            let plan = if vnet.is_gso() {
+                match Plan::new(inner, vnet.gso_size as usize) {
+                    Ok(p) => {
+                        add(&self.counters.sw_segmented, 1);
+                        Some(p)
+                    }
+                    Err(_) => {
+                        self.counters.count_drop(DropCause::Engine(EngineDrop::Encap));
+                        continue;
+                    }
+                }
+            } else {
+                if vnet.flags & F_NEEDS_CSUM != 0 && complete_csum(inner, &vnet).is_err() {
+                    self.counters.count_drop(DropCause::Engine(EngineDrop::Encap));
+                    continue;
+                }
+                None
+            };
             if let Some(wg) = &peer.wg {
-                wg_send(wg, &buf[HEADROOM..HEADROOM + inner_len], &mut self.wg_out, &self.families, &self.counters);
-                add(&peer.counters.tx_packets, 1);
+                let inner = &buf[HEADROOM..HEADROOM + inner_len];
+                match plan {
+                    Some(plan) => {
+                        for j in 0..plan.count() {
+                            let Ok(len) = plan.write(inner, j, &mut self.scratch) else { break };
+                            wg_send(wg, &self.scratch[..len], &mut self.wg_out, &self.families, &self.counters);
+                        }
+                    }
+                    None => wg_send(wg, inner, &mut self.wg_out, &self.families, &self.counters),
+                }
+                add(&peer.counters.tx_packets, plan.map_or(1, |p| p.count()) as u64);
                 add(&peer.counters.tx_bytes, inner_len as u64);
                 continue;
             }
-            let Some((family, vxlan)) = self
-                .families
-                .iter()
-                .find(|f| f.io.v6 == vtep.addr.is_ipv6())
-                .and_then(|f| Some((f, f.vxlan.as_ref()?)))
+            let Some(vxlan) =
+                self.families.iter().find(|f| f.io.v6 == vtep.addr.is_ipv6()).and_then(|f| f.vxlan.clone())
             else {
                 self.counters.count_drop(DropCause::Engine(EngineDrop::NoRoute));
                 continue;
             };
-            let _ = family;
-            match vxlan.encapsulate(&vtep, buf, inner_len) {
-                Ok(len) => {
-                    meta.start = 0;
-                    meta.len = len;
-                    meta.addr = Some(vtep.addr);
-                    add(&peer.counters.tx_packets, 1);
-                    add(&peer.counters.tx_bytes, inner_len as u64);
+            let segments = plan.map_or(1, |p| p.count());
+            for j in 0..segments {
+                if tx.len() == tx.capacity() {
+                    for f in &mut self.families {
+                        f.io.send_batch(tx, &self.counters);
+                    }
+                    tx.set_len(0);
                 }
-                Err(_) => self.counters.count_drop(DropCause::Engine(EngineDrop::Encap)),
+                let k = tx.len();
+                tx.set_len(k + 1);
+                let len = match &plan {
+                    Some(plan) => {
+                        let (out, _) = tx.slot_mut(k);
+                        match plan.write(&batch.slot_mut(i).0[HEADROOM..HEADROOM + inner_len], j, &mut out[HEADROOM..])
+                        {
+                            Ok(len) => len,
+                            Err(_) => {
+                                tx.slot_mut(k).1.len = 0;
+                                self.counters.count_drop(DropCause::Engine(EngineDrop::Encap));
+                                continue;
+                            }
+                        }
+                    }
+                    None => {
+                        tx.swap_buf(k, batch, i);
+                        inner_len
+                    }
+                };
+                let (out, meta) = tx.slot_mut(k);
+                match vxlan.encapsulate(&vtep, out, len) {
+                    Ok(dlen) => {
+                        *meta = Meta { start: 0, len: dlen, addr: Some(vtep.addr), ..Meta::default() };
+                    }
+                    Err(_) => {
+                        meta.len = 0;
+                        self.counters.count_drop(DropCause::Engine(EngineDrop::Encap));
+                    }
+                }
             }
+            add(&peer.counters.tx_packets, segments as u64);
+            add(&peer.counters.tx_bytes, inner_len as u64);
         }
-        for f in &mut self.families {
-            f.io.send_batch(batch, &self.counters);
+        if !tx.is_empty() {
+            for f in &mut self.families {
+                f.io.send_batch(tx, &self.counters);
+            }
+            tx.set_len(0);
         }
         Ok(n)
     }
@@ -195,6 +272,7 @@ impl Worker {
             self.wg_receive(f, batch, n);
             return Ok(n);
         };
+        let gro = self.tun.vnet_hdr();
         for i in 0..n {
             let (buf, meta) = batch.slot_mut(i);
             let Some(src) = meta.addr else { continue };
@@ -204,6 +282,12 @@ impl Worker {
                     add(&peer.counters.rx_packets, 1);
                     add(&peer.counters.rx_bytes, d.inner.len() as u64);
                     meta.len = 0;
+                    if gro {
+                        // Checksums and oversized packets are the coalescer's.
+                        meta.start = d.inner.start;
+                        meta.len = d.inner.len();
+                        continue;
+                    }
                     if d.inner.len() > self.mtu {
                         self.write_segmented(&buf[d.inner]);
                         continue;
@@ -219,6 +303,13 @@ impl Worker {
                     meta.len = 0;
                 }
             }
+        }
+        if gro {
+            let (bufs, metas) = batch.parts_mut();
+            let stats = coalesce(bufs, metas, self.mtu);
+            add(&self.counters.gro_merged, stats.merged);
+            add(&self.counters.csum_completed, stats.csum_completed);
+            add(&self.counters.sw_segmented, stats.oversized);
         }
         self.tun.write_batch(batch, &self.counters);
         Ok(n)
