@@ -32,8 +32,9 @@ use std::net::IpAddr;
 
 use weft_tunnel::checksum;
 
-use crate::io::{Meta, BATCH_SIZE};
+use crate::io::Meta;
 use crate::vnet::{VnetHdr, F_NEEDS_CSUM, GSO_TCPV4, GSO_TCPV6};
+use crate::worker::TX_SLOTS;
 
 /// Largest IP packet the kernel accepts in one TUN write.
 pub const MAX_COALESCED: usize = 65535;
@@ -62,7 +63,7 @@ pub struct Stats {
 /// `mtu` that are TCP are passed on as GSO packets of `mtu`-sized segments.
 pub fn coalesce<B: AsMut<[u8]>>(bufs: &mut [B], metas: &mut [Meta], mtu: usize) -> Stats {
     let mut stats = Stats::default();
-    let mut items = [Item::default(); BATCH_SIZE];
+    let mut items = [Item::default(); TX_SLOTS];
     let mut n_items = 0;
     let count = bufs.len().min(metas.len());
     for i in 0..count {

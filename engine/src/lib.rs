@@ -193,7 +193,22 @@ fn open_at(
                 Encap::Vxlan(v) => (Some(v[i].clone()), Some(sys::raw::RawUdpTx::open(*local)?)),
                 Encap::Wireguard(..) => (None, None),
             };
-            let io = io::UdpUnderlay { rx: mio::net::UdpSocket::from_std(sock), tx, v6: local.is_ipv6() };
+            let gso_pool = if vxlan_gso(cfg) { gso_pool(*local)? } else { Vec::new() };
+            let gro = if cfg.offloads.udp_gro {
+                match sys::mmsg::set_udp_gro(std::os::fd::AsRawFd::as_raw_fd(&sock)) {
+                    Ok(()) => Some(io::GroRx::default()),
+                    Err(e) => {
+                        if !GRO_REFUSED.swap(true, Ordering::Relaxed) {
+                            tracing::warn!(error = %e, "UDP_GRO refused by the kernel; one datagram per buffer");
+                        }
+                        None
+                    }
+                }
+            } else {
+                None
+            };
+            let io =
+                io::UdpUnderlay { rx: mio::net::UdpSocket::from_std(sock), tx, v6: local.is_ipv6(), gso_pool, gro };
             families.push(worker::Family { vxlan, io });
         }
     }
@@ -371,6 +386,34 @@ fn wg_timers(
             }
         }
     }
+}
+
+/// Set once `UDP_GRO` was refused, so that it is logged once.
+static GRO_REFUSED: AtomicBool = AtomicBool::new(false);
+
+/// UDP sockets per worker and family that VXLAN sends `UDP_SEGMENT`
+/// batches from, each bound to its own ephemeral source port; a datagram's
+/// flow-hashed source port picks one, so one flow always leaves from one
+/// port and different flows spread over eight (receivers' RSS sees eight
+/// outer flows per node pair instead of one).
+pub const GSO_POOL: usize = 8;
+
+fn vxlan_gso(cfg: &EngineConfig) -> bool {
+    cfg.offloads.udp_gso && matches!(cfg.encap, Encap::Vxlan(_))
+}
+
+/// Opens the GSO pool: blocking sockets (a full send buffer holds the
+/// worker back rather than drop) bound to `local` on ephemeral ports.
+fn gso_pool(local: IpAddr) -> std::io::Result<Vec<std::net::UdpSocket>> {
+    let mut pool = Vec::with_capacity(GSO_POOL);
+    for _ in 0..GSO_POOL {
+        let domain = if local.is_ipv4() { Domain::IPV4 } else { Domain::IPV6 };
+        let s = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
+        let _ = s.set_send_buffer_size(4 << 20);
+        s.bind(&SockAddr::from(SocketAddr::new(local, 0)))?;
+        pool.push(s.into());
+    }
+    Ok(pool)
 }
 
 /// A non-blocking UDP socket on the tunnel port, shared by the workers

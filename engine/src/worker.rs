@@ -93,7 +93,7 @@ impl Worker {
         }
         let mut events = Events::with_capacity(16);
         let mut tun_batch = Batch::default();
-        let mut udp_batch = Batch::default();
+        let mut udp_batch = Batch::new(TX_SLOTS);
         let mut tx_batch = Batch::new(TX_SLOTS);
         let mut tun_pending = true;
         // Only families that exist can be pending: a slot left true for a
@@ -136,7 +136,7 @@ impl Worker {
                 }
                 for (f, pending) in udp_pending.iter_mut().enumerate().take(self.families.len()) {
                     if *pending {
-                        *pending = self.underlay_to_tun(f, &mut udp_batch)? == BATCH_SIZE;
+                        *pending = self.underlay_to_tun(f, &mut udp_batch)? == udp_batch.capacity();
                     }
                 }
                 if !tun_pending && !udp_pending.iter().any(|p| *p) {

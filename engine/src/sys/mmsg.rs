@@ -1,0 +1,297 @@
+//! `sendmmsg` and `recvmmsg`: many datagrams per syscall on the underlay.
+//!
+//! Both work on caller-owned buffers; the message headers, I/O vectors and
+//! addresses live on the stack for the duration of one call (at most
+//! [`MAX_MMSG`] messages), so nothing is allocated per packet.
+//!
+//! Why VXLAN still transmits through the raw socket (sys/raw.rs) and not
+//! with `UDP_SEGMENT`: the kernel's VXLAN sets each datagram's outer UDP
+//! source port to a hash of the inner flow so that receivers spread flows
+//! over queues (RSS) and cores, and weft does the same. `UDP_SEGMENT` needs
+//! an ordinary UDP socket, whose source port is the socket's own: one
+//! socket per source port would be needed (a pool picked by flow hash
+//! gives up the kernel's exact port for a coarser one). The probe measured
+//! that batching the UDP side gains little next to TUN offloads and
+//! coalescing, while `sendmmsg` on the raw socket already takes the
+//! syscall count per MB below the target, keeps every datagram's source
+//! port the kernel's, and keeps the checksum ours (complete on the wire for
+//! peers that do no offload). So: `sendmmsg` of whole datagrams on the raw
+//! socket for VXLAN, and on the UDP socket for WireGuard.
+//!
+//! Receive uses `recvmmsg` into the batch's buffers; `UDP_GRO` is not asked
+//! for (a GRO datagram would have to be split into slots, a copy, before
+//! coalescing), which the `offload-udp-gro` key documents.
+
+use std::io;
+use std::mem::MaybeUninit;
+use std::net::SocketAddr;
+use std::os::fd::RawFd;
+
+use socket2::SockAddr;
+
+/// Messages per `sendmmsg`/`recvmmsg` call: the transmit batch's size
+/// ([`crate::worker::TX_SLOTS`]), so one batch is one call.
+pub const MAX_MMSG: usize = 64;
+
+/// What a batched send did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SendStats {
+    /// Syscalls made.
+    pub syscalls: u64,
+    /// Datagrams the kernel took.
+    pub sent: u64,
+    /// Datagrams refused (each skipped after its error).
+    pub failed: u64,
+}
+
+/// Sends every `(datagram, destination)` of `msgs` on `fd`, [`MAX_MMSG`] per
+/// call. A datagram the kernel refuses is counted as failed and skipped.
+pub fn send_mmsg(fd: RawFd, msgs: &[(&[u8], SocketAddr)]) -> SendStats {
+    let mut stats = SendStats::default();
+    for chunk in msgs.chunks(MAX_MMSG) {
+        let n = chunk.len();
+        let addrs: [SockAddr; MAX_MMSG] =
+            std::array::from_fn(|i| SockAddr::from(chunk.get(i).map_or(SocketAddr::from(([0u8; 4], 0)), |m| m.1)));
+        let mut iovs: [libc::iovec; MAX_MMSG] = [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; MAX_MMSG];
+        // SAFETY: mmsghdr is a plain C struct for which all-zero bytes are a
+        // valid (empty) value.
+        let mut hdrs: [libc::mmsghdr; MAX_MMSG] = unsafe { std::mem::zeroed() };
+        for i in 0..n {
+            iovs[i] = libc::iovec { iov_base: chunk[i].0.as_ptr() as *mut libc::c_void, iov_len: chunk[i].0.len() };
+            hdrs[i].msg_hdr.msg_name = addrs[i].as_ptr() as *mut libc::c_void;
+            hdrs[i].msg_hdr.msg_namelen = addrs[i].len();
+            hdrs[i].msg_hdr.msg_iov = &mut iovs[i];
+            hdrs[i].msg_hdr.msg_iovlen = 1;
+        }
+        let mut off = 0;
+        while off < n {
+            stats.syscalls += 1;
+            // SAFETY: `hdrs[off..n]` are initialised message headers whose
+            // name and iov pointers point at `addrs` and `iovs` (and through
+            // them at the caller's datagrams), all alive until this returns;
+            // the kernel only reads them (and writes `msg_len`).
+            let r = unsafe { libc::sendmmsg(fd, hdrs.as_mut_ptr().add(off), (n - off) as libc::c_uint, 0) };
+            if r < 0 {
+                if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                stats.failed += 1;
+                off += 1;
+            } else {
+                stats.sent += r as u64;
+                off += r as usize;
+            }
+        }
+    }
+    stats
+}
+
+/// `UDP_SEGMENT` from <linux/udp.h> (libc lacks it for glibc).
+pub const UDP_SEGMENT: libc::c_int = 103;
+/// `UDP_GRO` from <linux/udp.h>.
+pub const UDP_GRO: libc::c_int = 104;
+/// Datagrams one `UDP_SEGMENT` send may carry (`UDP_MAX_SEGMENTS` of
+/// kernels before 6.9; newer ones take 128).
+pub const MAX_GSO_SEGMENTS: usize = 64;
+/// Control buffer per message: room for one `cmsghdr` and an int, aligned.
+type Cmsg = [u64; 4];
+
+/// Asks the kernel to coalesce received datagrams of one flow (`UDP_GRO`).
+pub fn set_udp_gro(fd: RawFd) -> io::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: `on` is a live c_int and its exact size is passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_UDP,
+            UDP_GRO,
+            &on as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Sends `datagrams` (UDP payloads, every one `seg` bytes long but the last,
+/// which may be shorter; at most [`MAX_GSO_SEGMENTS`], 65 507 bytes in all)
+/// to `dst` in one `sendmsg` with `UDP_SEGMENT`: the kernel cuts it into
+/// one datagram per element, or the NIC does.
+pub fn send_gso(fd: RawFd, datagrams: &[&[u8]], dst: SocketAddr, seg: u16) -> io::Result<usize> {
+    let n = datagrams.len().min(MAX_GSO_SEGMENTS);
+    let mut iovs: [libc::iovec; MAX_GSO_SEGMENTS] =
+        [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; MAX_GSO_SEGMENTS];
+    for (iov, d) in iovs.iter_mut().zip(&datagrams[..n]) {
+        *iov = libc::iovec { iov_base: d.as_ptr() as *mut libc::c_void, iov_len: d.len() };
+    }
+    let addr = SockAddr::from(dst);
+    let mut control: Cmsg = [0; 4];
+    // SAFETY: all-zero bytes are a valid msghdr.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_name = addr.as_ptr() as *mut libc::c_void;
+    msg.msg_namelen = addr.len();
+    msg.msg_iov = iovs.as_mut_ptr();
+    msg.msg_iovlen = n;
+    msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
+    // SAFETY: CMSG_SPACE only computes a size.
+    msg.msg_controllen = unsafe { libc::CMSG_SPACE(std::mem::size_of::<u16>() as u32) } as usize;
+    // SAFETY: `msg_control` points at `control`, 32 bytes aligned for a
+    // cmsghdr, and `msg_controllen` (CMSG_SPACE of 2 bytes, 24 on 64-bit
+    // Linux) fits in it, so CMSG_FIRSTHDR returns a pointer inside
+    // `control`, and the u16 written at CMSG_DATA lies within CMSG_LEN(2).
+    unsafe {
+        let c = libc::CMSG_FIRSTHDR(&msg);
+        (*c).cmsg_level = libc::SOL_UDP;
+        (*c).cmsg_type = UDP_SEGMENT;
+        (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<u16>() as u32) as usize;
+        std::ptr::write_unaligned(libc::CMSG_DATA(c) as *mut u16, seg);
+    }
+    loop {
+        // SAFETY: `msg` points at `addr`, `iovs` (and through them the
+        // caller's datagrams) and `control`, all alive across the call,
+        // which only reads them.
+        let r = unsafe { libc::sendmsg(fd, &msg, 0) };
+        if r >= 0 {
+            return Ok(r as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// One datagram `recv_mmsg` received: its length and source.
+#[derive(Debug, Clone, Copy)]
+pub struct Received {
+    /// Bytes written into the buffer.
+    pub len: usize,
+    /// The sender.
+    pub from: Option<SocketAddr>,
+    /// With `UDP_GRO`: the length of each datagram coalesced into the
+    /// buffer (the last may be shorter); 0 when it holds one datagram.
+    pub stride: usize,
+}
+
+/// Receives up to `bufs.len()` (at most [`MAX_MMSG`]) datagrams from the
+/// non-blocking socket `fd` in one call, one per buffer, reporting each in
+/// `out`. Returns how many; `WouldBlock` when none is queued.
+pub fn recv_mmsg(fd: RawFd, bufs: &mut [&mut [u8]], out: &mut [Received]) -> io::Result<usize> {
+    let n = bufs.len().min(out.len()).min(MAX_MMSG);
+    let mut iovs: [libc::iovec; MAX_MMSG] = [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; MAX_MMSG];
+    let mut names: [MaybeUninit<libc::sockaddr_storage>; MAX_MMSG] = [MaybeUninit::uninit(); MAX_MMSG];
+    let mut controls: [Cmsg; MAX_MMSG] = [[0; 4]; MAX_MMSG];
+    // SAFETY: all-zero bytes are a valid mmsghdr.
+    let mut hdrs: [libc::mmsghdr; MAX_MMSG] = unsafe { std::mem::zeroed() };
+    for i in 0..n {
+        iovs[i] = libc::iovec { iov_base: bufs[i].as_mut_ptr() as *mut libc::c_void, iov_len: bufs[i].len() };
+        hdrs[i].msg_hdr.msg_control = controls[i].as_mut_ptr() as *mut libc::c_void;
+        hdrs[i].msg_hdr.msg_controllen = std::mem::size_of::<Cmsg>();
+        hdrs[i].msg_hdr.msg_name = names[i].as_mut_ptr() as *mut libc::c_void;
+        hdrs[i].msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        hdrs[i].msg_hdr.msg_iov = &mut iovs[i];
+        hdrs[i].msg_hdr.msg_iovlen = 1;
+    }
+    // SAFETY: `hdrs[..n]` point at `names[..n]` (room for any address) and
+    // at `iovs[..n]`, which point at the caller's buffers, exclusively
+    // borrowed for this call; the kernel writes at most `iov_len` bytes to
+    // each and at most `msg_namelen` to each name, and sets the lengths.
+    let r =
+        unsafe { libc::recvmmsg(fd, hdrs.as_mut_ptr(), n as libc::c_uint, libc::MSG_DONTWAIT, std::ptr::null_mut()) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let got = r as usize;
+    for i in 0..got {
+        let namelen = hdrs[i].msg_hdr.msg_namelen;
+        // SAFETY: the kernel wrote a socket address of `namelen` bytes
+        // (at most the storage size) into `names[i]`; zero-length names (no
+        // address) are rejected by SockAddr's family check below.
+        let addr = unsafe { SockAddr::new(names[i].assume_init(), namelen) };
+        let mut stride = 0;
+        // SAFETY: the kernel filled `controls[i]` with `msg_controllen`
+        // bytes of well-formed cmsgs; CMSG_FIRSTHDR/NXTHDR stay within that
+        // length and return null at its end; the int read lies within the
+        // cmsg the kernel wrote (checked by its length).
+        unsafe {
+            let mut c = libc::CMSG_FIRSTHDR(&hdrs[i].msg_hdr);
+            while !c.is_null() {
+                if (*c).cmsg_level == libc::SOL_UDP
+                    && (*c).cmsg_type == UDP_GRO
+                    && (*c).cmsg_len >= libc::CMSG_LEN(std::mem::size_of::<libc::c_int>() as u32) as usize
+                {
+                    stride = std::ptr::read_unaligned(libc::CMSG_DATA(c) as *const libc::c_int).max(0) as usize;
+                }
+                c = libc::CMSG_NXTHDR(&hdrs[i].msg_hdr, c);
+            }
+        }
+        out[i] =
+            Received { len: hdrs[i].msg_len as usize, from: if namelen > 0 { addr.as_socket() } else { None }, stride };
+    }
+    Ok(got)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+
+    #[test]
+    fn a_batch_goes_out_and_comes_back_in_one_call_each() {
+        let rx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let dst = rx.local_addr().unwrap();
+        let payloads: Vec<Vec<u8>> = (0..70u8).map(|i| vec![i; 10 + i as usize]).collect();
+        let msgs: Vec<(&[u8], SocketAddr)> = payloads.iter().map(|p| (&p[..], dst)).collect();
+        let stats = send_mmsg(tx.as_raw_fd(), &msgs);
+        assert_eq!(stats, SendStats { syscalls: 2, sent: 70, failed: 0 });
+        let mut store = vec![vec![0u8; 100]; MAX_MMSG];
+        let mut bufs: Vec<&mut [u8]> = store.iter_mut().map(|b| &mut b[..]).collect();
+        let mut out = [Received { len: 0, from: None, stride: 0 }; MAX_MMSG];
+        let n = recv_mmsg(rx.as_raw_fd(), &mut bufs, &mut out).unwrap();
+        assert_eq!(n, MAX_MMSG);
+        for i in 0..n {
+            assert_eq!(&bufs[i][..out[i].len], &payloads[i][..]);
+            assert_eq!(out[i].from, Some(tx.local_addr().unwrap()));
+        }
+        let n = recv_mmsg(rx.as_raw_fd(), &mut bufs, &mut out).unwrap();
+        assert_eq!(n, 6);
+        let e = recv_mmsg(rx.as_raw_fd(), &mut bufs, &mut out).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
+    }
+
+    #[test]
+    fn a_gso_send_arrives_as_datagrams_or_one_gro_buffer() {
+        let rx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let payloads: Vec<Vec<u8>> = (0..5u8).map(|i| vec![i; if i < 4 { 1000 } else { 300 }]).collect();
+        let slices: Vec<&[u8]> = payloads.iter().map(|p| &p[..]).collect();
+        // Without GRO on the receiver: five datagrams.
+        assert_eq!(send_gso(tx.as_raw_fd(), &slices, rx.local_addr().unwrap(), 1000).unwrap(), 4300);
+        let mut store = vec![vec![0u8; 65536]; 8];
+        let mut bufs: Vec<&mut [u8]> = store.iter_mut().map(|b| &mut b[..]).collect();
+        let mut out = [Received { len: 0, from: None, stride: 0 }; MAX_MMSG];
+        let n = recv_mmsg(rx.as_raw_fd(), &mut bufs, &mut out).unwrap();
+        assert_eq!(n, 5);
+        for i in 0..5 {
+            assert_eq!(&bufs[i][..out[i].len], &payloads[i][..]);
+        }
+        // With GRO: the bytes arrive in order, split by the reported stride.
+        set_udp_gro(rx.as_raw_fd()).unwrap();
+        send_gso(tx.as_raw_fd(), &slices, rx.local_addr().unwrap(), 1000).unwrap();
+        let mut joined = Vec::new();
+        while joined.len() < 4300 {
+            let n = recv_mmsg(rx.as_raw_fd(), &mut bufs, &mut out).unwrap();
+            for i in 0..n {
+                let stride = if out[i].stride == 0 { out[i].len } else { out[i].stride };
+                for d in bufs[i][..out[i].len].chunks(stride) {
+                    assert!(d.len() == 1000 || d.len() == 300, "datagram of {}", d.len());
+                    joined.extend_from_slice(d);
+                }
+            }
+        }
+        assert_eq!(joined, payloads.concat());
+    }
+}
