@@ -206,8 +206,11 @@ impl Worker {
                 add(&peer.counters.tx_bytes, inner_len as u64);
                 continue;
             }
-            let Some(vxlan) =
-                self.families.iter().find(|f| f.io.v6 == vtep.addr.is_ipv6()).and_then(|f| f.vxlan.clone())
+            let Some((vxlan, udp_checksum)) = self
+                .families
+                .iter()
+                .find(|f| f.io.v6 == vtep.addr.is_ipv6())
+                .and_then(|f| Some((f.vxlan.clone()?, f.io.gso_pool.is_empty())))
             else {
                 self.counters.count_drop(DropCause::Engine(EngineDrop::NoRoute));
                 continue;
@@ -241,7 +244,8 @@ impl Worker {
                     }
                 };
                 let (out, meta) = tx.slot_mut(k);
-                match vxlan.encapsulate(&vtep, out, len) {
+                // The GSO pool's sockets write their own UDP header and checksum.
+                match vxlan.encapsulate_with(&vtep, out, len, udp_checksum) {
                     Ok(dlen) => {
                         *meta = Meta { start: 0, len: dlen, addr: Some(vtep.addr), ..Meta::default() };
                     }
