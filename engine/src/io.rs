@@ -225,6 +225,9 @@ pub struct UdpUnderlay {
     /// `UDP_GRO` on `rx`: where coalesced datagrams land before they are
     /// split into the worker's batch. `None`: one datagram per buffer.
     pub gro: Option<GroRx>,
+    /// WireGuard: send runs of equal-sized datagrams to one endpoint with
+    /// `UDP_SEGMENT` on `rx` (false: one `sendmmsg` of single datagrams).
+    pub wg_gso: bool,
 }
 
 /// Receive state with `UDP_GRO`: a few large buffers, and how far their
@@ -294,7 +297,10 @@ impl UnderlayIo for UdpUnderlay {
             self.send_gso_runs(batch, counters);
             return;
         }
-        let Some(tx) = &self.tx else { return };
+        let Some(tx) = &self.tx else {
+            self.send_wg(batch, counters);
+            return;
+        };
         let unspecified = SocketAddr::from(([0u8; 4], 0));
         let mut list: [(&[u8], SocketAddr); MAX_MMSG] = [(&[][..], unspecified); MAX_MMSG];
         let mut k = 0;
@@ -404,6 +410,76 @@ impl UdpUnderlay {
                 run.len() > 1
                     && matches!(e.raw_os_error(), Some(libc::EIO) | Some(libc::EINVAL) | Some(libc::ENOPROTOOPT))
             }
+        }
+    }
+}
+
+impl UdpUnderlay {
+    /// WireGuard datagrams (whole UDP payloads, `addr`/`port` their
+    /// endpoint) from the listening socket: runs of one endpoint and one
+    /// size as `UDP_SEGMENT` sends, the rest (or everything, when GSO is
+    /// off or refused) in `sendmmsg` calls.
+    fn send_wg(&mut self, batch: &Batch, counters: &WorkerCounters) {
+        let fd = self.rx.as_raw_fd();
+        let unspecified = SocketAddr::from(([0u8; 4], 0));
+        let mut list: [(&[u8], SocketAddr); MAX_MMSG] = [(&[][..], unspecified); MAX_MMSG];
+        let mut k = 0;
+        for (datagram, meta) in batch.packets() {
+            let Some(ip) = meta.addr.filter(|a| a.is_ipv6() == self.v6) else { continue };
+            let dst = SocketAddr::new(ip, meta.port);
+            list[k] = (datagram, dst);
+            k += 1;
+        }
+        let list = &list[..k];
+        if !self.wg_gso {
+            let st = send_mmsg(fd, list);
+            add(&counters.syscalls, st.syscalls);
+            add(&counters.udp_tx_packets, st.sent);
+            for _ in 0..st.failed {
+                counters.count_drop(DropCause::Engine(EngineDrop::SendError));
+            }
+            return;
+        }
+        let mut run: [&[u8]; MAX_GSO_SEGMENTS] = [&[]; MAX_GSO_SEGMENTS];
+        let mut i = 0;
+        while i < list.len() {
+            let (first, dst) = list[i];
+            let size = first.len();
+            let mut n = 0;
+            let mut bytes = 0;
+            while i + n < list.len()
+                && n < MAX_GSO_SEGMENTS
+                && list[i + n].1 == dst
+                && list[i + n].0.len() <= size
+                && bytes + list[i + n].0.len() <= MAX_GSO_BYTES
+            {
+                run[n] = list[i + n].0;
+                bytes += run[n].len();
+                n += 1;
+                if run[n - 1].len() < size {
+                    break;
+                }
+            }
+            add(&counters.syscalls, 1);
+            let r = if n == 1 { self.rx.send_to(run[0], dst) } else { send_gso(fd, &run[..n], dst, size as u16) };
+            match r {
+                Ok(_) => add(&counters.udp_tx_packets, n as u64),
+                Err(e) => {
+                    for _ in 0..n {
+                        counters.count_drop(DropCause::Engine(EngineDrop::SendError));
+                    }
+                    if n > 1
+                        && matches!(e.raw_os_error(), Some(libc::EIO) | Some(libc::EINVAL) | Some(libc::ENOPROTOOPT))
+                    {
+                        tracing::warn!(
+                            v6 = self.v6,
+                            "UDP_SEGMENT refused by the kernel; WireGuard sends one datagram per message"
+                        );
+                        self.wg_gso = false;
+                    }
+                }
+            }
+            i += n;
         }
     }
 }

@@ -207,8 +207,15 @@ fn open_at(
             } else {
                 None
             };
-            let io =
-                io::UdpUnderlay { rx: mio::net::UdpSocket::from_std(sock), tx, v6: local.is_ipv6(), gso_pool, gro };
+            let wg_gso = cfg.offloads.udp_gso && wg;
+            let io = io::UdpUnderlay {
+                rx: mio::net::UdpSocket::from_std(sock),
+                tx,
+                v6: local.is_ipv6(),
+                gso_pool,
+                gro,
+                wg_gso,
+            };
             families.push(worker::Family { vxlan, io });
         }
     }

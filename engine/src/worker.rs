@@ -136,7 +136,7 @@ impl Worker {
                 }
                 for (f, pending) in udp_pending.iter_mut().enumerate().take(self.families.len()) {
                     if *pending {
-                        *pending = self.underlay_to_tun(f, &mut udp_batch)? == udp_batch.capacity();
+                        *pending = self.underlay_to_tun(f, &mut udp_batch, &mut tx_batch)? == udp_batch.capacity();
                     }
                 }
                 if !tun_pending && !udp_pending.iter().any(|p| *p) {
@@ -192,17 +192,32 @@ impl Worker {
                 None
             };
             if let Some(wg) = &peer.wg {
-                let inner = &buf[HEADROOM..HEADROOM + inner_len];
-                match plan {
-                    Some(plan) => {
-                        for j in 0..plan.count() {
-                            let Ok(len) = plan.write(inner, j, &mut self.scratch) else { break };
-                            wg_send(wg, &self.scratch[..len], &mut self.wg_out, &self.families, &self.counters);
+                // Each segment is sealed into a tx slot; the slots go out
+                // in runs (UDP_SEGMENT) or one sendmmsg when the batch is sent.
+                let segments = plan.map_or(1, |p| p.count());
+                for j in 0..segments {
+                    if tx.len() == tx.capacity() {
+                        for f in &mut self.families {
+                            f.io.send_batch(tx, &self.counters);
                         }
+                        tx.set_len(0);
                     }
-                    None => wg_send(wg, inner, &mut self.wg_out, &self.families, &self.counters),
+                    let inner = &batch.slot_mut(i).0[HEADROOM..HEADROOM + inner_len];
+                    let plain = match &plan {
+                        Some(plan) => match plan.write(inner, j, &mut self.scratch) {
+                            Ok(len) => &self.scratch[..len],
+                            Err(_) => break,
+                        },
+                        None => inner,
+                    };
+                    let k = tx.len();
+                    let (out, meta) = tx.slot_mut(k);
+                    if let Some(m) = wg_seal(wg, plain, out, &self.counters) {
+                        *meta = m;
+                        tx.set_len(k + 1);
+                    }
                 }
-                add(&peer.counters.tx_packets, plan.map_or(1, |p| p.count()) as u64);
+                add(&peer.counters.tx_packets, segments as u64);
                 add(&peer.counters.tx_bytes, inner_len as u64);
                 continue;
             }
@@ -269,11 +284,11 @@ impl Worker {
 
     /// Tunnel to pod: receive a batch on underlay family `f`, decapsulate and
     /// check, write to the TUN.
-    fn underlay_to_tun(&mut self, f: usize, batch: &mut Batch) -> io::Result<usize> {
+    fn underlay_to_tun(&mut self, f: usize, batch: &mut Batch, out: &mut Batch) -> io::Result<usize> {
         let family = &mut self.families[f];
         let n = family.io.recv_batch(batch, &self.counters)?;
         let Some(vxlan) = self.families[f].vxlan.clone() else {
-            self.wg_receive(f, batch, n);
+            self.wg_receive(f, batch, n, out);
             return Ok(n);
         };
         let gro = self.tun.vnet_hdr();
@@ -321,9 +336,13 @@ impl Worker {
 
     /// WireGuard receive: find the peer, let boringtun check and decrypt,
     /// enforce the peer's allowed IPs, follow its endpoint, write to the TUN.
-    fn wg_receive(&mut self, f: usize, batch: &mut Batch, n: usize) {
+    ///
+    /// Decrypted packets land in `out`'s slots, which are coalesced (with
+    /// TUN offloads) and written when `out` is full and at the end.
+    fn wg_receive(&mut self, f: usize, batch: &mut Batch, n: usize, out: &mut Batch) {
         let Some(device) = self.wg.clone() else { return };
         let mut cookie = [0u8; 64];
+        out.set_len(0);
         for i in 0..n {
             let (buf, meta) = batch.slot_mut(i);
             let Some(ip) = meta.addr else { continue };
@@ -347,8 +366,14 @@ impl Worker {
                 self.counters.count_drop(DropCause::Engine(EngineDrop::WgUnknownPeer));
                 continue;
             };
+            if out.len() == out.capacity() {
+                flush_to_tun(&mut self.tun, self.mtu, &self.counters, out);
+            }
+            let k = out.len();
+            let (obuf, ometa) = out.slot_mut(k);
+            let obase = obuf.as_ptr() as usize;
             let mut st = wg.lock();
-            match decrypted(st.tunn.decapsulate(Some(ip), datagram, &mut self.wg_out)) {
+            match decrypted(st.tunn.decapsulate(Some(ip), datagram, obuf)) {
                 Decrypted::Reply(reply) => {
                     st.endpoint = Some(from);
                     add(&self.counters.syscalls, 1);
@@ -368,12 +393,15 @@ impl Worker {
                     st.endpoint = Some(from);
                     add(&peer.counters.rx_packets, 1);
                     add(&peer.counters.rx_bytes, p.len() as u64);
-                    self.tun.write_counted(p, &self.counters);
+                    *ometa = Meta { start: p.as_ptr() as usize - obase, len: p.len(), ..Meta::default() };
+                    drop(st);
+                    out.set_len(k + 1);
                 }
                 Decrypted::Nothing => st.endpoint = Some(from),
                 Decrypted::Refused => self.counters.count_drop(DropCause::Engine(EngineDrop::WgRejected)),
             }
         }
+        flush_to_tun(&mut self.tun, self.mtu, &self.counters, out);
     }
 
     /// Writes a TCP super-packet (a sender's TSO frame that crossed a veth
@@ -388,6 +416,22 @@ impl Worker {
             Err(_) => write(packet),
         }
     }
+}
+
+/// Coalesces (with TUN offloads) and writes `out`'s packets, and empties it.
+fn flush_to_tun(tun: &mut TunQueue, mtu: usize, counters: &WorkerCounters, out: &mut Batch) {
+    if out.is_empty() {
+        return;
+    }
+    if tun.vnet_hdr() {
+        let (bufs, metas) = out.parts_mut();
+        let stats = coalesce(bufs, metas, mtu);
+        add(&counters.gro_merged, stats.merged);
+        add(&counters.csum_completed, stats.csum_completed);
+        add(&counters.sw_segmented, stats.oversized);
+    }
+    tun.write_batch(out, counters);
+    out.set_len(0);
 }
 
 /// Destination address of an IP packet, if it is one.
@@ -405,28 +449,32 @@ pub fn ip_destination(p: &[u8]) -> Option<IpAddr> {
     }
 }
 
-/// Encrypts `packet` for `peer` and sends it to the peer's endpoint (or
-/// starts a handshake, the packet queued in boringtun until it completes).
-pub(crate) fn wg_send(peer: &WgPeer, packet: &[u8], out: &mut [u8], families: &[Family], counters: &WorkerCounters) {
+/// Encrypts `packet` for `peer` into `out` and says where the datagram lies
+/// and goes (the peer's endpoint), or counts why nothing is to be sent; a
+/// packet for a peer without a session starts a handshake (the packet is
+/// queued in boringtun and the handshake initiation is the datagram).
+pub(crate) fn wg_seal(peer: &WgPeer, packet: &[u8], out: &mut [u8], counters: &WorkerCounters) -> Option<Meta> {
+    let base = out.as_ptr() as usize;
     let mut st = peer.lock();
     let endpoint = st.endpoint;
     match st.tunn.encapsulate(packet, out) {
         TunnResult::WriteToNetwork(d) => {
             let Some(ep) = endpoint else {
                 counters.count_drop(DropCause::Engine(EngineDrop::WgNoEndpoint));
-                return;
+                return None;
             };
-            let Some(f) = families.iter().find(|f| f.io.v6 == ep.is_ipv6()) else {
-                counters.count_drop(DropCause::Engine(EngineDrop::WgNoEndpoint));
-                return;
-            };
-            add(&counters.syscalls, 1);
-            match f.io.rx.send_to(d, ep) {
-                Ok(_) => add(&counters.udp_tx_packets, 1),
-                Err(_) => counters.count_drop(DropCause::Engine(EngineDrop::SendError)),
-            }
+            Some(Meta {
+                start: d.as_ptr() as usize - base,
+                len: d.len(),
+                addr: Some(ep.ip()),
+                port: ep.port(),
+                ..Meta::default()
+            })
         }
-        TunnResult::Done => {}
-        _ => counters.count_drop(DropCause::Engine(EngineDrop::WgRejected)),
+        TunnResult::Done => None,
+        _ => {
+            counters.count_drop(DropCause::Engine(EngineDrop::WgRejected));
+            None
+        }
     }
 }
