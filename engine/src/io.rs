@@ -12,7 +12,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
 
 use crate::counters::{add, DropCause, EngineDrop, WorkerCounters};
-use crate::sys::mmsg::{recv_mmsg, send_gso, send_mmsg, Received, MAX_GSO_SEGMENTS, MAX_MMSG};
+use crate::sys::mmsg::{recv_mmsg, send_gso, send_mmsg, Outgoing, Received, MAX_GSO_SEGMENTS, MAX_MMSG};
 use crate::sys::raw::RawUdpTx;
 use crate::sys::tun::TunQueue;
 use crate::vnet::{VnetHdr, VNET_HDR_LEN};
@@ -51,6 +51,9 @@ pub struct Meta {
     /// The virtio-net header read with the packet from an offloading TUN,
     /// or to write with it.
     pub vnet: VnetHdr,
+    /// The local underlay address: the one a datagram was received on
+    /// (pktinfo), or the one to send it from.
+    pub local: Option<IpAddr>,
 }
 
 /// A fixed set of packet buffers, allocated once per worker.
@@ -166,11 +169,11 @@ impl TunIo for TunQueue {
                         counters.count_drop(DropCause::Engine(EngineDrop::NotIp));
                         continue;
                     };
-                    *meta = Meta { start: headroom, len: n - VNET_HDR_LEN, addr: None, port: 0, vnet: hdr };
+                    *meta = Meta { start: headroom, len: n - VNET_HDR_LEN, vnet: hdr, ..Meta::default() };
                     batch.count += 1;
                 }
                 Ok(n) => {
-                    *meta = Meta { start: headroom, len: n, addr: None, port: 0, vnet: VnetHdr::default() };
+                    *meta = Meta { start: headroom, len: n, ..Meta::default() };
                     batch.count += 1;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -249,7 +252,7 @@ impl Default for GroRx {
     fn default() -> Self {
         GroRx {
             batch: Batch::new(GRO_BUFS),
-            got: [Received { len: 0, from: None, stride: 0 }; GRO_BUFS],
+            got: [Received { len: 0, from: None, stride: 0, local: None }; GRO_BUFS],
             count: 0,
             buf: 0,
             off: 0,
@@ -271,7 +274,7 @@ impl UnderlayIo for UdpUnderlay {
         let mut slots = batch.bufs.iter_mut();
         let mut bufs: [&mut [u8]; MAX_MMSG] = std::array::from_fn(|_| slots.next().map_or(&mut [][..], |b| &mut b[..]));
         let cap = batch.meta.len().min(MAX_MMSG);
-        let mut got = [Received { len: 0, from: None, stride: 0 }; MAX_MMSG];
+        let mut got = [Received { len: 0, from: None, stride: 0, local: None }; MAX_MMSG];
         loop {
             add(&counters.syscalls, 1);
             match recv_mmsg(fd, &mut bufs[..cap], &mut got) {
@@ -302,12 +305,12 @@ impl UnderlayIo for UdpUnderlay {
             return;
         };
         let unspecified = SocketAddr::from(([0u8; 4], 0));
-        let mut list: [(&[u8], SocketAddr); MAX_MMSG] = [(&[][..], unspecified); MAX_MMSG];
+        let mut list: [Outgoing<'_>; MAX_MMSG] = [(&[][..], unspecified, None); MAX_MMSG];
         let mut k = 0;
         // A batch may hold datagrams for both underlay families.
         for (datagram, meta) in batch.packets() {
             let Some(dst) = meta.addr.filter(|a| a.is_ipv6() == self.v6) else { continue };
-            list[k] = (datagram, SocketAddr::new(dst, 0));
+            list[k] = (datagram, SocketAddr::new(dst, 0), None);
             k += 1;
             if k == MAX_MMSG {
                 flush_raw(tx, &list[..k], counters);
@@ -321,10 +324,17 @@ impl UnderlayIo for UdpUnderlay {
 }
 
 fn received_meta(r: &Received, start: usize, len: usize) -> Meta {
-    Meta { start, len, addr: r.from.map(canonical), port: r.from.map_or(0, |f| f.port()), vnet: VnetHdr::default() }
+    Meta {
+        start,
+        len,
+        addr: r.from.map(canonical),
+        port: r.from.map_or(0, |f| f.port()),
+        vnet: VnetHdr::default(),
+        local: r.local.map(|l| canonical(SocketAddr::new(l, 0))),
+    }
 }
 
-fn flush_raw(tx: &RawUdpTx, list: &[(&[u8], SocketAddr)], counters: &WorkerCounters) {
+fn flush_raw(tx: &RawUdpTx, list: &[Outgoing<'_>], counters: &WorkerCounters) {
     let st = send_mmsg(tx.as_raw_fd(), list);
     add(&counters.syscalls, st.syscalls);
     add(&counters.udp_tx_packets, st.sent);
@@ -396,7 +406,7 @@ impl UdpUnderlay {
         let r = if run.len() == 1 {
             sock.send_to(run[0], key.1)
         } else {
-            send_gso(sock.as_raw_fd(), run, key.1, key.2 as u16)
+            send_gso(sock.as_raw_fd(), run, key.1, None, key.2 as u16)
         };
         match r {
             Ok(_) => {
@@ -422,34 +432,27 @@ impl UdpUnderlay {
     fn send_wg(&mut self, batch: &Batch, counters: &WorkerCounters) {
         let fd = self.rx.as_raw_fd();
         let unspecified = SocketAddr::from(([0u8; 4], 0));
-        let mut list: [(&[u8], SocketAddr); MAX_MMSG] = [(&[][..], unspecified); MAX_MMSG];
+        let mut list: [Outgoing<'_>; MAX_MMSG] = [(&[][..], unspecified, None); MAX_MMSG];
         let mut k = 0;
         for (datagram, meta) in batch.packets() {
             let Some(ip) = meta.addr.filter(|a| a.is_ipv6() == self.v6) else { continue };
             let dst = SocketAddr::new(ip, meta.port);
-            list[k] = (datagram, dst);
+            // From the address the peer last sent to (multi-homed hosts).
+            list[k] = (datagram, dst, meta.local.filter(|l| l.is_ipv6() == self.v6));
             k += 1;
         }
         let list = &list[..k];
-        if !self.wg_gso {
-            let st = send_mmsg(fd, list);
-            add(&counters.syscalls, st.syscalls);
-            add(&counters.udp_tx_packets, st.sent);
-            for _ in 0..st.failed {
-                counters.count_drop(DropCause::Engine(EngineDrop::SendError));
-            }
-            return;
-        }
         let mut run: [&[u8]; MAX_GSO_SEGMENTS] = [&[]; MAX_GSO_SEGMENTS];
         let mut i = 0;
         while i < list.len() {
-            let (first, dst) = list[i];
+            let (first, dst, src) = list[i];
             let size = first.len();
             let mut n = 0;
             let mut bytes = 0;
             while i + n < list.len()
                 && n < MAX_GSO_SEGMENTS
                 && list[i + n].1 == dst
+                && list[i + n].2 == src
                 && list[i + n].0.len() <= size
                 && bytes + list[i + n].0.len() <= MAX_GSO_BYTES
             {
@@ -460,27 +463,57 @@ impl UdpUnderlay {
                     break;
                 }
             }
-            add(&counters.syscalls, 1);
-            let r = if n == 1 { self.rx.send_to(run[0], dst) } else { send_gso(fd, &run[..n], dst, size as u16) };
-            match r {
-                Ok(_) => add(&counters.udp_tx_packets, n as u64),
-                Err(e) => {
-                    for _ in 0..n {
-                        counters.count_drop(DropCause::Engine(EngineDrop::SendError));
-                    }
-                    if n > 1
-                        && matches!(e.raw_os_error(), Some(libc::EIO) | Some(libc::EINVAL) | Some(libc::ENOPROTOOPT))
-                    {
-                        tracing::warn!(
-                            v6 = self.v6,
-                            "UDP_SEGMENT refused by the kernel; WireGuard sends one datagram per message"
-                        );
-                        self.wg_gso = false;
-                    }
-                }
+            let mut sent = self.send_wg_run(fd, &run[..n], dst, src, counters);
+            if sent == 0 && src.is_some() {
+                // Our address the peer last sent to is gone (this host's
+                // address changed): let the kernel pick until the peer
+                // tells us the new one.
+                sent = self.send_wg_run(fd, &run[..n], dst, None, counters);
+            }
+            add(&counters.udp_tx_packets, sent);
+            for _ in sent..n as u64 {
+                counters.count_drop(DropCause::Engine(EngineDrop::SendError));
             }
             i += n;
         }
+    }
+
+    /// Sends one run of WireGuard datagrams to `dst` from `src`: one
+    /// `UDP_SEGMENT` send, or a `sendmmsg`. Returns how many left.
+    fn send_wg_run(
+        &mut self,
+        fd: std::os::fd::RawFd,
+        run: &[&[u8]],
+        dst: SocketAddr,
+        src: Option<IpAddr>,
+        counters: &WorkerCounters,
+    ) -> u64 {
+        if self.wg_gso {
+            add(&counters.syscalls, 1);
+            match send_gso(fd, run, dst, src, run[0].len() as u16) {
+                Ok(_) => return run.len() as u64,
+                Err(e) => {
+                    let refused = matches!(e.raw_os_error(), Some(libc::EIO) | Some(libc::ENOPROTOOPT))
+                        || (src.is_none() && e.raw_os_error() == Some(libc::EINVAL));
+                    if !(run.len() > 1 && refused) {
+                        return 0;
+                    }
+                    tracing::warn!(
+                        v6 = self.v6,
+                        "UDP_SEGMENT refused by the kernel; WireGuard sends one datagram per message"
+                    );
+                    self.wg_gso = false;
+                }
+            }
+        }
+        let unspecified = SocketAddr::from(([0u8; 4], 0));
+        let mut list: [Outgoing<'_>; MAX_GSO_SEGMENTS] = [(&[][..], unspecified, None); MAX_GSO_SEGMENTS];
+        for (l, d) in list.iter_mut().zip(run) {
+            *l = (d, dst, src);
+        }
+        let st = send_mmsg(fd, &list[..run.len()]);
+        add(&counters.syscalls, st.syscalls);
+        st.sent
     }
 }
 

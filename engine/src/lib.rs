@@ -208,6 +208,11 @@ fn open_at(
                 None
             };
             let wg_gso = cfg.offloads.udp_gso && wg;
+            if wg {
+                // Bound to the wildcard address: learn which local address
+                // each peer sends to, and answer from it.
+                sys::mmsg::set_recv_pktinfo(std::os::fd::AsRawFd::as_raw_fd(&sock), local.is_ipv6())?;
+            }
             let io = io::UdpUnderlay {
                 rx: mio::net::UdpSocket::from_std(sock),
                 tx,
@@ -377,16 +382,21 @@ fn wg_timers(
         let Ok(sockets) = shared.sockets.lock() else { return };
         for wg in snapshot.peers().iter().filter_map(|p| p.wg.as_ref()) {
             let mut st = wg.lock();
-            let endpoint = st.endpoint;
+            let (endpoint, local) = (st.endpoint, st.local);
             if let boringtun::noise::TunnResult::WriteToNetwork(p) = st.tunn.update_timers(&mut out) {
                 let sock = endpoint.and_then(|ep| {
                     sockets.iter().find(|s| s.local_addr().is_ok_and(|l| l.is_ipv6() == ep.is_ipv6())).map(|s| (s, ep))
                 });
                 match sock {
                     Some((s, ep)) => {
-                        if s.send_to(p, ep).is_ok() {
-                            counters::add(&counters.udp_tx_packets, 1);
+                        // From the address the peer last sent to, as the
+                        // workers do; if that address is gone, the kernel's.
+                        let fd = std::os::fd::AsRawFd::as_raw_fd(s);
+                        let mut sent = sys::mmsg::send_mmsg(fd, &[(p, ep, local)]).sent;
+                        if sent == 0 && local.is_some() {
+                            sent = sys::mmsg::send_mmsg(fd, &[(p, ep, None)]).sent;
                         }
+                        counters::add(&counters.udp_tx_packets, sent);
                     }
                     None => counters.count_drop(counters::DropCause::Engine(counters::EngineDrop::WgNoEndpoint)),
                 }

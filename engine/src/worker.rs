@@ -28,6 +28,7 @@ use crate::counters::{add, DropCause, EngineDrop, WorkerCounters};
 use crate::io::{Batch, Meta, TunIo, UdpUnderlay, UnderlayIo, BATCH_SIZE};
 use crate::segment::{segment_tcp, Plan};
 use crate::snapshot::Snapshot;
+use crate::sys::mmsg::send_mmsg;
 use crate::sys::tun::TunQueue;
 use crate::vnet::{complete_csum, F_NEEDS_CSUM};
 use crate::wg::{decrypted, Decrypted, WgDevice, WgPeer};
@@ -347,13 +348,20 @@ impl Worker {
             let (buf, meta) = batch.slot_mut(i);
             let Some(ip) = meta.addr else { continue };
             let from = SocketAddr::new(ip, meta.port);
+            // The address the peer sent to: answers leave from it.
+            let local = meta.local;
             let datagram = &buf[..meta.len];
-            let sock = &self.families[f].io.rx;
+            let fd = self.families[f].io.rx.as_raw_fd();
+            let counters = &*self.counters;
+            let reply_to = |d: &[u8]| {
+                let st = send_mmsg(fd, &[(d, from, local)]);
+                add(&counters.syscalls, st.syscalls);
+                add(&counters.udp_tx_packets, st.sent);
+            };
             let peer = match device.classify(ip, datagram, &mut cookie) {
                 Ok(r) => self.snapshot.wg_peer(r),
                 Err(Some(reply)) => {
-                    add(&self.counters.syscalls, 1);
-                    let _ = sock.send_to(reply, from);
+                    reply_to(reply);
                     self.counters.count_drop(DropCause::Engine(EngineDrop::WgCookie));
                     continue;
                 }
@@ -376,13 +384,11 @@ impl Worker {
             match decrypted(st.tunn.decapsulate(Some(ip), datagram, obuf)) {
                 Decrypted::Reply(reply) => {
                     st.endpoint = Some(from);
-                    add(&self.counters.syscalls, 1);
-                    let _ = sock.send_to(reply, from);
+                    st.local = local;
+                    reply_to(reply);
                     // Packets queued while the handshake ran go out now.
                     while let TunnResult::WriteToNetwork(p) = st.tunn.decapsulate(None, &[], &mut self.wg_out) {
-                        add(&self.counters.syscalls, 1);
-                        let _ = sock.send_to(p, from);
-                        add(&self.counters.udp_tx_packets, 1);
+                        reply_to(p);
                     }
                 }
                 Decrypted::Packet(p, inner_src) => {
@@ -391,13 +397,17 @@ impl Worker {
                         continue;
                     }
                     st.endpoint = Some(from);
+                    st.local = local;
                     add(&peer.counters.rx_packets, 1);
                     add(&peer.counters.rx_bytes, p.len() as u64);
                     *ometa = Meta { start: p.as_ptr() as usize - obase, len: p.len(), ..Meta::default() };
                     drop(st);
                     out.set_len(k + 1);
                 }
-                Decrypted::Nothing => st.endpoint = Some(from),
+                Decrypted::Nothing => {
+                    st.endpoint = Some(from);
+                    st.local = local;
+                }
                 Decrypted::Refused => self.counters.count_drop(DropCause::Engine(EngineDrop::WgRejected)),
             }
         }
@@ -456,7 +466,7 @@ pub fn ip_destination(p: &[u8]) -> Option<IpAddr> {
 pub(crate) fn wg_seal(peer: &WgPeer, packet: &[u8], out: &mut [u8], counters: &WorkerCounters) -> Option<Meta> {
     let base = out.as_ptr() as usize;
     let mut st = peer.lock();
-    let endpoint = st.endpoint;
+    let (endpoint, local) = (st.endpoint, st.local);
     match st.tunn.encapsulate(packet, out) {
         TunnResult::WriteToNetwork(d) => {
             let Some(ep) = endpoint else {
@@ -464,6 +474,7 @@ pub(crate) fn wg_seal(peer: &WgPeer, packet: &[u8], out: &mut [u8], counters: &W
                 return None;
             };
             Some(Meta {
+                local,
                 start: d.as_ptr() as usize - base,
                 len: d.len(),
                 addr: Some(ep.ip()),

@@ -80,7 +80,7 @@ fn the_steady_state_path_allocates_nothing_per_packet() {
     let packets: Vec<Vec<u8>> = (0..4).map(|i| super_packet(64000, i * 64000)).collect();
     let mut tx_batch = Batch::new(MAX_MMSG);
     let mut rx_batch = Batch::new(MAX_MMSG);
-    let mut got = [Received { len: 0, from: None, stride: 0 }; MAX_MMSG];
+    let mut got = [Received { len: 0, from: None, stride: 0, local: None }; MAX_MMSG];
     let mut moved = 0u64;
 
     let mut round = |packet: &[u8]| -> u64 {
@@ -93,11 +93,11 @@ fn the_steady_state_path_allocates_nothing_per_packet() {
             *meta = Meta { start: 0, len: dlen, addr: Some(dst.ip()), ..Meta::default() };
         }
         tx_batch.set_len(plan.count());
-        let mut list: [(&[u8], SocketAddr); MAX_MMSG] = [(&[][..], dst); MAX_MMSG];
+        let mut list: [(&[u8], SocketAddr, Option<IpAddr>); MAX_MMSG] = [(&[][..], dst, None); MAX_MMSG];
         let mut k = 0;
         for (d, _) in tx_batch.packets() {
             // The VXLAN payload (after our UDP header) on an ordinary socket.
-            list[k] = (&d[8..], dst);
+            list[k] = (&d[8..], dst, None);
             k += 1;
         }
         let st = send_mmsg(tx.as_raw_fd(), &list[..k]);

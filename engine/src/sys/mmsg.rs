@@ -24,7 +24,7 @@
 
 use std::io;
 use std::mem::MaybeUninit;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::RawFd;
 
 use socket2::SockAddr;
@@ -44,15 +44,17 @@ pub struct SendStats {
     pub failed: u64,
 }
 
-/// Sends every `(datagram, destination)` of `msgs` on `fd`, [`MAX_MMSG`] per
-/// call. A datagram the kernel refuses is counted as failed and skipped.
-pub fn send_mmsg(fd: RawFd, msgs: &[(&[u8], SocketAddr)]) -> SendStats {
+/// Sends every `(datagram, destination, source)` of `msgs` on `fd`,
+/// [`MAX_MMSG`] per call. A datagram the kernel refuses is counted as failed
+/// and skipped.
+pub fn send_mmsg(fd: RawFd, msgs: &[Outgoing<'_>]) -> SendStats {
     let mut stats = SendStats::default();
     for chunk in msgs.chunks(MAX_MMSG) {
         let n = chunk.len();
         let addrs: [SockAddr; MAX_MMSG] =
             std::array::from_fn(|i| SockAddr::from(chunk.get(i).map_or(SocketAddr::from(([0u8; 4], 0)), |m| m.1)));
         let mut iovs: [libc::iovec; MAX_MMSG] = [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; MAX_MMSG];
+        let mut controls: [Cmsg; MAX_MMSG] = [[0; 12]; MAX_MMSG];
         // SAFETY: mmsghdr is a plain C struct for which all-zero bytes are a
         // valid (empty) value.
         let mut hdrs: [libc::mmsghdr; MAX_MMSG] = unsafe { std::mem::zeroed() };
@@ -62,6 +64,13 @@ pub fn send_mmsg(fd: RawFd, msgs: &[(&[u8], SocketAddr)]) -> SendStats {
             hdrs[i].msg_hdr.msg_namelen = addrs[i].len();
             hdrs[i].msg_hdr.msg_iov = &mut iovs[i];
             hdrs[i].msg_hdr.msg_iovlen = 1;
+            if let Some(src) = chunk[i].2 {
+                hdrs[i].msg_hdr.msg_control = controls[i].as_mut_ptr() as *mut libc::c_void;
+                hdrs[i].msg_hdr.msg_controllen = pktinfo_space(src);
+                // SAFETY: the control buffer is zeroed, aligned, 96 bytes,
+                // more than pktinfo_space (at most 40); FIRSTHDR is its start.
+                unsafe { write_pktinfo(libc::CMSG_FIRSTHDR(&hdrs[i].msg_hdr), src) };
+            }
         }
         let mut off = 0;
         while off < n {
@@ -93,8 +102,77 @@ pub const UDP_GRO: libc::c_int = 104;
 /// Datagrams one `UDP_SEGMENT` send may carry (`UDP_MAX_SEGMENTS` of
 /// kernels before 6.9; newer ones take 128).
 pub const MAX_GSO_SEGMENTS: usize = 64;
-/// Control buffer per message: room for one `cmsghdr` and an int, aligned.
-type Cmsg = [u64; 4];
+/// Control buffer per message, aligned: room for a `UDP_GRO` or
+/// `UDP_SEGMENT` cmsg (24 bytes) and an `IP_PKTINFO`/`IPV6_PKTINFO` one (32
+/// or 40 bytes), with slack.
+type Cmsg = [u64; 12];
+
+/// A datagram to send: payload, destination, and the local address to send
+/// it from (`None`: the kernel's choice).
+pub type Outgoing<'a> = (&'a [u8], SocketAddr, Option<IpAddr>);
+
+/// Asks the kernel to report, with every datagram received on `fd`, the
+/// local address it was sent to (`IP_PKTINFO` / `IPV6_RECVPKTINFO`), so a
+/// socket bound to the wildcard address can answer from that address.
+pub fn set_recv_pktinfo(fd: RawFd, v6: bool) -> io::Result<()> {
+    let (level, name) =
+        if v6 { (libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO) } else { (libc::IPPROTO_IP, libc::IP_PKTINFO) };
+    let on: libc::c_int = 1;
+    // SAFETY: `on` is a live c_int and its exact size is passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            &on as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Bytes of control space a pktinfo cmsg for `src` takes.
+fn pktinfo_space(src: IpAddr) -> usize {
+    let len =
+        if src.is_ipv4() { std::mem::size_of::<libc::in_pktinfo>() } else { std::mem::size_of::<libc::in6_pktinfo>() };
+    // SAFETY: CMSG_SPACE only computes a size.
+    unsafe { libc::CMSG_SPACE(len as u32) as usize }
+}
+
+/// Writes a pktinfo cmsg asking to send from `src` at `c`.
+///
+/// # Safety
+/// `c` must point at a cmsghdr inside a zeroed, cmsghdr-aligned control
+/// buffer with at least [`pktinfo_space`] bytes left from `c`.
+unsafe fn write_pktinfo(c: *mut libc::cmsghdr, src: IpAddr) {
+    // SAFETY (whole body): the caller guarantees room for the header and
+    // data; CMSG_DATA points inside it; unaligned writes need no alignment.
+    unsafe {
+        match src {
+            IpAddr::V4(a) => {
+                (*c).cmsg_level = libc::IPPROTO_IP;
+                (*c).cmsg_type = libc::IP_PKTINFO;
+                (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<libc::in_pktinfo>() as u32) as usize;
+                let info = libc::in_pktinfo {
+                    ipi_ifindex: 0,
+                    ipi_spec_dst: libc::in_addr { s_addr: u32::from(a).to_be() },
+                    ipi_addr: libc::in_addr { s_addr: 0 },
+                };
+                std::ptr::write_unaligned(libc::CMSG_DATA(c) as *mut libc::in_pktinfo, info);
+            }
+            IpAddr::V6(a) => {
+                (*c).cmsg_level = libc::IPPROTO_IPV6;
+                (*c).cmsg_type = libc::IPV6_PKTINFO;
+                (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<libc::in6_pktinfo>() as u32) as usize;
+                let info = libc::in6_pktinfo { ipi6_addr: libc::in6_addr { s6_addr: a.octets() }, ipi6_ifindex: 0 };
+                std::ptr::write_unaligned(libc::CMSG_DATA(c) as *mut libc::in6_pktinfo, info);
+            }
+        }
+    }
+}
 
 /// Asks the kernel to coalesce received datagrams of one flow (`UDP_GRO`).
 pub fn set_udp_gro(fd: RawFd) -> io::Result<()> {
@@ -119,7 +197,8 @@ pub fn set_udp_gro(fd: RawFd) -> io::Result<()> {
 /// which may be shorter; at most [`MAX_GSO_SEGMENTS`], 65 507 bytes in all)
 /// to `dst` in one `sendmsg` with `UDP_SEGMENT`: the kernel cuts it into
 /// one datagram per element, or the NIC does.
-pub fn send_gso(fd: RawFd, datagrams: &[&[u8]], dst: SocketAddr, seg: u16) -> io::Result<usize> {
+/// With `src`, the datagrams leave from that local address (pktinfo).
+pub fn send_gso(fd: RawFd, datagrams: &[&[u8]], dst: SocketAddr, src: Option<IpAddr>, seg: u16) -> io::Result<usize> {
     let n = datagrams.len().min(MAX_GSO_SEGMENTS);
     let mut iovs: [libc::iovec; MAX_GSO_SEGMENTS] =
         [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; MAX_GSO_SEGMENTS];
@@ -127,7 +206,7 @@ pub fn send_gso(fd: RawFd, datagrams: &[&[u8]], dst: SocketAddr, seg: u16) -> io
         *iov = libc::iovec { iov_base: d.as_ptr() as *mut libc::c_void, iov_len: d.len() };
     }
     let addr = SockAddr::from(dst);
-    let mut control: Cmsg = [0; 4];
+    let mut control: Cmsg = [0; 12];
     // SAFETY: all-zero bytes are a valid msghdr.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
     msg.msg_name = addr.as_ptr() as *mut libc::c_void;
@@ -136,7 +215,8 @@ pub fn send_gso(fd: RawFd, datagrams: &[&[u8]], dst: SocketAddr, seg: u16) -> io
     msg.msg_iovlen = n;
     msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
     // SAFETY: CMSG_SPACE only computes a size.
-    msg.msg_controllen = unsafe { libc::CMSG_SPACE(std::mem::size_of::<u16>() as u32) } as usize;
+    let seg_space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<u16>() as u32) } as usize;
+    msg.msg_controllen = seg_space + src.map_or(0, pktinfo_space);
     // SAFETY: `msg_control` points at `control`, 32 bytes aligned for a
     // cmsghdr, and `msg_controllen` (CMSG_SPACE of 2 bytes, 24 on 64-bit
     // Linux) fits in it, so CMSG_FIRSTHDR returns a pointer inside
@@ -147,6 +227,11 @@ pub fn send_gso(fd: RawFd, datagrams: &[&[u8]], dst: SocketAddr, seg: u16) -> io
         (*c).cmsg_type = UDP_SEGMENT;
         (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<u16>() as u32) as usize;
         std::ptr::write_unaligned(libc::CMSG_DATA(c) as *mut u16, seg);
+        if let Some(src) = src {
+            // The second cmsg starts at `seg_space` (24) and needs at most
+            // 40 bytes: within the 96-byte zeroed buffer and msg_controllen.
+            write_pktinfo((control.as_mut_ptr() as *mut u8).add(seg_space) as *mut libc::cmsghdr, src);
+        }
     }
     loop {
         // SAFETY: `msg` points at `addr`, `iovs` (and through them the
@@ -173,6 +258,8 @@ pub struct Received {
     /// With `UDP_GRO`: the length of each datagram coalesced into the
     /// buffer (the last may be shorter); 0 when it holds one datagram.
     pub stride: usize,
+    /// With pktinfo asked for: the local address the datagram was sent to.
+    pub local: Option<IpAddr>,
 }
 
 /// Receives up to `bufs.len()` (at most [`MAX_MMSG`]) datagrams from the
@@ -182,7 +269,7 @@ pub fn recv_mmsg(fd: RawFd, bufs: &mut [&mut [u8]], out: &mut [Received]) -> io:
     let n = bufs.len().min(out.len()).min(MAX_MMSG);
     let mut iovs: [libc::iovec; MAX_MMSG] = [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; MAX_MMSG];
     let mut names: [MaybeUninit<libc::sockaddr_storage>; MAX_MMSG] = [MaybeUninit::uninit(); MAX_MMSG];
-    let mut controls: [Cmsg; MAX_MMSG] = [[0; 4]; MAX_MMSG];
+    let mut controls: [Cmsg; MAX_MMSG] = [[0; 12]; MAX_MMSG];
     // SAFETY: all-zero bytes are a valid mmsghdr.
     let mut hdrs: [libc::mmsghdr; MAX_MMSG] = unsafe { std::mem::zeroed() };
     for i in 0..n {
@@ -211,6 +298,7 @@ pub fn recv_mmsg(fd: RawFd, bufs: &mut [&mut [u8]], out: &mut [Received]) -> io:
         // address) are rejected by SockAddr's family check below.
         let addr = unsafe { SockAddr::new(names[i].assume_init(), namelen) };
         let mut stride = 0;
+        let mut local = None;
         // SAFETY: the kernel filled `controls[i]` with `msg_controllen`
         // bytes of well-formed cmsgs; CMSG_FIRSTHDR/NXTHDR stay within that
         // length and return null at its end; the int read lies within the
@@ -218,17 +306,32 @@ pub fn recv_mmsg(fd: RawFd, bufs: &mut [&mut [u8]], out: &mut [Received]) -> io:
         unsafe {
             let mut c = libc::CMSG_FIRSTHDR(&hdrs[i].msg_hdr);
             while !c.is_null() {
-                if (*c).cmsg_level == libc::SOL_UDP
-                    && (*c).cmsg_type == UDP_GRO
-                    && (*c).cmsg_len >= libc::CMSG_LEN(std::mem::size_of::<libc::c_int>() as u32) as usize
-                {
+                let (level, typ, len) = ((*c).cmsg_level, (*c).cmsg_type, (*c).cmsg_len);
+                let fits = |n: usize| len >= libc::CMSG_LEN(n as u32) as usize;
+                if level == libc::SOL_UDP && typ == UDP_GRO && fits(std::mem::size_of::<libc::c_int>()) {
                     stride = std::ptr::read_unaligned(libc::CMSG_DATA(c) as *const libc::c_int).max(0) as usize;
+                } else if level == libc::IPPROTO_IP
+                    && typ == libc::IP_PKTINFO
+                    && fits(std::mem::size_of::<libc::in_pktinfo>())
+                {
+                    let info = std::ptr::read_unaligned(libc::CMSG_DATA(c) as *const libc::in_pktinfo);
+                    local = Some(IpAddr::V4(Ipv4Addr::from(u32::from_be(info.ipi_addr.s_addr))));
+                } else if level == libc::IPPROTO_IPV6
+                    && typ == libc::IPV6_PKTINFO
+                    && fits(std::mem::size_of::<libc::in6_pktinfo>())
+                {
+                    let info = std::ptr::read_unaligned(libc::CMSG_DATA(c) as *const libc::in6_pktinfo);
+                    local = Some(IpAddr::V6(Ipv6Addr::from(info.ipi6_addr.s6_addr)));
                 }
                 c = libc::CMSG_NXTHDR(&hdrs[i].msg_hdr, c);
             }
         }
-        out[i] =
-            Received { len: hdrs[i].msg_len as usize, from: if namelen > 0 { addr.as_socket() } else { None }, stride };
+        out[i] = Received {
+            len: hdrs[i].msg_len as usize,
+            from: if namelen > 0 { addr.as_socket() } else { None },
+            stride,
+            local,
+        };
     }
     Ok(got)
 }
@@ -244,12 +347,12 @@ mod tests {
         let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let dst = rx.local_addr().unwrap();
         let payloads: Vec<Vec<u8>> = (0..70u8).map(|i| vec![i; 10 + i as usize]).collect();
-        let msgs: Vec<(&[u8], SocketAddr)> = payloads.iter().map(|p| (&p[..], dst)).collect();
+        let msgs: Vec<Outgoing<'_>> = payloads.iter().map(|p| (&p[..], dst, None)).collect();
         let stats = send_mmsg(tx.as_raw_fd(), &msgs);
         assert_eq!(stats, SendStats { syscalls: 2, sent: 70, failed: 0 });
         let mut store = vec![vec![0u8; 100]; MAX_MMSG];
         let mut bufs: Vec<&mut [u8]> = store.iter_mut().map(|b| &mut b[..]).collect();
-        let mut out = [Received { len: 0, from: None, stride: 0 }; MAX_MMSG];
+        let mut out = [Received { len: 0, from: None, stride: 0, local: None }; MAX_MMSG];
         let n = recv_mmsg(rx.as_raw_fd(), &mut bufs, &mut out).unwrap();
         assert_eq!(n, MAX_MMSG);
         for i in 0..n {
@@ -269,10 +372,10 @@ mod tests {
         let payloads: Vec<Vec<u8>> = (0..5u8).map(|i| vec![i; if i < 4 { 1000 } else { 300 }]).collect();
         let slices: Vec<&[u8]> = payloads.iter().map(|p| &p[..]).collect();
         // Without GRO on the receiver: five datagrams.
-        assert_eq!(send_gso(tx.as_raw_fd(), &slices, rx.local_addr().unwrap(), 1000).unwrap(), 4300);
+        assert_eq!(send_gso(tx.as_raw_fd(), &slices, rx.local_addr().unwrap(), None, 1000).unwrap(), 4300);
         let mut store = vec![vec![0u8; 65536]; 8];
         let mut bufs: Vec<&mut [u8]> = store.iter_mut().map(|b| &mut b[..]).collect();
-        let mut out = [Received { len: 0, from: None, stride: 0 }; MAX_MMSG];
+        let mut out = [Received { len: 0, from: None, stride: 0, local: None }; MAX_MMSG];
         let n = recv_mmsg(rx.as_raw_fd(), &mut bufs, &mut out).unwrap();
         assert_eq!(n, 5);
         for i in 0..5 {
@@ -280,7 +383,7 @@ mod tests {
         }
         // With GRO: the bytes arrive in order, split by the reported stride.
         set_udp_gro(rx.as_raw_fd()).unwrap();
-        send_gso(tx.as_raw_fd(), &slices, rx.local_addr().unwrap(), 1000).unwrap();
+        send_gso(tx.as_raw_fd(), &slices, rx.local_addr().unwrap(), None, 1000).unwrap();
         let mut joined = Vec::new();
         while joined.len() < 4300 {
             let n = recv_mmsg(rx.as_raw_fd(), &mut bufs, &mut out).unwrap();
@@ -293,5 +396,40 @@ mod tests {
             }
         }
         assert_eq!(joined, payloads.concat());
+    }
+
+    #[test]
+    fn a_wildcard_socket_learns_the_local_address_and_replies_from_it() {
+        // 127.0.0.2 is local through lo's 127.0.0.0/8 without being the
+        // address the kernel would pick as source towards 127.0.0.1.
+        let server = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        server.set_nonblocking(true).unwrap();
+        set_recv_pktinfo(server.as_raw_fd(), false).unwrap();
+        let port = server.local_addr().unwrap().port();
+        let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        client.set_read_timeout(Some(std::time::Duration::from_secs(2))).unwrap();
+        client.send_to(b"hello", ("127.0.0.2", port)).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let mut store = vec![0u8; 100];
+        let mut bufs: Vec<&mut [u8]> = vec![&mut store[..]];
+        let mut out = [Received { len: 0, from: None, stride: 0, local: None }; 1];
+        assert_eq!(recv_mmsg(server.as_raw_fd(), &mut bufs, &mut out).unwrap(), 1);
+        assert_eq!(out[0].local, Some(IpAddr::from([127, 0, 0, 2])));
+        let peer = out[0].from.unwrap();
+        // Reply from the address the peer sent to, one datagram and a GSO run.
+        let st = send_mmsg(server.as_raw_fd(), &[(b"one", peer, out[0].local)]);
+        assert_eq!(st.sent, 1);
+        let mut b = [0u8; 100];
+        let (n, from) = client.recv_from(&mut b).unwrap();
+        assert_eq!((&b[..n], from), (&b"one"[..], SocketAddr::from(([127, 0, 0, 2], port))));
+        send_gso(server.as_raw_fd(), &[b"ab", b"cd"], peer, out[0].local, 2).unwrap();
+        for want in [b"ab", b"cd"] {
+            let (n, from) = client.recv_from(&mut b).unwrap();
+            assert_eq!((&b[..n], from), (&want[..], SocketAddr::from(([127, 0, 0, 2], port))));
+        }
+        // Without pktinfo the kernel picks 127.0.0.1: the test can tell.
+        send_mmsg(server.as_raw_fd(), &[(b"x", peer, None)]);
+        let (_, from) = client.recv_from(&mut b).unwrap();
+        assert_eq!(from.ip(), IpAddr::from([127, 0, 0, 1]));
     }
 }
