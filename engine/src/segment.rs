@@ -98,7 +98,8 @@ impl Plan {
             _ => return Err(SegmentError::NotTcp),
         };
         let hdr_len = ip_len + l4_len;
-        if l4_len < 8 || hdr_len > total {
+        let min_l4 = if transport == Transport::Tcp { 20 } else { 8 };
+        if l4_len < min_l4 || hdr_len > total {
             return Err(SegmentError::Malformed);
         }
         if mss == 0 {
@@ -360,5 +361,10 @@ mod tests {
         for len in 0..60 {
             let _ = segment_tcp(&vec![0x45; len], 1450, &mut scratch, |_| {});
         }
+        // A TCP data offset below 5 words (found by the vnet_coalesce fuzz
+        // target: it made Plan::write index past the segment's header).
+        let mut short_doff = tcp_packet(false, 3000, 0x10);
+        short_doff[32] = 0x10;
+        assert_eq!(Plan::new(&short_doff, 1000).unwrap_err(), SegmentError::Malformed);
     }
 }
