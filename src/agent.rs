@@ -339,6 +339,7 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             port,
             port_v6,
             mtu: mtu as usize,
+            offloads: cfg.offloads,
         };
         Some(Engine::start(&engine_cfg, snapshot.clone()).context("starting the engine (TUN device, sockets)")?)
     } else {

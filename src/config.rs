@@ -25,6 +25,9 @@ pub const AGENT_KEYS: &[(&str, &str)] = &[
     ("etcd-prefix", "etcd key prefix (default /coreos.com/network)"),
     ("subnet-file", "where subnet.env is written (default /run/flannel/subnet.env)"),
     ("wireguard-key-file", "WireGuard private key, created on first start (default /var/lib/weft/wireguard.key)"),
+    ("offload-tun", "TUN offloads: super-packet reads and coalesced writes (default true)"),
+    ("offload-udp-gso", "UDP_SEGMENT sends on the underlay (default true)"),
+    ("offload-udp-gro", "UDP_GRO receives on the underlay (default true)"),
 ];
 
 /// Backends this build runs.
@@ -70,6 +73,8 @@ pub struct AgentConfig {
     pub subnet_file: PathBuf,
     /// WireGuard private key file.
     pub wg_key_file: PathBuf,
+    /// The offloads the engine may use (`offload-*` keys).
+    pub offloads: weft_engine::Offloads,
 }
 
 impl AgentConfig {
@@ -193,6 +198,11 @@ impl AgentConfig {
                 ))
             }
         };
+        let offloads = weft_engine::Offloads {
+            tun: parse_bool("offload-tun", get("offload-tun"), true)?,
+            udp_gso: parse_bool("offload-udp-gso", get("offload-udp-gso"), true)?,
+            udp_gro: parse_bool("offload-udp-gro", get("offload-udp-gro"), true)?,
+        };
         let subnet_file = PathBuf::from(get("subnet-file").unwrap_or("/run/flannel/subnet.env"));
         let node_name = match get("node-name") {
             Some(v) => v.to_string(),
@@ -213,6 +223,7 @@ impl AgentConfig {
             datastore,
             subnet_file,
             wg_key_file: PathBuf::from(get("wireguard-key-file").unwrap_or("/var/lib/weft/wireguard.key")),
+            offloads,
         })
     }
 }
@@ -225,6 +236,15 @@ where
     match v.parse::<T>() {
         Ok(n) if n >= min && n <= max => Ok(n),
         _ => Err(ConfigError::new(key, v, format!("an integer from {min} to {max}"))),
+    }
+}
+
+fn parse_bool(key: &str, v: Option<&str>, default: bool) -> Result<bool, ConfigError> {
+    match v {
+        None => Ok(default),
+        Some("true") => Ok(true),
+        Some("false") => Ok(false),
+        Some(v) => Err(ConfigError::new(key, v, "true or false")),
     }
 }
 
@@ -319,6 +339,20 @@ mod tests {
         assert_eq!(e.key, "etcd-endpoints", "both datastores given");
         let e = refused("node-ip: 10.0.0.1\netcd-endpoints: 127.0.0.1:2379\n");
         assert_eq!(e.key, "etcd-endpoints");
+        for key in ["offload-tun", "offload-udp-gso", "offload-udp-gro"] {
+            let e = refused(&format!("{GOOD}{key}: maybe\n"));
+            assert_eq!((e.key.as_str(), e.value.as_str(), e.accepted.as_str()), (key, "maybe", "true or false"));
+        }
+    }
+
+    #[test]
+    fn offload_keys_turn_each_offload_off() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.offloads, weft_engine::Offloads::default());
+        let c = parse(&format!("{GOOD}offload-tun: false\noffload-udp-gro: false\n")).unwrap();
+        assert_eq!(c.offloads, weft_engine::Offloads { tun: false, udp_gso: true, udp_gro: false });
+        let c = parse(&format!("{GOOD}offload-udp-gso: false\n")).unwrap();
+        assert_eq!(c.offloads, weft_engine::Offloads { tun: true, udp_gso: false, udp_gro: true });
     }
 
     #[test]

@@ -92,6 +92,11 @@ pub struct LabOptions {
     /// Where the leases live: `file` (the static datastore) or `etcd` (an
     /// etcd server the lab runs in the underlay namespace).
     pub datastore: String,
+    /// Turn every offload of the weft agents off (`offload-tun`,
+    /// `offload-udp-gso`, `offload-udp-gro: false`): one packet per TUN read
+    /// and write, one datagram per message. `weft lab` also turns them off
+    /// when the environment has `WEFT_LAB_OFFLOADS=off`.
+    pub offloads_off: bool,
     /// Node subnet prefix lengths (K3s `node-cidr-mask-size-ipv4` / `-ipv6`).
     pub node_mask_v4: u8,
     /// See `node_mask_v4`.
@@ -110,6 +115,7 @@ impl LabOptions {
             wg_peer: None,
             transfer_mib: 64,
             threads: None,
+            offloads_off: std::env::var("WEFT_LAB_OFFLOADS").is_ok_and(|v| v == "off"),
             weft_bin,
             cluster_cidrs: vec!["10.244.0.0/16".parse().expect("a valid network")],
             service_cidrs: Vec::new(),
@@ -674,6 +680,9 @@ fn start_agent(lab: &Lab, n: &Node, ds_path: &Path) -> anyhow::Result<()> {
     }
     if let Some(t) = lab.opts.threads {
         let _ = writeln!(cfg, "threads: {t}");
+    }
+    if lab.opts.offloads_off {
+        let _ = writeln!(cfg, "offload-tun: false\noffload-udp-gso: false\noffload-udp-gro: false");
     }
     std::fs::write(&cfg_path, cfg)?;
     let log = std::fs::File::create(lab.dir.join(format!("n{}.log", n.index)))?;

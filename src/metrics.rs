@@ -34,7 +34,7 @@ impl MetricsState {
     pub fn render(&self) -> String {
         let mut out = String::new();
         let sum = |f: fn(&WorkerCounters) -> u64| self.workers.iter().map(|w| f(w)).sum::<u64>();
-        let totals: [(&str, &str, u64); 10] = [
+        let totals: [(&str, &str, u64); 11] = [
             (
                 "tun_rx_packets",
                 "Packets read from the TUN device (pod to tunnel).",
@@ -57,11 +57,24 @@ impl MetricsState {
             ),
             (
                 "sw_segmented",
-                "TCP super-packets received uncut and segmented in software.",
+                "Super-packets cut in software or passed on as GSO (TUN TSO/USO reads, oversized received TCP).",
                 sum(|w| w.sw_segmented.load(Relaxed)),
+            ),
+            (
+                "gro_merged",
+                "Received segments coalesced into an earlier one before the TUN write.",
+                sum(|w| w.gro_merged.load(Relaxed)),
             ),
             ("syscalls", "System calls made on the packet path.", sum(|w| w.syscalls.load(Relaxed))),
         ];
+        // Pod bytes moved through the TUN, both directions.
+        let moved = sum(|w| w.tun_rx_bytes.load(Relaxed) + w.tun_tx_bytes.load(Relaxed));
+        let syscalls = sum(|w| w.syscalls.load(Relaxed));
+        let per_mb = if moved == 0 { 0.0 } else { syscalls as f64 / (moved as f64 / 1e6) };
+        let _ = writeln!(
+            out,
+            "# HELP weft_syscalls_per_mb Packet-path syscalls per MB of pod traffic moved (TUN bytes read plus written), since start.\n# TYPE weft_syscalls_per_mb gauge\nweft_syscalls_per_mb {per_mb:.1}"
+        );
         for (name, help, v) in totals {
             let _ = writeln!(
                 out,

@@ -197,6 +197,7 @@ impl StandaloneWg {
             port: 0,
             port_v6: 0,
             mtu: DEFAULT_MTU as usize,
+            offloads: Default::default(),
         };
         let families = Families { v4: true, v6 };
         let engine = Engine::start(&cfg, Arc::new(Snapshot::new(Vec::new(), families)))

@@ -45,6 +45,28 @@ fn one_worker_and_several_workers_both_forward() {
         assert_all_passed(&lab, &lab.check());
         let m = lab.metrics(&lab.nodes[0]).unwrap();
         assert_eq!(m.get("weft_workers"), Some(&(threads as f64)));
+        // Offloads are on by default: received TCP segments were coalesced
+        // into GSO writes, and pods' super-packets were cut in software.
+        assert!(m.get("weft_gro_merged_total").is_some_and(|v| *v > 0.0), "coalescing happened: {m:?}");
+        assert!(m.get("weft_sw_segmented_total").is_some_and(|v| *v > 0.0), "TSO reads happened: {m:?}");
+    }
+}
+
+#[test]
+fn offloads_forced_off_forward_with_one_and_two_workers() {
+    for threads in [1, 2] {
+        let mut o = options("o");
+        o.nodes = 2;
+        o.threads = Some(threads);
+        o.transfer_mib = 16;
+        o.offloads_off = true;
+        let (lab, _g) = up(&o);
+        assert_all_passed(&lab, &lab.check());
+        let m = lab.metrics(&lab.nodes[0]).unwrap();
+        assert_eq!(m.get("weft_workers"), Some(&(threads as f64)));
+        // With the TUN offloads off nothing is coalesced or cut from a TSO read.
+        assert_eq!(m.get("weft_gro_merged_total"), Some(&0.0), "{m:?}");
+        assert_eq!(m.get("weft_sw_segmented_total"), Some(&0.0), "{m:?}");
     }
 }
 
@@ -100,8 +122,13 @@ fn underlay_capture_is_vxlan_vni_1_with_the_pods_inside() {
             inner == ("10.244.1.2", "10.244.2.2") || inner == ("10.244.2.2", "10.244.1.2"),
             "inner addresses in {line}"
         );
+        // The outer source port depends on the flow, not on a fixed socket
+        // port: with UDP_SEGMENT it is that of one of eight pool sockets,
+        // picked by the flow hash and bound to an ephemeral port, which on
+        // Linux lies in ip_local_port_range (32768-60999 by default), the
+        // same range as the kernel's udp_flow_src_port. Never the tunnel port.
         let sport: u16 = f[3].parse().unwrap();
-        assert!((32768..=60999).contains(&sport), "flow-hashed source port in {line}");
+        assert!((32768..=60999).contains(&sport), "flow-picked source port in {line}");
         // The inner frame is addressed to the receiving node's VTEP MAC.
         let inner_dst_mac = f[4].split(',').nth(1).unwrap_or("");
         assert!(inner_dst_mac.starts_with("0a:58:0a:f4:0"), "inner destination MAC in {line}");

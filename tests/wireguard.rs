@@ -53,6 +53,26 @@ fn wireguard_mesh_passes_and_its_underlay_carries_only_wireguard() {
 }
 
 #[test]
+fn wireguard_with_offloads_on_and_off_and_two_workers_passes() {
+    for (offloads_off, threads) in [(false, 2), (true, 1)] {
+        let mut o = options("o");
+        o.backend = "wireguard-native".into();
+        o.nodes = 2;
+        o.transfer_mib = 8;
+        o.threads = Some(threads);
+        o.offloads_off = offloads_off;
+        let (lab, _g) = up(&o);
+        assert_all_passed(&lab, &lab.check());
+        let m = lab.metrics(&lab.nodes[0]).unwrap();
+        assert_eq!(m.get("weft_workers"), Some(&(threads as f64)));
+        // Super-packets read from the TUN are cut before encryption only
+        // when the TUN offloads are on.
+        let cut = m.get("weft_sw_segmented_total").copied().unwrap_or(0.0);
+        assert_eq!(cut > 0.0, !offloads_off, "offloads off {offloads_off}: {m:?}");
+    }
+}
+
+#[test]
 fn killed_node_restarts_with_its_keys_and_the_mesh_recovers_mid_transfer() {
     let (lab, _g) = wg_lab("k", 2);
     let (n1, n2) = (&lab.nodes[0], &lab.nodes[1]);

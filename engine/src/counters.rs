@@ -121,6 +121,9 @@ pub struct WorkerCounters {
     pub csum_completed: AtomicU64,
     /// TCP super-packets received uncut and segmented in software.
     pub sw_segmented: AtomicU64,
+    /// Received segments merged into an earlier one before the TUN write
+    /// (software GRO): TUN writes saved.
+    pub gro_merged: AtomicU64,
     /// Syscalls made on the packet path.
     pub syscalls: AtomicU64,
     /// Set when the worker's loop has ended (stopped or failed).

@@ -4,15 +4,18 @@
 //! worker rewrites every packet in place, the underlay side sends the batch
 //! (and the reverse). The traits speak in batches so that `recvmmsg`,
 //! `sendmmsg`, `UDP_SEGMENT`/`UDP_GRO` and a vnet-header TUN slot in behind
-//! them; the implementations here make one syscall per packet and say so in
-//! [`Capabilities`].
+//! them; the TUN side reads and writes one (super-)packet per
+//! syscall, the underlay side moves a whole batch per `recvmmsg`/`sendmmsg`.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsRawFd;
 
 use crate::counters::{add, DropCause, EngineDrop, WorkerCounters};
+use crate::sys::mmsg::{recv_mmsg, send_gso, send_mmsg, Outgoing, Received, MAX_GSO_SEGMENTS, MAX_MMSG};
 use crate::sys::raw::RawUdpTx;
 use crate::sys::tun::TunQueue;
+use crate::vnet::{VnetHdr, VNET_HDR_LEN};
 
 /// Packets per batch. 32 keeps a batch's buffers (32 x 64 KiB per direction)
 /// small next to the socket buffers while amortising the poll wakeup over
@@ -45,6 +48,12 @@ pub struct Meta {
     pub addr: Option<IpAddr>,
     /// The underlay peer's UDP port (receive side).
     pub port: u16,
+    /// The virtio-net header read with the packet from an offloading TUN,
+    /// or to write with it.
+    pub vnet: VnetHdr,
+    /// The local underlay address: the one a datagram was received on
+    /// (pktinfo), or the one to send it from.
+    pub local: Option<IpAddr>,
 }
 
 /// A fixed set of packet buffers, allocated once per worker.
@@ -56,15 +65,40 @@ pub struct Batch {
 
 impl Default for Batch {
     fn default() -> Self {
-        Batch {
-            bufs: (0..BATCH_SIZE).map(|_| vec![0u8; BUF_LEN].into_boxed_slice()).collect(),
-            meta: vec![Meta::default(); BATCH_SIZE],
-            count: 0,
-        }
+        Batch::new(BATCH_SIZE)
     }
 }
 
 impl Batch {
+    /// A batch of `slots` buffers of [`BUF_LEN`] bytes.
+    pub fn new(slots: usize) -> Self {
+        Batch {
+            bufs: (0..slots).map(|_| vec![0u8; BUF_LEN].into_boxed_slice()).collect(),
+            meta: vec![Meta::default(); slots],
+            count: 0,
+        }
+    }
+
+    /// Number of slots.
+    pub fn capacity(&self) -> usize {
+        self.bufs.len()
+    }
+
+    /// Sets the number of packets in the batch (at most its capacity).
+    pub fn set_len(&mut self, n: usize) {
+        self.count = n.min(self.bufs.len());
+    }
+
+    /// The buffers and metadata of the packets in the batch.
+    pub fn parts_mut(&mut self) -> (&mut [Box<[u8]>], &mut [Meta]) {
+        (&mut self.bufs[..self.count], &mut self.meta[..self.count])
+    }
+
+    /// Swaps buffer `i` of this batch with buffer `j` of `other` (no copy).
+    pub fn swap_buf(&mut self, i: usize, other: &mut Batch, j: usize) {
+        std::mem::swap(&mut self.bufs[i], &mut other.bufs[j]);
+    }
+
     /// Number of packets in the batch.
     pub fn len(&self) -> usize {
         self.count
@@ -115,17 +149,31 @@ const ONE_BY_ONE: Capabilities = Capabilities { batch_size: BATCH_SIZE, max_gso_
 
 impl TunIo for TunQueue {
     fn capabilities(&self) -> Capabilities {
-        ONE_BY_ONE
+        if self.vnet_hdr() {
+            Capabilities { batch_size: BATCH_SIZE, max_gso_segments: 64, gro: true }
+        } else {
+            ONE_BY_ONE
+        }
     }
 
     fn read_batch(&mut self, batch: &mut Batch, headroom: usize, counters: &WorkerCounters) -> io::Result<usize> {
         batch.count = 0;
-        while batch.count < BATCH_SIZE {
+        let vnet = self.vnet_hdr();
+        let at = if vnet { headroom - VNET_HDR_LEN } else { headroom };
+        while batch.count < batch.capacity() {
             let (buf, meta) = batch.slot_mut(batch.count);
             add(&counters.syscalls, 1);
-            match self.recv(&mut buf[headroom..]) {
+            match self.recv(&mut buf[at..]) {
+                Ok(n) if vnet => {
+                    let Ok(hdr) = VnetHdr::parse(&buf[at..at + n]) else {
+                        counters.count_drop(DropCause::Engine(EngineDrop::NotIp));
+                        continue;
+                    };
+                    *meta = Meta { start: headroom, len: n - VNET_HDR_LEN, vnet: hdr, ..Meta::default() };
+                    batch.count += 1;
+                }
                 Ok(n) => {
-                    *meta = Meta { start: headroom, len: n, addr: None, port: 0 };
+                    *meta = Meta { start: headroom, len: n, ..Meta::default() };
                     batch.count += 1;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -137,17 +185,24 @@ impl TunIo for TunQueue {
     }
 
     fn write_batch(&mut self, batch: &Batch, counters: &WorkerCounters) {
-        for (packet, _) in batch.packets() {
-            self.write_counted(packet, counters);
+        for (packet, meta) in batch.packets() {
+            self.write_with(packet, &meta.vnet, counters);
         }
     }
 }
 
 impl TunQueue {
-    /// Writes one packet, counting it (or its failure as a drop).
+    /// Writes one complete packet, counting it (or its failure as a drop).
     pub fn write_counted(&self, packet: &[u8], counters: &WorkerCounters) {
+        self.write_with(packet, &VnetHdr::default(), counters)
+    }
+
+    /// Writes one packet with `vnet` as its virtio-net header (ignored when
+    /// the TUN has none), counting it.
+    pub fn write_with(&self, packet: &[u8], vnet: &VnetHdr, counters: &WorkerCounters) {
         add(&counters.syscalls, 1);
-        match self.send(packet) {
+        let r = if self.vnet_hdr() { self.send_vnet(&vnet.to_bytes(), packet) } else { self.send(packet) };
+        match r {
             Ok(_) => {
                 add(&counters.tun_tx_packets, 1);
                 add(&counters.tun_tx_bytes, packet.len() as u64);
@@ -166,6 +221,43 @@ pub struct UdpUnderlay {
     pub tx: Option<RawUdpTx>,
     /// Whether this is the IPv6 underlay.
     pub v6: bool,
+    /// VXLAN with `UDP_SEGMENT`: UDP sockets bound to distinct ephemeral
+    /// source ports, one picked per datagram by its flow-hashed source port
+    /// (see `sys::mmsg` for why). Empty: every datagram goes through `tx`.
+    pub gso_pool: Vec<std::net::UdpSocket>,
+    /// `UDP_GRO` on `rx`: where coalesced datagrams land before they are
+    /// split into the worker's batch. `None`: one datagram per buffer.
+    pub gro: Option<GroRx>,
+    /// WireGuard: send runs of equal-sized datagrams to one endpoint with
+    /// `UDP_SEGMENT` on `rx` (false: one `sendmmsg` of single datagrams).
+    pub wg_gso: bool,
+}
+
+/// Receive state with `UDP_GRO`: a few large buffers, and how far their
+/// datagrams have been handed out.
+pub struct GroRx {
+    batch: Batch,
+    got: [Received; GRO_BUFS],
+    count: usize,
+    buf: usize,
+    off: usize,
+}
+
+/// Buffers per `recvmmsg` with `UDP_GRO`: each holds up to 64 KiB of one
+/// flow's datagrams, so 8 fill a 64-slot batch several times over (the
+/// probe's `recvmmsg` of 8).
+pub const GRO_BUFS: usize = 8;
+
+impl Default for GroRx {
+    fn default() -> Self {
+        GroRx {
+            batch: Batch::new(GRO_BUFS),
+            got: [Received { len: 0, from: None, stride: 0, local: None }; GRO_BUFS],
+            count: 0,
+            buf: 0,
+            off: 0,
+        }
+    }
 }
 
 impl UnderlayIo for UdpUnderlay {
@@ -175,34 +267,301 @@ impl UnderlayIo for UdpUnderlay {
 
     fn recv_batch(&mut self, batch: &mut Batch, counters: &WorkerCounters) -> io::Result<usize> {
         batch.count = 0;
-        while batch.count < BATCH_SIZE {
-            let (buf, meta) = batch.slot_mut(batch.count);
+        let fd = self.rx.as_raw_fd();
+        if let Some(gro) = &mut self.gro {
+            return Ok(gro.fill(fd, batch, counters));
+        }
+        let mut slots = batch.bufs.iter_mut();
+        let mut bufs: [&mut [u8]; MAX_MMSG] = std::array::from_fn(|_| slots.next().map_or(&mut [][..], |b| &mut b[..]));
+        let cap = batch.meta.len().min(MAX_MMSG);
+        let mut got = [Received { len: 0, from: None, stride: 0, local: None }; MAX_MMSG];
+        loop {
             add(&counters.syscalls, 1);
-            match self.rx.recv_from(buf) {
-                Ok((n, from)) => {
-                    *meta = Meta { start: 0, len: n, addr: Some(canonical(from)), port: from.port() };
-                    add(&counters.udp_rx_packets, 1);
-                    add(&counters.udp_rx_bytes, n as u64);
-                    batch.count += 1;
+            match recv_mmsg(fd, &mut bufs[..cap], &mut got) {
+                Ok(n) => {
+                    for (meta, r) in batch.meta.iter_mut().zip(&got[..n]) {
+                        *meta = received_meta(r, 0, r.len);
+                        add(&counters.udp_rx_packets, 1);
+                        add(&counters.udp_rx_bytes, r.len as u64);
+                    }
+                    batch.count = n;
+                    return Ok(n);
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                // ICMP errors surface as ECONNREFUSED and the like: not fatal.
-                Err(_) => break,
+                // Empty (WouldBlock), or an ICMP error surfacing as
+                // ECONNREFUSED and the like: not fatal.
+                Err(_) => return Ok(0),
             }
         }
-        Ok(batch.count)
     }
 
     fn send_batch(&mut self, batch: &Batch, counters: &WorkerCounters) {
+        if !self.gso_pool.is_empty() {
+            self.send_gso_runs(batch, counters);
+            return;
+        }
+        let Some(tx) = &self.tx else {
+            self.send_wg(batch, counters);
+            return;
+        };
+        let unspecified = SocketAddr::from(([0u8; 4], 0));
+        let mut list: [Outgoing<'_>; MAX_MMSG] = [(&[][..], unspecified, None); MAX_MMSG];
+        let mut k = 0;
+        // A batch may hold datagrams for both underlay families.
         for (datagram, meta) in batch.packets() {
-            // A batch may hold datagrams for both underlay families.
             let Some(dst) = meta.addr.filter(|a| a.is_ipv6() == self.v6) else { continue };
-            let Some(tx) = &self.tx else { continue };
+            list[k] = (datagram, SocketAddr::new(dst, 0), None);
+            k += 1;
+            if k == MAX_MMSG {
+                flush_raw(tx, &list[..k], counters);
+                k = 0;
+            }
+        }
+        if k > 0 {
+            flush_raw(tx, &list[..k], counters);
+        }
+    }
+}
+
+fn received_meta(r: &Received, start: usize, len: usize) -> Meta {
+    Meta {
+        start,
+        len,
+        addr: r.from.map(canonical),
+        port: r.from.map_or(0, |f| f.port()),
+        vnet: VnetHdr::default(),
+        local: r.local.map(|l| canonical(SocketAddr::new(l, 0))),
+    }
+}
+
+fn flush_raw(tx: &RawUdpTx, list: &[Outgoing<'_>], counters: &WorkerCounters) {
+    let st = send_mmsg(tx.as_raw_fd(), list);
+    add(&counters.syscalls, st.syscalls);
+    add(&counters.udp_tx_packets, st.sent);
+    for _ in 0..st.failed {
+        counters.count_drop(DropCause::Engine(EngineDrop::SendError));
+    }
+}
+
+impl UdpUnderlay {
+    /// Sends VXLAN datagrams (UDP header included, as `encapsulate` wrote
+    /// them) through the GSO pool: each run of datagrams with one source
+    /// port, one destination and one size (the last may be shorter) is one
+    /// `UDP_SEGMENT` send. When the kernel refuses `UDP_SEGMENT` the pool
+    /// is dropped, which is logged once, and the raw socket takes over.
+    fn send_gso_runs(&mut self, batch: &Batch, counters: &WorkerCounters) {
+        let mut run: [&[u8]; MAX_GSO_SEGMENTS] = [&[]; MAX_GSO_SEGMENTS];
+        let mut k = 0;
+        let mut run_bytes = 0;
+        let mut key = (0u16, SocketAddr::from(([0u8; 4], 0)), 0usize);
+        let mut failed = false;
+        for (datagram, meta) in batch.packets() {
+            let Some(dst) = meta.addr.filter(|a| a.is_ipv6() == self.v6) else { continue };
+            if datagram.len() < 8 {
+                continue;
+            }
+            let sport = u16::from_be_bytes([datagram[0], datagram[1]]);
+            let dport = u16::from_be_bytes([datagram[2], datagram[3]]);
+            let payload = &datagram[8..];
+            let this = (sport, SocketAddr::new(dst, dport), payload.len());
+            // A run continues while the key matches and every earlier
+            // datagram was full-sized; one shorter datagram ends it.
+            let joins = k > 0
+                && this.0 == key.0
+                && this.1 == key.1
+                && payload.len() <= key.2
+                && k < MAX_GSO_SEGMENTS
+                && run_bytes + payload.len() <= MAX_GSO_BYTES;
+            if !joins && k > 0 {
+                failed |= self.flush_gso(&run[..k], key, counters);
+                k = 0;
+                run_bytes = 0;
+            }
+            if k == 0 {
+                key = this;
+            }
+            run[k] = payload;
+            k += 1;
+            run_bytes += payload.len();
+            if payload.len() < key.2 {
+                failed |= self.flush_gso(&run[..k], key, counters);
+                k = 0;
+                run_bytes = 0;
+            }
+        }
+        if k > 0 {
+            failed |= self.flush_gso(&run[..k], key, counters);
+        }
+        if failed {
+            tracing::warn!(v6 = self.v6, "UDP_SEGMENT refused by the kernel; sending one datagram per message");
+            self.gso_pool = Vec::new();
+        }
+    }
+
+    /// Sends one run; returns whether the kernel refused `UDP_SEGMENT`
+    /// itself (as opposed to a transient error, counted as a drop).
+    fn flush_gso(&self, run: &[&[u8]], key: (u16, SocketAddr, usize), counters: &WorkerCounters) -> bool {
+        let sock = &self.gso_pool[key.0 as usize % self.gso_pool.len()];
+        add(&counters.syscalls, 1);
+        let r = if run.len() == 1 {
+            sock.send_to(run[0], key.1)
+        } else {
+            send_gso(sock.as_raw_fd(), run, key.1, None, key.2 as u16)
+        };
+        match r {
+            Ok(_) => {
+                add(&counters.udp_tx_packets, run.len() as u64);
+                false
+            }
+            Err(e) => {
+                for _ in run {
+                    counters.count_drop(DropCause::Engine(EngineDrop::SendError));
+                }
+                run.len() > 1
+                    && matches!(e.raw_os_error(), Some(libc::EIO) | Some(libc::EINVAL) | Some(libc::ENOPROTOOPT))
+            }
+        }
+    }
+}
+
+impl UdpUnderlay {
+    /// WireGuard datagrams (whole UDP payloads, `addr`/`port` their
+    /// endpoint) from the listening socket: runs of one endpoint and one
+    /// size as `UDP_SEGMENT` sends, the rest (or everything, when GSO is
+    /// off or refused) in `sendmmsg` calls.
+    fn send_wg(&mut self, batch: &Batch, counters: &WorkerCounters) {
+        let fd = self.rx.as_raw_fd();
+        let unspecified = SocketAddr::from(([0u8; 4], 0));
+        let mut list: [Outgoing<'_>; MAX_MMSG] = [(&[][..], unspecified, None); MAX_MMSG];
+        let mut k = 0;
+        for (datagram, meta) in batch.packets() {
+            let Some(ip) = meta.addr.filter(|a| a.is_ipv6() == self.v6) else { continue };
+            let dst = SocketAddr::new(ip, meta.port);
+            // From the address the peer last sent to (multi-homed hosts).
+            list[k] = (datagram, dst, meta.local.filter(|l| l.is_ipv6() == self.v6));
+            k += 1;
+        }
+        let list = &list[..k];
+        let mut run: [&[u8]; MAX_GSO_SEGMENTS] = [&[]; MAX_GSO_SEGMENTS];
+        let mut i = 0;
+        while i < list.len() {
+            let (first, dst, src) = list[i];
+            let size = first.len();
+            let mut n = 0;
+            let mut bytes = 0;
+            while i + n < list.len()
+                && n < MAX_GSO_SEGMENTS
+                && list[i + n].1 == dst
+                && list[i + n].2 == src
+                && list[i + n].0.len() <= size
+                && bytes + list[i + n].0.len() <= MAX_GSO_BYTES
+            {
+                run[n] = list[i + n].0;
+                bytes += run[n].len();
+                n += 1;
+                if run[n - 1].len() < size {
+                    break;
+                }
+            }
+            let mut sent = self.send_wg_run(fd, &run[..n], dst, src, counters);
+            if sent == 0 && src.is_some() {
+                // Our address the peer last sent to is gone (this host's
+                // address changed): let the kernel pick until the peer
+                // tells us the new one.
+                sent = self.send_wg_run(fd, &run[..n], dst, None, counters);
+            }
+            add(&counters.udp_tx_packets, sent);
+            for _ in sent..n as u64 {
+                counters.count_drop(DropCause::Engine(EngineDrop::SendError));
+            }
+            i += n;
+        }
+    }
+
+    /// Sends one run of WireGuard datagrams to `dst` from `src`: one
+    /// `UDP_SEGMENT` send, or a `sendmmsg`. Returns how many left.
+    fn send_wg_run(
+        &mut self,
+        fd: std::os::fd::RawFd,
+        run: &[&[u8]],
+        dst: SocketAddr,
+        src: Option<IpAddr>,
+        counters: &WorkerCounters,
+    ) -> u64 {
+        if self.wg_gso {
             add(&counters.syscalls, 1);
-            match tx.send_to(datagram, dst) {
-                Ok(_) => add(&counters.udp_tx_packets, 1),
-                Err(_) => counters.count_drop(DropCause::Engine(EngineDrop::SendError)),
+            match send_gso(fd, run, dst, src, run[0].len() as u16) {
+                Ok(_) => return run.len() as u64,
+                Err(e) => {
+                    let refused = matches!(e.raw_os_error(), Some(libc::EIO) | Some(libc::ENOPROTOOPT))
+                        || (src.is_none() && e.raw_os_error() == Some(libc::EINVAL));
+                    if !(run.len() > 1 && refused) {
+                        return 0;
+                    }
+                    tracing::warn!(
+                        v6 = self.v6,
+                        "UDP_SEGMENT refused by the kernel; WireGuard sends one datagram per message"
+                    );
+                    self.wg_gso = false;
+                }
+            }
+        }
+        let unspecified = SocketAddr::from(([0u8; 4], 0));
+        let mut list: [Outgoing<'_>; MAX_GSO_SEGMENTS] = [(&[][..], unspecified, None); MAX_GSO_SEGMENTS];
+        for (l, d) in list.iter_mut().zip(run) {
+            *l = (d, dst, src);
+        }
+        let st = send_mmsg(fd, &list[..run.len()]);
+        add(&counters.syscalls, st.syscalls);
+        st.sent
+    }
+}
+
+/// UDP payload bytes one `UDP_SEGMENT` send may carry (65 535 - 8 - 20).
+pub const MAX_GSO_BYTES: usize = 65507;
+
+impl GroRx {
+    /// Fills `batch` with single datagrams: those left over from the last
+    /// `recvmmsg`, then newly received ones, each copied out of its GRO
+    /// buffer into a slot of its own. Returns the count: the batch's
+    /// capacity when more may be waiting.
+    fn fill(&mut self, fd: std::os::fd::RawFd, batch: &mut Batch, counters: &WorkerCounters) -> usize {
+        let cap = batch.capacity();
+        loop {
+            while self.buf < self.count {
+                let r = self.got[self.buf];
+                let stride = if r.stride == 0 { r.len } else { r.stride };
+                while self.off < r.len {
+                    if batch.count == cap {
+                        return cap;
+                    }
+                    let len = stride.min(r.len - self.off);
+                    let (dst, meta) = batch.slot_mut(batch.count);
+                    dst[..len].copy_from_slice(&self.batch.bufs[self.buf][self.off..self.off + len]);
+                    *meta = received_meta(&r, 0, len);
+                    add(&counters.udp_rx_packets, 1);
+                    add(&counters.udp_rx_bytes, len as u64);
+                    batch.count += 1;
+                    self.off += len;
+                }
+                self.buf += 1;
+                self.off = 0;
+            }
+            let mut slots = self.batch.bufs.iter_mut();
+            let mut bufs: [&mut [u8]; GRO_BUFS] =
+                std::array::from_fn(|_| slots.next().map_or(&mut [][..], |b| &mut b[..]));
+            add(&counters.syscalls, 1);
+            match recv_mmsg(fd, &mut bufs, &mut self.got) {
+                Ok(n) => {
+                    self.count = n;
+                    self.buf = 0;
+                    self.off = 0;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => {
+                    self.count = 0;
+                    return batch.count;
+                }
             }
         }
     }

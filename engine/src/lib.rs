@@ -6,12 +6,14 @@
 //! datastore. Kernel state other than the TUN itself (addresses, routes, MTU)
 //! is set through [`sys::netlink`] by the caller.
 
+pub mod coalesce;
 pub mod counters;
 pub mod io;
 pub mod route;
 pub mod segment;
 pub mod snapshot;
 pub mod sys;
+pub mod vnet;
 pub mod wg;
 pub mod worker;
 
@@ -26,6 +28,7 @@ use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use weft_tunnel::vxlan::Vxlan;
 
 pub use snapshot::Families;
+
 pub use wg::{WgDevice, WgPeer};
 
 pub use counters::{PeerCounters, WorkerCounters};
@@ -61,6 +64,33 @@ pub struct EngineConfig {
     pub port_v6: u16,
     /// MTU of the TUN device.
     pub mtu: usize,
+    /// Which offloads to try; each falls back at run time when refused.
+    pub offloads: Offloads,
+}
+
+/// The offloads the engine tries. Each one the kernel refuses is dropped at
+/// run time (logged once); turning one off here never asks for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Offloads {
+    /// TUN `IFF_VNET_HDR` + `TUNSETOFFLOAD`: super-packet reads, software
+    /// segmentation, and coalesced (software GRO) writes.
+    pub tun: bool,
+    /// `UDP_SEGMENT` sends on the underlay.
+    pub udp_gso: bool,
+    /// `UDP_GRO` receives on the underlay.
+    pub udp_gro: bool,
+}
+
+impl Default for Offloads {
+    fn default() -> Self {
+        Offloads { tun: true, udp_gso: true, udp_gro: true }
+    }
+}
+
+impl Offloads {
+    /// Every offload off: one packet per read and write, as peers without
+    /// offloads see it.
+    pub const NONE: Offloads = Offloads { tun: false, udp_gso: false, udp_gro: false };
 }
 
 /// How often WireGuard timers (handshake retries, rekeys, keepalives) are
@@ -194,7 +224,34 @@ fn open_at(
                 Encap::Vxlan(v) => (Some(v[i].clone()), Some(sys::raw::RawUdpTx::open(*local)?)),
                 Encap::Wireguard(..) => (None, None),
             };
-            let io = io::UdpUnderlay { rx: mio::net::UdpSocket::from_std(sock), tx, v6: local.is_ipv6() };
+            let gso_pool = if vxlan_gso(cfg) { gso_pool(*local)? } else { Vec::new() };
+            let gro = if cfg.offloads.udp_gro {
+                match sys::mmsg::set_udp_gro(std::os::fd::AsRawFd::as_raw_fd(&sock)) {
+                    Ok(()) => Some(io::GroRx::default()),
+                    Err(e) => {
+                        if !GRO_REFUSED.swap(true, Ordering::Relaxed) {
+                            tracing::warn!(error = %e, "UDP_GRO refused by the kernel; one datagram per buffer");
+                        }
+                        None
+                    }
+                }
+            } else {
+                None
+            };
+            let wg_gso = cfg.offloads.udp_gso && wg;
+            if wg {
+                // Bound to the wildcard address: learn which local address
+                // each peer sends to, and answer from it.
+                sys::mmsg::set_recv_pktinfo(std::os::fd::AsRawFd::as_raw_fd(&sock), local.is_ipv6())?;
+            }
+            let io = io::UdpUnderlay {
+                rx: mio::net::UdpSocket::from_std(sock),
+                tx,
+                v6: local.is_ipv6(),
+                gso_pool,
+                gro,
+                wg_gso,
+            };
             families.push(worker::Family { vxlan, io });
         }
     }
@@ -210,7 +267,7 @@ impl Engine {
             Encap::Wireguard(d, _) => Some(d.clone()),
         };
         let mut opened = open_families(cfg, threads, (cfg.port, cfg.port_v6), None, true)?;
-        let queues = sys::tun::TunQueue::create(&cfg.tun_name, threads)?;
+        let queues = sys::tun::TunQueue::create(&cfg.tun_name, threads, cfg.offloads.tun)?;
         let current = Arc::new(Mutex::new(snapshot.clone()));
         let shared = Arc::new(WgShared {
             device: Mutex::new(wg.clone()),
@@ -231,7 +288,7 @@ impl Engine {
                 control: rx,
                 counters: c.clone(),
                 mtu: cfg.mtu,
-                scratch: vec![0u8; cfg.mtu],
+                scratch: vec![0u8; io::BUF_LEN],
                 wg: wg.clone(),
                 wg_out: if wg.is_some() { vec![0u8; io::BUF_LEN] } else { Vec::new() },
             };
@@ -370,22 +427,55 @@ fn wg_timers(
         let Ok(sockets) = shared.sockets.lock() else { return };
         for wg in snapshot.peers().iter().filter_map(|p| p.wg.as_ref()) {
             let mut st = wg.lock();
-            let endpoint = st.endpoint;
+            let (endpoint, local) = (st.endpoint, st.local);
             if let boringtun::noise::TunnResult::WriteToNetwork(p) = st.tunn.update_timers(&mut out) {
                 let sock = endpoint.and_then(|ep| {
                     sockets.iter().find(|s| s.local_addr().is_ok_and(|l| l.is_ipv6() == ep.is_ipv6())).map(|s| (s, ep))
                 });
                 match sock {
                     Some((s, ep)) => {
-                        if s.send_to(p, ep).is_ok() {
-                            counters::add(&counters.udp_tx_packets, 1);
+                        // From the address the peer last sent to, as the
+                        // workers do; if that address is gone, the kernel's.
+                        let fd = std::os::fd::AsRawFd::as_raw_fd(s);
+                        let mut sent = sys::mmsg::send_mmsg(fd, &[(p, ep, local)]).sent;
+                        if sent == 0 && local.is_some() {
+                            sent = sys::mmsg::send_mmsg(fd, &[(p, ep, None)]).sent;
                         }
+                        counters::add(&counters.udp_tx_packets, sent);
                     }
                     None => counters.count_drop(counters::DropCause::Engine(counters::EngineDrop::WgNoEndpoint)),
                 }
             }
         }
     }
+}
+
+/// Set once `UDP_GRO` was refused, so that it is logged once.
+static GRO_REFUSED: AtomicBool = AtomicBool::new(false);
+
+/// UDP sockets per worker and family that VXLAN sends `UDP_SEGMENT`
+/// batches from, each bound to its own ephemeral source port; a datagram's
+/// flow-hashed source port picks one, so one flow always leaves from one
+/// port and different flows spread over eight (receivers' RSS sees eight
+/// outer flows per node pair instead of one).
+pub const GSO_POOL: usize = 8;
+
+fn vxlan_gso(cfg: &EngineConfig) -> bool {
+    cfg.offloads.udp_gso && matches!(cfg.encap, Encap::Vxlan(_))
+}
+
+/// Opens the GSO pool: blocking sockets (a full send buffer holds the
+/// worker back rather than drop) bound to `local` on ephemeral ports.
+fn gso_pool(local: IpAddr) -> std::io::Result<Vec<std::net::UdpSocket>> {
+    let mut pool = Vec::with_capacity(GSO_POOL);
+    for _ in 0..GSO_POOL {
+        let domain = if local.is_ipv4() { Domain::IPV4 } else { Domain::IPV6 };
+        let s = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
+        let _ = s.set_send_buffer_size(4 << 20);
+        s.bind(&SockAddr::from(SocketAddr::new(local, 0)))?;
+        pool.push(s.into());
+    }
+    Ok(pool)
 }
 
 /// A non-blocking UDP socket on the tunnel port, of the underlay's family;

@@ -105,6 +105,9 @@ pub struct PeerState {
     pub tunn: Tunn,
     /// Where its datagrams go: configured, then roaming.
     pub endpoint: Option<SocketAddr>,
+    /// Our address the peer last sent to: replies and data leave from it
+    /// (a socket bound to the wildcard address on a multi-homed host).
+    pub local: Option<std::net::IpAddr>,
     /// The endpoint as last configured (a new configured one overrides roaming).
     pub configured: Option<SocketAddr>,
     /// Keepalive interval, as configured.
@@ -139,6 +142,7 @@ impl WgPeer {
             state: Mutex::new(PeerState {
                 tunn,
                 endpoint,
+                local: None,
                 configured: endpoint,
                 keepalive,
                 preshared_key,

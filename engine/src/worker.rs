@@ -23,17 +23,25 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use weft_tunnel::vxlan::{Vxlan, HEADROOM};
 
+use crate::coalesce::coalesce;
 use crate::counters::{add, DropCause, EngineDrop, WorkerCounters};
-use crate::io::{Batch, TunIo, UdpUnderlay, UnderlayIo, BATCH_SIZE};
-use crate::segment::segment_tcp;
+use crate::io::{Batch, Meta, TunIo, UdpUnderlay, UnderlayIo, BATCH_SIZE};
+use crate::segment::{segment_tcp, Plan};
 use crate::snapshot::Snapshot;
+use crate::sys::mmsg::send_mmsg;
 use crate::sys::tun::TunQueue;
+use crate::vnet::{complete_csum, F_NEEDS_CSUM};
 use crate::wg::{decrypted, Decrypted, WgDevice, WgPeer};
 
 /// Batches per side handled before the loop polls again, so that one busy
 /// direction cannot starve the other or the control channel. 8 x 32 packets
 /// keeps a control message's latency well under a millisecond at line rate.
 pub const IO_LOOP_BOUND: usize = 8;
+
+/// Datagrams the transmit batch holds before it is sent: one 64 KiB
+/// super-packet cut at a 1450-byte MTU makes 47, so 64 holds one whole
+/// plus the small packets around it; a longer run is sent in several calls.
+pub const TX_SLOTS: usize = 64;
 
 pub(crate) const TUN: Token = Token(0);
 pub(crate) const WAKER: Token = Token(1);
@@ -86,7 +94,8 @@ impl Worker {
         }
         let mut events = Events::with_capacity(16);
         let mut tun_batch = Batch::default();
-        let mut udp_batch = Batch::default();
+        let mut udp_batch = Batch::new(TX_SLOTS);
+        let mut tx_batch = Batch::new(TX_SLOTS);
         let mut tun_pending = true;
         // Only families that exist can be pending: a flag left set for a
         // missing family would keep the loop polling without blocking.
@@ -125,11 +134,11 @@ impl Worker {
             }
             for _ in 0..IO_LOOP_BOUND {
                 if tun_pending {
-                    tun_pending = self.tun_to_underlay(&mut tun_batch)? == BATCH_SIZE;
+                    tun_pending = self.tun_to_underlay(&mut tun_batch, &mut tx_batch)? == BATCH_SIZE;
                 }
                 for (f, pending) in udp_pending.iter_mut().enumerate().take(self.families.len()) {
                     if *pending {
-                        *pending = self.underlay_to_tun(f, &mut udp_batch)? == BATCH_SIZE;
+                        *pending = self.underlay_to_tun(f, &mut udp_batch, &mut tx_batch)? == udp_batch.capacity();
                     }
                 }
                 if !tun_pending && !udp_pending.iter().any(|p| *p) {
@@ -139,16 +148,26 @@ impl Worker {
         }
     }
 
-    /// Pod to tunnel: read a batch from the TUN, encapsulate, send.
-    fn tun_to_underlay(&mut self, batch: &mut Batch) -> io::Result<usize> {
+    /// Pod to tunnel: read a batch from the TUN, cut super-packets, look up
+    /// the route, encapsulate into the transmit batch, send.
+    ///
+    /// ```text
+    ///  read batch (64 KiB super-packets) --Plan::write--> tx slot [HEADROOM..]
+    ///      (or, single packets: buffer swapped into the tx slot, no copy)
+    ///  tx slot --encapsulate in place--> send_batch when full and at the end
+    /// ```
+    fn tun_to_underlay(&mut self, batch: &mut Batch, tx: &mut Batch) -> io::Result<usize> {
         let n = self.tun.read_batch(batch, HEADROOM, &self.counters)?;
+        tx.set_len(0);
         for i in 0..n {
             let (buf, meta) = batch.slot_mut(i);
             add(&self.counters.tun_rx_packets, 1);
             add(&self.counters.tun_rx_bytes, meta.len as u64);
             let inner_len = meta.len;
+            let vnet = meta.vnet;
             meta.len = 0;
-            let Some(dst) = ip_destination(&buf[HEADROOM..HEADROOM + inner_len]) else {
+            let inner = &mut buf[HEADROOM..HEADROOM + inner_len];
+            let Some(dst) = ip_destination(inner) else {
                 self.counters.count_drop(DropCause::Engine(EngineDrop::NotIp));
                 continue;
             };
@@ -156,48 +175,125 @@ impl Worker {
                 self.counters.count_drop(DropCause::Engine(EngineDrop::NoRoute));
                 continue;
             };
+            let plan = if vnet.is_gso() {
+                match Plan::new(inner, vnet.gso_size as usize) {
+                    Ok(p) => {
+                        add(&self.counters.sw_segmented, 1);
+                        Some(p)
+                    }
+                    Err(_) => {
+                        self.counters.count_drop(DropCause::Engine(EngineDrop::Encap));
+                        continue;
+                    }
+                }
+            } else {
+                if vnet.flags & F_NEEDS_CSUM != 0 && complete_csum(inner, &vnet).is_err() {
+                    self.counters.count_drop(DropCause::Engine(EngineDrop::Encap));
+                    continue;
+                }
+                None
+            };
             if let Some(wg) = &peer.wg {
-                wg_send(wg, &buf[HEADROOM..HEADROOM + inner_len], &mut self.wg_out, &self.families, &self.counters);
-                add(&peer.counters.tx_packets, 1);
+                // Each segment is sealed into a tx slot; the slots go out
+                // in runs (UDP_SEGMENT) or one sendmmsg when the batch is sent.
+                let segments = plan.map_or(1, |p| p.count());
+                for j in 0..segments {
+                    if tx.len() == tx.capacity() {
+                        for f in &mut self.families {
+                            f.io.send_batch(tx, &self.counters);
+                        }
+                        tx.set_len(0);
+                    }
+                    let inner = &batch.slot_mut(i).0[HEADROOM..HEADROOM + inner_len];
+                    let plain = match &plan {
+                        Some(plan) => match plan.write(inner, j, &mut self.scratch) {
+                            Ok(len) => &self.scratch[..len],
+                            Err(_) => break,
+                        },
+                        None => inner,
+                    };
+                    let k = tx.len();
+                    let (out, meta) = tx.slot_mut(k);
+                    if let Some(m) = wg_seal(wg, plain, out, &self.counters) {
+                        *meta = m;
+                        tx.set_len(k + 1);
+                    }
+                }
+                add(&peer.counters.tx_packets, segments as u64);
                 add(&peer.counters.tx_bytes, inner_len as u64);
                 continue;
             }
-            let Some((family, vxlan)) = self
+            let Some((vxlan, udp_checksum)) = self
                 .families
                 .iter()
                 .find(|f| f.io.v6 == vtep.addr.is_ipv6())
-                .and_then(|f| Some((f, f.vxlan.as_ref()?)))
+                .and_then(|f| Some((f.vxlan.clone()?, f.io.gso_pool.is_empty())))
             else {
                 self.counters.count_drop(DropCause::Engine(EngineDrop::NoRoute));
                 continue;
             };
-            let _ = family;
-            match vxlan.encapsulate(&vtep, buf, inner_len) {
-                Ok(len) => {
-                    meta.start = 0;
-                    meta.len = len;
-                    meta.addr = Some(vtep.addr);
-                    add(&peer.counters.tx_packets, 1);
-                    add(&peer.counters.tx_bytes, inner_len as u64);
+            let segments = plan.map_or(1, |p| p.count());
+            for j in 0..segments {
+                if tx.len() == tx.capacity() {
+                    for f in &mut self.families {
+                        f.io.send_batch(tx, &self.counters);
+                    }
+                    tx.set_len(0);
                 }
-                Err(_) => self.counters.count_drop(DropCause::Engine(EngineDrop::Encap)),
+                let k = tx.len();
+                tx.set_len(k + 1);
+                let len = match &plan {
+                    Some(plan) => {
+                        let (out, _) = tx.slot_mut(k);
+                        match plan.write(&batch.slot_mut(i).0[HEADROOM..HEADROOM + inner_len], j, &mut out[HEADROOM..])
+                        {
+                            Ok(len) => len,
+                            Err(_) => {
+                                tx.slot_mut(k).1.len = 0;
+                                self.counters.count_drop(DropCause::Engine(EngineDrop::Encap));
+                                continue;
+                            }
+                        }
+                    }
+                    None => {
+                        tx.swap_buf(k, batch, i);
+                        inner_len
+                    }
+                };
+                let (out, meta) = tx.slot_mut(k);
+                // The GSO pool's sockets write their own UDP header and checksum.
+                match vxlan.encapsulate_with(&vtep, out, len, udp_checksum) {
+                    Ok(dlen) => {
+                        *meta = Meta { start: 0, len: dlen, addr: Some(vtep.addr), ..Meta::default() };
+                    }
+                    Err(_) => {
+                        meta.len = 0;
+                        self.counters.count_drop(DropCause::Engine(EngineDrop::Encap));
+                    }
+                }
             }
+            add(&peer.counters.tx_packets, segments as u64);
+            add(&peer.counters.tx_bytes, inner_len as u64);
         }
-        for f in &mut self.families {
-            f.io.send_batch(batch, &self.counters);
+        if !tx.is_empty() {
+            for f in &mut self.families {
+                f.io.send_batch(tx, &self.counters);
+            }
+            tx.set_len(0);
         }
         Ok(n)
     }
 
     /// Tunnel to pod: receive a batch on underlay family `f`, decapsulate and
     /// check, write to the TUN.
-    fn underlay_to_tun(&mut self, f: usize, batch: &mut Batch) -> io::Result<usize> {
+    fn underlay_to_tun(&mut self, f: usize, batch: &mut Batch, out: &mut Batch) -> io::Result<usize> {
         let family = &mut self.families[f];
         let n = family.io.recv_batch(batch, &self.counters)?;
         let Some(vxlan) = self.families[f].vxlan.clone() else {
-            self.wg_receive(f, batch, n);
+            self.wg_receive(f, batch, n, out);
             return Ok(n);
         };
+        let gro = self.tun.vnet_hdr();
         for i in 0..n {
             let (buf, meta) = batch.slot_mut(i);
             let Some(src) = meta.addr else { continue };
@@ -207,6 +303,12 @@ impl Worker {
                     add(&peer.counters.rx_packets, 1);
                     add(&peer.counters.rx_bytes, d.inner.len() as u64);
                     meta.len = 0;
+                    if gro {
+                        // Checksums and oversized packets are the coalescer's.
+                        meta.start = d.inner.start;
+                        meta.len = d.inner.len();
+                        continue;
+                    }
                     if d.inner.len() > self.mtu {
                         self.write_segmented(&buf[d.inner]);
                         continue;
@@ -223,26 +325,44 @@ impl Worker {
                 }
             }
         }
+        if gro {
+            let (bufs, metas) = batch.parts_mut();
+            let stats = coalesce(bufs, metas, self.mtu);
+            add(&self.counters.gro_merged, stats.merged);
+            add(&self.counters.csum_completed, stats.csum_completed);
+            add(&self.counters.sw_segmented, stats.oversized);
+        }
         self.tun.write_batch(batch, &self.counters);
         Ok(n)
     }
 
     /// WireGuard receive: find the peer, let boringtun check and decrypt,
     /// enforce the peer's allowed IPs, follow its endpoint, write to the TUN.
-    fn wg_receive(&mut self, f: usize, batch: &mut Batch, n: usize) {
+    ///
+    /// Decrypted packets land in `out`'s slots, which are coalesced (with
+    /// TUN offloads) and written when `out` is full and at the end.
+    fn wg_receive(&mut self, f: usize, batch: &mut Batch, n: usize, out: &mut Batch) {
         let Some(device) = self.wg.clone() else { return };
         let mut cookie = [0u8; 64];
+        out.set_len(0);
         for i in 0..n {
             let (buf, meta) = batch.slot_mut(i);
             let Some(ip) = meta.addr else { continue };
             let from = SocketAddr::new(ip, meta.port);
+            // The address the peer sent to: answers leave from it.
+            let local = meta.local;
             let datagram = &buf[..meta.len];
-            let sock = &self.families[f].io.rx;
+            let fd = self.families[f].io.rx.as_raw_fd();
+            let counters = &*self.counters;
+            let reply_to = |d: &[u8]| {
+                let st = send_mmsg(fd, &[(d, from, local)]);
+                add(&counters.syscalls, st.syscalls);
+                add(&counters.udp_tx_packets, st.sent);
+            };
             let peer = match device.classify(ip, datagram, &mut cookie) {
                 Ok(r) => self.snapshot.wg_peer(r),
                 Err(Some(reply)) => {
-                    add(&self.counters.syscalls, 1);
-                    let _ = sock.send_to(reply, from);
+                    reply_to(reply);
                     self.counters.count_drop(DropCause::Engine(EngineDrop::WgCookie));
                     continue;
                 }
@@ -255,17 +375,21 @@ impl Worker {
                 self.counters.count_drop(DropCause::Engine(EngineDrop::WgUnknownPeer));
                 continue;
             };
+            if out.len() == out.capacity() {
+                flush_to_tun(&mut self.tun, self.mtu, &self.counters, out);
+            }
+            let k = out.len();
+            let (obuf, ometa) = out.slot_mut(k);
+            let obase = obuf.as_ptr() as usize;
             let mut st = wg.lock();
-            match decrypted(st.tunn.decapsulate(Some(ip), datagram, &mut self.wg_out)) {
+            match decrypted(st.tunn.decapsulate(Some(ip), datagram, obuf)) {
                 Decrypted::Reply(reply) => {
                     st.endpoint = Some(from);
-                    add(&self.counters.syscalls, 1);
-                    let _ = sock.send_to(reply, from);
+                    st.local = local;
+                    reply_to(reply);
                     // Packets queued while the handshake ran go out now.
                     while let TunnResult::WriteToNetwork(p) = st.tunn.decapsulate(None, &[], &mut self.wg_out) {
-                        add(&self.counters.syscalls, 1);
-                        let _ = sock.send_to(p, from);
-                        add(&self.counters.udp_tx_packets, 1);
+                        reply_to(p);
                     }
                 }
                 Decrypted::Packet(p, inner_src) => {
@@ -278,14 +402,21 @@ impl Worker {
                         continue;
                     }
                     st.endpoint = Some(from);
+                    st.local = local;
                     add(&peer.counters.rx_packets, 1);
                     add(&peer.counters.rx_bytes, p.len() as u64);
-                    self.tun.write_counted(p, &self.counters);
+                    *ometa = Meta { start: p.as_ptr() as usize - obase, len: p.len(), ..Meta::default() };
+                    drop(st);
+                    out.set_len(k + 1);
                 }
-                Decrypted::Nothing => st.endpoint = Some(from),
+                Decrypted::Nothing => {
+                    st.endpoint = Some(from);
+                    st.local = local;
+                }
                 Decrypted::Refused => self.counters.count_drop(DropCause::Engine(EngineDrop::WgRejected)),
             }
         }
+        flush_to_tun(&mut self.tun, self.mtu, &self.counters, out);
     }
 
     /// Writes a TCP super-packet (a sender's TSO frame that crossed a veth
@@ -300,6 +431,22 @@ impl Worker {
             Err(_) => write(packet),
         }
     }
+}
+
+/// Coalesces (with TUN offloads) and writes `out`'s packets, and empties it.
+fn flush_to_tun(tun: &mut TunQueue, mtu: usize, counters: &WorkerCounters, out: &mut Batch) {
+    if out.is_empty() {
+        return;
+    }
+    if tun.vnet_hdr() {
+        let (bufs, metas) = out.parts_mut();
+        let stats = coalesce(bufs, metas, mtu);
+        add(&counters.gro_merged, stats.merged);
+        add(&counters.csum_completed, stats.csum_completed);
+        add(&counters.sw_segmented, stats.oversized);
+    }
+    tun.write_batch(out, counters);
+    out.set_len(0);
 }
 
 /// Destination address of an IP packet, if it is one.
@@ -317,28 +464,33 @@ pub fn ip_destination(p: &[u8]) -> Option<IpAddr> {
     }
 }
 
-/// Encrypts `packet` for `peer` and sends it to the peer's endpoint (or
-/// starts a handshake, the packet queued in boringtun until it completes).
-pub(crate) fn wg_send(peer: &WgPeer, packet: &[u8], out: &mut [u8], families: &[Family], counters: &WorkerCounters) {
+/// Encrypts `packet` for `peer` into `out` and says where the datagram lies
+/// and goes (the peer's endpoint), or counts why nothing is to be sent; a
+/// packet for a peer without a session starts a handshake (the packet is
+/// queued in boringtun and the handshake initiation is the datagram).
+pub(crate) fn wg_seal(peer: &WgPeer, packet: &[u8], out: &mut [u8], counters: &WorkerCounters) -> Option<Meta> {
+    let base = out.as_ptr() as usize;
     let mut st = peer.lock();
-    let endpoint = st.endpoint;
+    let (endpoint, local) = (st.endpoint, st.local);
     match st.tunn.encapsulate(packet, out) {
         TunnResult::WriteToNetwork(d) => {
             let Some(ep) = endpoint else {
                 counters.count_drop(DropCause::Engine(EngineDrop::WgNoEndpoint));
-                return;
+                return None;
             };
-            let Some(f) = families.iter().find(|f| f.io.v6 == ep.is_ipv6()) else {
-                counters.count_drop(DropCause::Engine(EngineDrop::WgNoEndpoint));
-                return;
-            };
-            add(&counters.syscalls, 1);
-            match f.io.rx.send_to(d, ep) {
-                Ok(_) => add(&counters.udp_tx_packets, 1),
-                Err(_) => counters.count_drop(DropCause::Engine(EngineDrop::SendError)),
-            }
+            Some(Meta {
+                local,
+                start: d.as_ptr() as usize - base,
+                len: d.len(),
+                addr: Some(ep.ip()),
+                port: ep.port(),
+                ..Meta::default()
+            })
         }
-        TunnResult::Done => {}
-        _ => counters.count_drop(DropCause::Engine(EngineDrop::WgRejected)),
+        TunnResult::Done => None,
+        _ => {
+            counters.count_drop(DropCause::Engine(EngineDrop::WgRejected));
+            None
+        }
     }
 }

@@ -98,6 +98,21 @@ impl Vxlan {
     /// to `remote.addr`.
     #[must_use = "the datagram length says what to send"]
     pub fn encapsulate(&self, remote: &Vtep, buf: &mut [u8], inner_len: usize) -> Result<usize, EncapError> {
+        self.encapsulate_with(remote, buf, inner_len, true)
+    }
+
+    /// [`Vxlan::encapsulate`], leaving the UDP checksum zero when
+    /// `udp_checksum` is false: for a sender whose UDP socket writes its own
+    /// UDP header and checksum (or offloads it), so that only the source
+    /// and destination ports written here matter.
+    #[must_use = "the datagram length says what to send"]
+    pub fn encapsulate_with(
+        &self,
+        remote: &Vtep,
+        buf: &mut [u8],
+        inner_len: usize,
+        udp_checksum: bool,
+    ) -> Result<usize, EncapError> {
         let len = HEADROOM + inner_len;
         if buf.len() < len {
             return Err(EncapError::NoHeadroom);
@@ -122,8 +137,13 @@ impl Vxlan {
         eth[0..6].copy_from_slice(&remote.mac);
         eth[6..12].copy_from_slice(&self.local.mac);
         eth[12..14].copy_from_slice(&ethertype.to_be_bytes());
-        let csum = checksum::udp(self.local.addr, remote.addr, &buf[..len]).ok_or(EncapError::FamilyMismatch)?;
-        buf[6..8].copy_from_slice(&csum.to_be_bytes());
+        if remote.addr.is_ipv4() != self.local.addr.is_ipv4() {
+            return Err(EncapError::FamilyMismatch);
+        }
+        if udp_checksum {
+            let csum = checksum::udp(self.local.addr, remote.addr, &buf[..len]).ok_or(EncapError::FamilyMismatch)?;
+            buf[6..8].copy_from_slice(&csum.to_be_bytes());
+        }
         Ok(len)
     }
 

@@ -4,6 +4,7 @@
 //! This is the only place in weft where `unsafe` may appear; each block says
 //! why it is sound.
 
+pub mod mmsg;
 pub mod netlink;
 pub mod raw;
 pub mod tun;

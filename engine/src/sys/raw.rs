@@ -28,6 +28,11 @@ impl RawUdpTx {
         Ok(RawUdpTx { socket })
     }
 
+    /// The socket's descriptor, for batched sends.
+    pub fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(&self.socket)
+    }
+
     /// Sends one UDP datagram (header included) to `dst`.
     pub fn send_to(&self, datagram: &[u8], dst: IpAddr) -> io::Result<usize> {
         self.socket.send_to(datagram, &SockAddr::from(SocketAddr::new(dst, 0)))

@@ -1,0 +1,531 @@
+//! Software GRO: coalescing the TCP segments of one batch into super-packets
+//! the TUN takes in one write, with a virtio-net GSO header.
+//!
+//! ```text
+//!  batch after decapsulation            after coalesce()
+//!  slot 0  [A seq 0    1398 B]  ──┐     slot 0  [vnet TCPV4 gso 1398][A seq 0, 4194 B]
+//!  slot 1  [A seq 1398 1398 B]  ──┤     slot 1  (len 0: merged)
+//!  slot 2  [B seq 9    100 B ]  ──┼──>  slot 2  [vnet NONE][B seq 9, 100 B]
+//!  slot 3  [A seq 2796 1398 B]  ──┘     slot 3  (len 0: merged)
+//! ```
+//!
+//! The rules are the ones Linux GRO (`tcp_gro_receive`) applies: same
+//! addresses and ports, the next sequence number, the same ACK number,
+//! byte-equal TCP options, the same TTL/hop limit, TOS/traffic class and
+//! DF bit, no IP options or IPv6 extension headers; only ACK, PSH and ECE
+//! may be set, and a PSH closes the super-packet; every segment but the
+//! last carries exactly `gso_size` bytes, and the whole stays within 64 KiB.
+//! A segment whose checksum is wrong is never merged (it would otherwise be
+//! given a fresh, valid checksum): it goes to the pod alone and is dropped
+//! there. A checksum left partial by a local sender's offload is trusted,
+//! as the kernel trusts `CHECKSUM_PARTIAL`.
+//!
+//! Payloads are appended to the first segment's buffer in place (no other
+//! copy); the segments merged are marked dropped (length 0). The result
+//! carries `NEEDS_CSUM` with the pseudo-header seed in the checksum field,
+//! which the kernel completes or segments as for any GSO packet. This module
+//! does no I/O and does not allocate: it runs over a batch the caller owns.
+//! It does not coalesce UDP (USO towards the TUN) or reorder anything: the
+//! order of first segments in the batch is the order of writes.
+
+use std::net::IpAddr;
+
+use weft_tunnel::checksum;
+
+use crate::io::Meta;
+use crate::vnet::{VnetHdr, F_NEEDS_CSUM, GSO_TCPV4, GSO_TCPV6};
+use crate::worker::TX_SLOTS;
+
+/// Largest IP packet the kernel accepts in one TUN write.
+pub const MAX_COALESCED: usize = 65535;
+
+const FIN: u8 = 0x01;
+const SYN: u8 = 0x02;
+const RST: u8 = 0x04;
+const PSH: u8 = 0x08;
+const URG: u8 = 0x20;
+const CWR: u8 = 0x80;
+
+/// What one call to [`coalesce`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Segments appended to an earlier one (writes saved).
+    pub merged: u64,
+    /// Partial checksums completed in software (packets that could not be
+    /// handed to the kernel partial).
+    pub csum_completed: u64,
+    /// Super-packets larger than the MTU passed on as GSO packets.
+    pub oversized: u64,
+}
+
+/// Coalesces the live packets of `bufs`/`metas` in place and sets each
+/// live packet's `vnet` header for the TUN write. Packets larger than
+/// `mtu` that are TCP are passed on as GSO packets of `mtu`-sized segments.
+pub fn coalesce<B: AsMut<[u8]>>(bufs: &mut [B], metas: &mut [Meta], mtu: usize) -> Stats {
+    let mut stats = Stats::default();
+    let mut items = [Item::default(); TX_SLOTS];
+    let mut n_items = 0;
+    let count = bufs.len().min(metas.len());
+    for i in 0..count {
+        let m = metas[i];
+        if m.len == 0 {
+            continue;
+        }
+        metas[i].vnet = VnetHdr::default();
+        let pkt = &mut bufs[i].as_mut()[m.start..m.start + m.len];
+        let Some(seg) = parse_tcp(pkt) else {
+            if checksum::complete_partial(pkt) {
+                stats.csum_completed += 1;
+            }
+            continue;
+        };
+        let partial = checksum_state(pkt, &seg);
+        if partial == Csum::Bad {
+            continue;
+        }
+        if m.len > mtu {
+            // A sender's TSO frame that crossed a veth uncut: the kernel cuts it.
+            set_seed(pkt, &seg);
+            metas[i].vnet = gso_header(&seg, mtu.saturating_sub(seg.hdr_len).max(1) as u16);
+            stats.oversized += 1;
+            continue;
+        }
+        let payload = m.len - seg.hdr_len;
+        let mergeable = seg.flags & (FIN | SYN | RST | URG | CWR) == 0 && payload > 0;
+        if mergeable {
+            if let Some(j) = items[..n_items].iter().rposition(|it| it.open && it.seg.same_flow(&seg)) {
+                let it = items[j];
+                let fits = it.next_seq == seg.seq
+                    && payload <= it.gso_size
+                    && it.last_payload == it.gso_size
+                    && it.len + payload <= MAX_COALESCED
+                    && metas[it.slot].start + it.len + payload <= bufs[it.slot].as_mut().len();
+                let (head, rest) = bufs.split_at_mut(i);
+                let head_buf = &mut head[it.slot].as_mut()[metas[it.slot].start..];
+                let pkt = &rest[0].as_mut()[m.start..m.start + m.len];
+                if fits && same_headers(head_buf, pkt, &seg) {
+                    head_buf[it.len..it.len + payload].copy_from_slice(&pkt[seg.hdr_len..]);
+                    if seg.flags & PSH != 0 {
+                        head_buf[seg.ip_len + 13] |= PSH;
+                    }
+                    let it = &mut items[j];
+                    it.len += payload;
+                    it.segs += 1;
+                    it.next_seq = it.next_seq.wrapping_add(payload as u32);
+                    it.last_payload = payload;
+                    it.open = seg.flags & PSH == 0;
+                    it.partial |= partial == Csum::Partial;
+                    metas[i].len = 0;
+                    stats.merged += 1;
+                    continue;
+                }
+                items[j].open = false;
+            }
+        }
+        if n_items < items.len() {
+            items[n_items] = Item {
+                slot: i,
+                seg,
+                len: m.len,
+                segs: 1,
+                next_seq: seg.seq.wrapping_add(payload as u32),
+                gso_size: payload,
+                last_payload: payload,
+                open: mergeable && seg.flags & PSH == 0,
+                partial: partial == Csum::Partial,
+            };
+            n_items += 1;
+        }
+    }
+    for it in &items[..n_items] {
+        let m = &mut metas[it.slot];
+        let pkt = &mut bufs[it.slot].as_mut()[m.start..m.start + it.len];
+        if it.segs == 1 {
+            if it.partial {
+                // Left partial by a local sender: let the kernel finish it.
+                m.vnet = VnetHdr {
+                    flags: F_NEEDS_CSUM,
+                    csum_start: it.seg.ip_len as u16,
+                    csum_offset: 16,
+                    ..VnetHdr::default()
+                };
+            }
+            continue;
+        }
+        if it.seg.v4 {
+            pkt[2..4].copy_from_slice(&(it.len as u16).to_be_bytes());
+            pkt[10..12].copy_from_slice(&[0, 0]);
+            let c = !checksum::fold(checksum::sum(0, &pkt[..it.seg.ip_len]));
+            pkt[10..12].copy_from_slice(&c.to_be_bytes());
+        } else {
+            pkt[4..6].copy_from_slice(&((it.len - 40) as u16).to_be_bytes());
+        }
+        set_seed(pkt, &it.seg);
+        m.len = it.len;
+        m.vnet = gso_header(&it.seg, it.gso_size as u16);
+    }
+    stats
+}
+
+/// A coalesced packet being built.
+#[derive(Debug, Clone, Copy, Default)]
+struct Item {
+    slot: usize,
+    seg: Segment,
+    len: usize,
+    segs: usize,
+    next_seq: u32,
+    gso_size: usize,
+    last_payload: usize,
+    open: bool,
+    partial: bool,
+}
+
+/// What coalescing needs to know of a TCP segment.
+#[derive(Debug, Clone, Copy)]
+struct Segment {
+    v4: bool,
+    ip_len: usize,
+    hdr_len: usize,
+    src: IpAddr,
+    dst: IpAddr,
+    ports: [u8; 4],
+    seq: u32,
+    flags: u8,
+}
+
+impl Default for Segment {
+    fn default() -> Self {
+        Segment {
+            v4: true,
+            ip_len: 0,
+            hdr_len: 0,
+            src: IpAddr::from([0u8; 4]),
+            dst: IpAddr::from([0u8; 4]),
+            ports: [0; 4],
+            seq: 0,
+            flags: 0,
+        }
+    }
+}
+
+impl Segment {
+    fn same_flow(&self, o: &Segment) -> bool {
+        self.v4 == o.v4 && self.src == o.src && self.dst == o.dst && self.ports == o.ports
+    }
+}
+
+/// Parses a TCP segment with no IP options or extension headers, whole
+/// (IP length equal to the buffer).
+fn parse_tcp(p: &[u8]) -> Option<Segment> {
+    let (v4, ip_len, src, dst) = match p.first()? >> 4 {
+        4 => {
+            let total = u16::from_be_bytes([*p.get(2)?, *p.get(3)?]) as usize;
+            let frag = u16::from_be_bytes([p[6], p[7]]) & 0x3fff;
+            if p[0] & 0x0f != 5 || p[9] != 6 || frag != 0 || total != p.len() {
+                return None;
+            }
+            let s: [u8; 4] = p[12..16].try_into().ok()?;
+            let d: [u8; 4] = p[16..20].try_into().ok()?;
+            (true, 20, IpAddr::from(s), IpAddr::from(d))
+        }
+        6 => {
+            if p.len() < 40 || p[6] != 6 || 40 + u16::from_be_bytes([p[4], p[5]]) as usize != p.len() {
+                return None;
+            }
+            let s: [u8; 16] = p[8..24].try_into().ok()?;
+            let d: [u8; 16] = p[24..40].try_into().ok()?;
+            (false, 40, IpAddr::from(s), IpAddr::from(d))
+        }
+        _ => return None,
+    };
+    let t = p.get(ip_len..ip_len + 20)?;
+    let tcp_len = ((t[12] >> 4) as usize) * 4;
+    if tcp_len < 20 || ip_len + tcp_len > p.len() {
+        return None;
+    }
+    Some(Segment {
+        v4,
+        ip_len,
+        hdr_len: ip_len + tcp_len,
+        src,
+        dst,
+        ports: [t[0], t[1], t[2], t[3]],
+        seq: u32::from_be_bytes([t[4], t[5], t[6], t[7]]),
+        flags: t[13],
+    })
+}
+
+/// Whether the IP fields GRO compares (TTL/hop limit, TOS/traffic class,
+/// DF; IPv6 flow label) and the TCP ACK, window-independent header and
+/// options of `b` equal those of the head `a`.
+fn same_headers(a: &[u8], b: &[u8], seg: &Segment) -> bool {
+    let ip_ok = if seg.v4 {
+        a[1] == b[1] && a[8] == b[8] && (a[6] & 0x40) == (b[6] & 0x40)
+    } else {
+        a[0..4] == b[0..4] && a[7] == b[7]
+    };
+    let (ta, tb) = (&a[seg.ip_len..], &b[seg.ip_len..]);
+    let tcp_len = seg.hdr_len - seg.ip_len;
+    ip_ok
+        && ta[12] == tb[12]
+        && ta[8..12] == tb[8..12]
+        && (ta[13] & !PSH) == (tb[13] & !PSH)
+        && ta[20..tcp_len] == tb[20..tcp_len]
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Csum {
+    Valid,
+    Partial,
+    Bad,
+}
+
+fn pseudo(seg: &Segment, tcp_len: usize) -> u64 {
+    // Both addresses come from one header: the families match.
+    checksum::pseudo_header(seg.src, seg.dst, 6, tcp_len as u32).unwrap_or(0)
+}
+
+/// Whether the TCP checksum verifies, or holds a local sender's seed.
+fn checksum_state(p: &[u8], seg: &Segment) -> Csum {
+    let t = &p[seg.ip_len..];
+    let acc = pseudo(seg, t.len());
+    if u16::from_be_bytes([t[16], t[17]]) == checksum::fold(acc) {
+        return Csum::Partial;
+    }
+    if checksum::fold(checksum::sum(acc, t)) == 0xffff {
+        Csum::Valid
+    } else {
+        Csum::Bad
+    }
+}
+
+/// Writes the pseudo-header seed a `NEEDS_CSUM` packet carries.
+fn set_seed(p: &mut [u8], seg: &Segment) {
+    let tcp_len = p.len() - seg.ip_len;
+    let seed = checksum::fold(pseudo(seg, tcp_len));
+    p[seg.ip_len + 16..seg.ip_len + 18].copy_from_slice(&seed.to_be_bytes());
+}
+
+fn gso_header(seg: &Segment, gso_size: u16) -> VnetHdr {
+    VnetHdr {
+        flags: F_NEEDS_CSUM,
+        gso_type: if seg.v4 { GSO_TCPV4 } else { GSO_TCPV6 },
+        hdr_len: seg.hdr_len as u16,
+        gso_size,
+        csum_start: seg.ip_len as u16,
+        csum_offset: 16,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::segment::Plan;
+    use crate::vnet::complete_csum;
+
+    /// A TCP super-packet with a complete checksum and a timestamp option.
+    fn tcp_packet(v6: bool, payload_len: usize, flags: u8, seq: u32) -> Vec<u8> {
+        let ip_len = if v6 { 40 } else { 20 };
+        let tcp_len = 32;
+        let total = ip_len + tcp_len + payload_len;
+        let mut p = vec![0u8; total];
+        if v6 {
+            p[0] = 0x60;
+            p[4..6].copy_from_slice(&((total - 40) as u16).to_be_bytes());
+            p[6] = 6;
+            p[7] = 64;
+            p[8..24].copy_from_slice(&"fd00::1".parse::<std::net::Ipv6Addr>().unwrap().octets());
+            p[24..40].copy_from_slice(&"fd00::2".parse::<std::net::Ipv6Addr>().unwrap().octets());
+        } else {
+            p[0] = 0x45;
+            p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+            p[4..6].copy_from_slice(&0x1234u16.to_be_bytes());
+            p[6] = 0x40;
+            p[8] = 64;
+            p[9] = 6;
+            p[12..16].copy_from_slice(&[10, 244, 3, 2]);
+            p[16..20].copy_from_slice(&[10, 244, 1, 2]);
+        }
+        let t = &mut p[ip_len..];
+        t[0..4].copy_from_slice(&[0x14, 0x51, 0xa0, 0x00]);
+        t[4..8].copy_from_slice(&seq.to_be_bytes());
+        t[8..12].copy_from_slice(&77u32.to_be_bytes());
+        t[12] = (tcp_len as u8 / 4) << 4;
+        t[13] = flags;
+        t[14..16].copy_from_slice(&512u16.to_be_bytes());
+        t[20..32].copy_from_slice(&[1, 1, 8, 10, 0, 0, 0, 9, 0, 0, 0, 7]);
+        for (i, b) in t[tcp_len..].iter_mut().enumerate() {
+            *b = (i * 7 % 251) as u8;
+        }
+        fix_checksums(&mut p);
+        p
+    }
+
+    fn fix_checksums(p: &mut [u8]) {
+        let seg = parse_tcp(p).unwrap();
+        if seg.v4 {
+            p[10..12].copy_from_slice(&[0, 0]);
+            let c = !checksum::fold(checksum::sum(0, &p[..20]));
+            p[10..12].copy_from_slice(&c.to_be_bytes());
+        }
+        let t_len = p.len() - seg.ip_len;
+        p[seg.ip_len + 16..seg.ip_len + 18].copy_from_slice(&[0, 0]);
+        let c = !checksum::fold(checksum::sum(pseudo(&seg, t_len), &p[seg.ip_len..]));
+        p[seg.ip_len + 16..seg.ip_len + 18].copy_from_slice(&c.to_be_bytes());
+    }
+
+    const ROOM: usize = 70000;
+    const START: usize = 22;
+
+    /// Lays `packets` out as a batch: each at START in a buffer of ROOM.
+    fn batch(packets: &[Vec<u8>]) -> (Vec<Vec<u8>>, Vec<Meta>) {
+        let mut bufs = Vec::new();
+        let mut metas = Vec::new();
+        for p in packets {
+            let mut b = vec![0u8; ROOM];
+            b[START..START + p.len()].copy_from_slice(p);
+            bufs.push(b);
+            metas.push(Meta { start: START, len: p.len(), ..Meta::default() });
+        }
+        (bufs, metas)
+    }
+
+    fn split(p: &[u8], mss: usize) -> Vec<Vec<u8>> {
+        let plan = Plan::new(p, mss).unwrap();
+        let mut out = vec![0u8; 70000];
+        (0..plan.count())
+            .map(|i| {
+                let n = plan.write(p, i, &mut out).unwrap();
+                out[..n].to_vec()
+            })
+            .collect()
+    }
+
+    /// What the kernel does with a NEEDS_CSUM packet written to the TUN.
+    fn as_kernel_would(p: &[u8], m: &Meta) -> Vec<u8> {
+        let mut p = p.to_vec();
+        if m.vnet.flags & F_NEEDS_CSUM != 0 {
+            complete_csum(&mut p, &m.vnet).unwrap();
+        }
+        p
+    }
+
+    fn verify_with_etherparse(p: &[u8]) {
+        let s = etherparse::SlicedPacket::from_ip(p).expect("etherparse parses it");
+        let Some(etherparse::TransportSlice::Tcp(tcp)) = s.transport else { panic!("not TCP") };
+        let ok = match s.net {
+            Some(etherparse::NetSlice::Ipv4(ip)) => {
+                assert_eq!(ip.header().to_header().calc_header_checksum(), ip.header().header_checksum());
+                tcp.calc_checksum_ipv4(ip.header().source(), ip.header().destination()).unwrap()
+            }
+            Some(etherparse::NetSlice::Ipv6(ip)) => {
+                tcp.calc_checksum_ipv6(ip.header().source(), ip.header().destination()).unwrap()
+            }
+            _ => panic!("not IP"),
+        };
+        assert_eq!(ok, tcp.checksum(), "TCP checksum");
+    }
+
+    #[test]
+    fn split_then_coalesce_gives_back_the_original() {
+        for v6 in [false, true] {
+            for payload_len in [1398, 2796, 4000, 20000, 65535 - 72] {
+                let original = tcp_packet(v6, payload_len, 0x10 | PSH, 0xffff_f000);
+                let segs = split(&original, 1398);
+                let (mut bufs, mut metas) = batch(&segs);
+                let stats = coalesce(&mut bufs, &mut metas, 1500);
+                assert_eq!(stats.merged as usize, segs.len() - 1, "v6 {v6} len {payload_len}");
+                let live: Vec<_> = metas.iter().enumerate().filter(|(_, m)| m.len > 0).collect();
+                assert_eq!(live.len(), 1);
+                let (slot, m) = live[0];
+                let out = &bufs[slot][m.start..m.start + m.len];
+                if segs.len() > 1 {
+                    assert_eq!(m.vnet.gso_type, if v6 { GSO_TCPV6 } else { GSO_TCPV4 });
+                    assert_eq!(m.vnet.gso_size, 1398);
+                    assert_eq!(m.vnet.hdr_len as usize, if v6 { 72 } else { 52 });
+                }
+                let fixed = as_kernel_would(out, m);
+                // The IPv4 ID is the first segment's, as it was in the original.
+                assert_eq!(fixed, original, "v6 {v6} len {payload_len}");
+                verify_with_etherparse(&fixed);
+            }
+        }
+    }
+
+    #[test]
+    fn coalesced_matches_writing_each_segment_alone() {
+        // Two interleaved flows, each split; the model: concatenating each
+        // flow's payload in order, as the pod would receive it.
+        let a = tcp_packet(false, 6000, 0x10, 1000);
+        let mut b = tcp_packet(false, 3000, 0x10, 5);
+        b[20..22].copy_from_slice(&[0x99, 0x99]);
+        fix_checksums(&mut b);
+        let (sa, sb) = (split(&a, 1000), split(&b, 1000));
+        let mut mixed = Vec::new();
+        for i in 0..sa.len().max(sb.len()) {
+            mixed.extend(sa.get(i).cloned());
+            mixed.extend(sb.get(i).cloned());
+        }
+        let (mut bufs, mut metas) = batch(&mixed);
+        let _ = coalesce(&mut bufs, &mut metas, 1500);
+        let out: Vec<Vec<u8>> = metas
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| m.len > 0)
+            .map(|(i, m)| as_kernel_would(&bufs[i][m.start..m.start + m.len], m))
+            .collect();
+        assert_eq!(out, vec![a, b]);
+    }
+
+    #[test]
+    fn what_must_not_be_merged_is_not() {
+        let base = tcp_packet(false, 3000, 0x10, 100);
+        let segs = split(&base, 1000);
+        // A gap in sequence numbers.
+        let (mut bufs, mut metas) = batch(&[segs[0].clone(), segs[2].clone()]);
+        assert_eq!(coalesce(&mut bufs, &mut metas, 1500).merged, 0);
+        // A bad checksum in the second segment: written alone, unchanged.
+        let mut bad = segs[1].clone();
+        bad[60] ^= 0xff;
+        let (mut bufs, mut metas) = batch(&[segs[0].clone(), bad.clone(), segs[2].clone()]);
+        assert_eq!(coalesce(&mut bufs, &mut metas, 1500).merged, 0);
+        assert_eq!(&bufs[1][START..START + metas[1].len], &bad[..]);
+        // A SYN, a FIN, a different ACK, a different TTL, different options.
+        for (at, xor) in [(33usize, SYN), (33, FIN), (28, 1), (8, 1), (45, 1)] {
+            let mut odd = segs[1].clone();
+            odd[at] ^= xor;
+            fix_checksums(&mut odd);
+            let (mut bufs, mut metas) = batch(&[segs[0].clone(), odd]);
+            assert_eq!(coalesce(&mut bufs, &mut metas, 1500).merged, 0, "byte {at} ^ {xor:#x}");
+        }
+        // After a PSH nothing is appended; a short segment closes too.
+        let mut psh = segs[0].clone();
+        psh[33] |= PSH;
+        fix_checksums(&mut psh);
+        let (mut bufs, mut metas) = batch(&[psh, segs[1].clone()]);
+        assert_eq!(coalesce(&mut bufs, &mut metas, 1500).merged, 0);
+        let short = split(&tcp_packet(false, 1500, 0x10, 100), 1000);
+        let next = split(&tcp_packet(false, 1000, 0x10, 1600), 1000);
+        let (mut bufs, mut metas) = batch(&[short[0].clone(), short[1].clone(), next[0].clone()]);
+        assert_eq!(coalesce(&mut bufs, &mut metas, 1500).merged, 1);
+    }
+
+    #[test]
+    fn oversized_and_partial_packets_go_to_the_kernel_partial() {
+        let big = tcp_packet(true, 8000, 0x10, 7);
+        let (mut bufs, mut metas) = batch(std::slice::from_ref(&big));
+        let stats = coalesce(&mut bufs, &mut metas, 1450);
+        assert_eq!(stats.oversized, 1);
+        assert_eq!(metas[0].vnet.gso_size as usize, 1450 - 72);
+        assert_eq!(as_kernel_would(&bufs[0][START..START + metas[0].len], &metas[0]), big);
+        // A single segment with a partial checksum: NEEDS_CSUM, not computed here.
+        let mut p = tcp_packet(false, 100, 0x10, 7);
+        let seg = parse_tcp(&p).unwrap();
+        set_seed(&mut p, &seg);
+        let (mut bufs, mut metas) = batch(std::slice::from_ref(&p));
+        let _ = coalesce(&mut bufs, &mut metas, 1450);
+        assert_eq!(metas[0].vnet.flags, F_NEEDS_CSUM);
+        assert_eq!(as_kernel_would(&bufs[0][START..START + metas[0].len], &metas[0]), tcp_packet(false, 100, 0x10, 7));
+    }
+}

@@ -1,0 +1,103 @@
+//! Arbitrary virtio-net headers and packets through the offload path:
+//! `VnetHdr::parse`, `Plan` (software GSO, as a TUN read is cut), then
+//! `coalesce` (software GRO, as received segments are joined) and the
+//! checksum completion the kernel does for a `NEEDS_CSUM` write.
+//!
+//! Input: 10 bytes of virtio-net header, then the packet. The header's
+//! `gso_size` top bit asks for a fix-up libFuzzer would take long to find:
+//! the packet's IP length is made its real length and its protocol TCP.
+//!
+//! Invariants: nothing panics; every segment is at most its headers plus
+//! `gso_size`; coalescing only removes the headers of the segments it
+//! merges (length accounting); every live output fits a TUN write and its
+//! `NEEDS_CSUM` range lies inside it; when everything merged back into one
+//! packet, that packet, completed as the kernel would, is the original
+//! (its IPv4 header checksum and TCP checksum aside, which the original may
+//! have had wrong).
+
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use weft_engine::coalesce::{coalesce, MAX_COALESCED};
+use weft_engine::io::Meta;
+use weft_engine::segment::{Plan, Transport};
+use weft_engine::vnet::{complete_csum, VnetHdr, F_NEEDS_CSUM};
+
+const START: usize = 22;
+const ROOM: usize = 70000;
+
+fn fix_up(p: &mut [u8]) {
+    match p.first().map(|b| b >> 4) {
+        Some(4) if p.len() >= 20 => {
+            let len = p.len().min(u16::MAX as usize) as u16;
+            p[2..4].copy_from_slice(&len.to_be_bytes());
+            p[6] &= 0x40;
+            p[7] = 0;
+            p[9] = 6;
+        }
+        Some(6) if p.len() >= 40 => {
+            let len = (p.len() - 40).min(u16::MAX as usize) as u16;
+            p[4..6].copy_from_slice(&len.to_be_bytes());
+            p[6] = 6;
+        }
+        _ => {}
+    }
+}
+
+fuzz_target!(|data: &[u8]| {
+    if data.len() < 10 {
+        assert!(VnetHdr::parse(data).is_err());
+        return;
+    }
+    let Ok(mut hdr) = VnetHdr::parse(data) else { return };
+    let mut packet = data[10..].to_vec();
+    if hdr.gso_size & 0x8000 != 0 {
+        hdr.gso_size &= 0x7fff;
+        fix_up(&mut packet);
+    }
+    let mss = (hdr.gso_size as usize).max(1);
+    let Ok(plan) = Plan::new(&packet, mss) else { return };
+    if plan.count() > 64 {
+        return;
+    }
+    let mut bufs: Vec<Vec<u8>> = Vec::new();
+    let mut metas: Vec<Meta> = Vec::new();
+    for i in 0..plan.count() {
+        let mut b = vec![0u8; ROOM];
+        let Ok(len) = plan.write(&packet, i, &mut b[START..]) else { return };
+        assert!(len <= plan.hdr_len() + mss, "segment {i} of {len} bytes");
+        bufs.push(b);
+        metas.push(Meta { start: START, len, ..Meta::default() });
+    }
+    let in_bytes: usize = metas.iter().map(|m| m.len).sum();
+    let mtu = plan.hdr_len() + mss;
+    let stats = coalesce(&mut bufs, &mut metas, mtu);
+    let out_bytes: usize = metas.iter().map(|m| m.len).sum();
+    assert_eq!(out_bytes + stats.merged as usize * plan.hdr_len(), in_bytes, "length accounting");
+    let mut outs = Vec::new();
+    for (b, m) in bufs.iter().zip(&metas).filter(|(_, m)| m.len > 0) {
+        assert!(m.len <= MAX_COALESCED);
+        let mut p = b[m.start..m.start + m.len].to_vec();
+        if m.vnet.flags & F_NEEDS_CSUM != 0 {
+            complete_csum(&mut p, &m.vnet).expect("NEEDS_CSUM range inside the packet");
+        }
+        outs.push(p);
+    }
+    if plan.transport() == Transport::Tcp && plan.count() > 1 && outs.len() == 1 {
+        let total = match packet[0] >> 4 {
+            4 => u16::from_be_bytes([packet[2], packet[3]]) as usize,
+            _ => 40 + u16::from_be_bytes([packet[4], packet[5]]) as usize,
+        };
+        let mut want = packet[..total].to_vec();
+        let mut got = outs.remove(0);
+        // Merging needs IPv4 without options or IPv6 without extensions.
+        let ip_len = if want[0] >> 4 == 4 { 20 } else { 40 };
+        for p in [&mut want, &mut got] {
+            if p[0] >> 4 == 4 {
+                p[10..12].fill(0);
+            }
+            p[ip_len + 16..ip_len + 18].fill(0);
+        }
+        assert_eq!(got, want, "split then coalesced is not the original");
+    }
+});
