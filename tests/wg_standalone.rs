@@ -480,6 +480,21 @@ fn a_peer_cannot_inject_sources_that_route_to_another_peer() {
     assert!(received(b"from b"), "b reaches a");
 }
 
+#[test]
+fn replies_leave_from_the_address_the_peer_sent_to() {
+    let p = Pair::up("r", 97);
+    let (ua, pb, ib) = (&p.ua, &p.pb, &p.ib);
+    // a's underlay has a second address; b knows a only by that one. A reply
+    // from a's primary address would make b's endpoint roam to it.
+    let va = format!("{}va", p.net.tag);
+    netns::exec(ua, "ip", &["addr", "add", "192.168.97.11/24", "dev", &va]).unwrap();
+    wg(pb, &["set", ib, "peer", &p.a_key.1, "endpoint", "192.168.97.11:51901"]).unwrap();
+    assert!(ping_within(pb, "10.94.0.1", Duration::from_secs(5)), "b -> a at its second address");
+    assert!(ping(&p.ua, "10.94.0.2"), "a -> b");
+    let endpoint = &peer_rows(pb, ib)[0][2];
+    assert_eq!(endpoint, "192.168.97.11:51901", "a answered from the address b sent to");
+}
+
 fn read_reply(s: &mut UnixStream) -> String {
     let mut out = Vec::new();
     let mut byte = [0u8; 1];

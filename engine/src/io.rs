@@ -488,22 +488,22 @@ impl UdpUnderlay {
         src: Option<IpAddr>,
         counters: &WorkerCounters,
     ) -> u64 {
-        if self.wg_gso {
+        // One datagram needs no segmentation; and the kernel refuses
+        // (EINVAL) segments larger than the path MTU, which a datagram
+        // carrying a packet read from a TUN with a raised MTU can be: such a
+        // run goes out by sendmmsg (fragmented by the kernel if need be).
+        if self.wg_gso && run.len() > 1 {
             add(&counters.syscalls, 1);
             match send_gso(fd, run, dst, src, run[0].len() as u16) {
                 Ok(_) => return run.len() as u64,
-                Err(e) => {
-                    let refused = matches!(e.raw_os_error(), Some(libc::EIO) | Some(libc::ENOPROTOOPT))
-                        || (src.is_none() && e.raw_os_error() == Some(libc::EINVAL));
-                    if !(run.len() > 1 && refused) {
-                        return 0;
-                    }
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EIO) | Some(libc::ENOPROTOOPT)) => {
                     tracing::warn!(
                         v6 = self.v6,
                         "UDP_SEGMENT refused by the kernel; WireGuard sends one datagram per message"
                     );
                     self.wg_gso = false;
                 }
+                Err(_) => {}
             }
         }
         let unspecified = SocketAddr::from(([0u8; 4], 0));
