@@ -189,15 +189,7 @@ fn open_at(
             // a port is first taken by a socket without it: that fails if
             // anyone holds the port, and picks one for port 0.
             let want = if v6_port { port_v6 } else { port };
-            let got = udp_socket(*local, want, false)?.local_addr()?.port();
-            if v6_port {
-                port_v6 = got;
-            } else {
-                port = got;
-                if port_v6 == 0 {
-                    port_v6 = got;
-                }
-            }
+            picked(&mut port, &mut port_v6, v6_port, udp_socket(*local, want, false)?.local_addr()?.port());
         }
         for families in per_worker.iter_mut() {
             let want = if v6_port { port_v6 } else { port };
@@ -206,16 +198,7 @@ fn open_at(
                 socket2::SockRef::from(&sock).set_mark(mark)?;
             }
             if want == 0 {
-                let got = sock.local_addr()?.port();
-                // Every later socket (and family) joins the picked port.
-                if v6_port {
-                    port_v6 = got;
-                } else {
-                    port = got;
-                    if port_v6 == 0 {
-                        port_v6 = got;
-                    }
-                }
+                picked(&mut port, &mut port_v6, v6_port, sock.local_addr()?.port());
             }
             if timer_sockets.len() <= i && wg {
                 timer_sockets.push(sock.try_clone()?);
@@ -256,6 +239,19 @@ fn open_at(
         }
     }
     Ok(Opened { per_worker, timer_sockets, ports: (port, port_v6) })
+}
+
+/// Records the port `got` picked for port 0: every later socket (and the
+/// other family, when its port was 0 too) joins it.
+fn picked(port: &mut u16, port_v6: &mut u16, v6_port: bool, got: u16) {
+    if v6_port {
+        *port_v6 = got;
+    } else {
+        *port = got;
+        if *port_v6 == 0 {
+            *port_v6 = got;
+        }
+    }
 }
 
 impl Engine {
