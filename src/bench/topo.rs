@@ -141,7 +141,6 @@ pub fn find_program(program: &str) -> Option<PathBuf> {
         .map(|c| c.join("bin"));
     std::env::split_paths(&path)
         .chain(cargo)
-        .chain([PathBuf::from("/root/.cargo/bin")])
         .map(|d| d.join(program))
         .find(|p| p.is_file())
 }
