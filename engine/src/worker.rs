@@ -199,10 +199,7 @@ impl Worker {
                 let segments = plan.map_or(1, |p| p.count());
                 for j in 0..segments {
                     if tx.len() == tx.capacity() {
-                        for f in &mut self.families {
-                            f.io.send_batch(tx, &self.counters);
-                        }
-                        tx.set_len(0);
+                        send_all(&mut self.families, tx, &self.counters);
                     }
                     let inner = &batch.slot_mut(i).0[HEADROOM..HEADROOM + inner_len];
                     let plain = match &plan {
@@ -235,10 +232,7 @@ impl Worker {
             let segments = plan.map_or(1, |p| p.count());
             for j in 0..segments {
                 if tx.len() == tx.capacity() {
-                    for f in &mut self.families {
-                        f.io.send_batch(tx, &self.counters);
-                    }
-                    tx.set_len(0);
+                    send_all(&mut self.families, tx, &self.counters);
                 }
                 let k = tx.len();
                 tx.set_len(k + 1);
@@ -276,10 +270,7 @@ impl Worker {
             add(&peer.counters.tx_bytes, inner_len as u64);
         }
         if !tx.is_empty() {
-            for f in &mut self.families {
-                f.io.send_batch(tx, &self.counters);
-            }
-            tx.set_len(0);
+            send_all(&mut self.families, tx, &self.counters);
         }
         Ok(n)
     }
@@ -447,6 +438,15 @@ fn flush_to_tun(tun: &mut TunQueue, mtu: usize, counters: &WorkerCounters, out: 
     }
     tun.write_batch(out, counters);
     out.set_len(0);
+}
+
+/// Sends the transmit batch on every underlay family (each takes the
+/// datagrams of its own address family) and empties it.
+fn send_all(families: &mut [Family], tx: &mut Batch, counters: &WorkerCounters) {
+    for f in families {
+        f.io.send_batch(tx, counters);
+    }
+    tx.set_len(0);
 }
 
 /// Destination address of an IP packet, if it is one.

@@ -139,10 +139,7 @@ pub fn find_program(program: &str) -> Option<PathBuf> {
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
         .map(|c| c.join("bin"));
-    std::env::split_paths(&path)
-        .chain(cargo)
-        .map(|d| d.join(program))
-        .find(|p| p.is_file())
+    std::env::split_paths(&path).chain(cargo).map(|d| d.join(program)).find(|p| p.is_file())
 }
 
 /// Pings `b` from `a` until it answers, for at most `limit`.
