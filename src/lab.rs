@@ -493,7 +493,7 @@ fn start_etcd(lab: &Lab) -> anyhow::Result<()> {
 }
 
 /// Where a node's WireGuard private key is.
-fn wg_key_path(dir: &Path, index: usize) -> PathBuf {
+pub(crate) fn wg_key_path(dir: &Path, index: usize) -> PathBuf {
     dir.join(format!("n{index}-wg.key"))
 }
 
@@ -505,7 +505,7 @@ fn subnet_env_path(lab: &Lab, n: &Node) -> PathBuf {
 /// Attaches a node's pods with the real `bridge` and `host-local` CNI
 /// plugins, from the node's `subnet.env` as Flannel's CNI plugin does.
 /// Returns each pod's addresses.
-fn attach_pods(lab: &Lab, n: &Node) -> anyhow::Result<Vec<Vec<IpAddr>>> {
+pub(crate) fn attach_pods(lab: &Lab, n: &Node) -> anyhow::Result<Vec<Vec<IpAddr>>> {
     let env_path = subnet_env_path(lab, n);
     let text = std::fs::read_to_string(&env_path).with_context(|| format!("reading {}", env_path.display()))?;
     let env = SubnetEnv::parse(&text).with_context(|| format!("{} is incomplete", env_path.display()))?;
@@ -558,7 +558,7 @@ fn cni(node_ns: &str, command: &str, pod: &str, conf_path: &Path) -> anyhow::Res
 
 /// Lays out the kernel's VXLAN device on `n` exactly as flanneld does, and
 /// writes the `subnet.env` flanneld would write.
-fn kernel_flannel_node(lab: &Lab, n: &Node) -> anyhow::Result<()> {
+pub(crate) fn kernel_flannel_node(lab: &Lab, n: &Node) -> anyhow::Result<()> {
     let ns = n.ns.as_str();
     let (Some(ip4), Some(subnet)) = (n.ip4, n.key.v4) else { bail!("the kernel Flannel node is IPv4 only") };
     let mtu = (UNDERLAY_MTU - OVERHEAD_V4 as u32).to_string();
@@ -580,6 +580,17 @@ fn kernel_flannel_node(lab: &Lab, n: &Node) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Where `program` is: on `PATH`, or in cargo's bin directory (where
+/// `cargo install boringtun-cli` puts it).
+pub fn find_program(program: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let cargo = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .map(|c| c.join("bin"));
+    std::env::split_paths(&path).chain(cargo).map(|d| d.join(program)).find(|p| p.is_file())
+}
+
 /// The interface name of a lab's userspace WireGuard peer: unique across
 /// labs, since its UAPI socket lives in the shared `/var/run/wireguard`.
 pub fn wg_ifname(lab: &Lab, n: &Node) -> String {
@@ -590,7 +601,7 @@ pub fn wg_ifname(lab: &Lab, n: &Node) -> String {
 /// Runs the userspace WireGuard peer (`wireguard-go`, or `boringtun-cli`)
 /// on `n` and configures it with `wg` from the other nodes' leases, the way a
 /// WireGuard operator would; writes the `subnet.env` a Flannel node would have.
-fn userspace_wg_node(lab: &Lab, n: &Node) -> anyhow::Result<()> {
+pub(crate) fn userspace_wg_node(lab: &Lab, n: &Node) -> anyhow::Result<()> {
     let ns = n.ns.as_str();
     let (Some(subnet), Some(_)) = (n.key.v4, n.ip4) else { bail!("the userspace WireGuard peer is IPv4 only") };
     let ifname = wg_ifname(lab, n);
@@ -600,9 +611,11 @@ fn userspace_wg_node(lab: &Lab, n: &Node) -> anyhow::Result<()> {
         Some("boringtun") => &["boringtun-cli", "--foreground", "--disable-drop-privileges"],
         _ => &["wireguard-go", "-f"],
     };
+    let path = find_program(program[0]).unwrap_or_else(|| PathBuf::from(program[0]));
     let child = Command::new("ip")
         .args(["netns", "exec", ns])
-        .args(program)
+        .arg(&path)
+        .args(&program[1..])
         .arg(&ifname)
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)

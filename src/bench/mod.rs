@@ -122,7 +122,7 @@ impl Mode {
             Mode::Boringtun => &["boringtun-cli", "wg"],
             _ => &[],
         };
-        let missing: Vec<&str> = needs.iter().copied().filter(|p| topo::find_program(p).is_none()).collect();
+        let missing: Vec<&str> = needs.iter().copied().filter(|p| crate::lab::find_program(p).is_none()).collect();
         (!missing.is_empty()).then(|| format!("{} not installed", missing.join(" and ")))
     }
 }
@@ -149,7 +149,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         bail!("weft bench creates network namespaces: run it as root");
     }
     for p in ["iperf3", "ping", "ss"] {
-        if topo::find_program(p).is_none() {
+        if crate::lab::find_program(p).is_none() {
             bail!("weft bench needs {p} (Debian packages iperf3, iputils-ping, iproute2; scripts/setup installs them)");
         }
     }
