@@ -349,7 +349,10 @@ pub fn up(opts: &LabOptions) -> anyhow::Result<Lab> {
     }
 }
 
-fn build(lab: &mut Lab) -> anyhow::Result<()> {
+/// The lab's state directory, its underlay namespace with bridge `br0`, and
+/// every node's namespace joined to it by a veth (`eth0`, MTU
+/// [`UNDERLAY_MTU`]), addressed, forwarding.
+pub(crate) fn build_underlay(lab: &Lab) -> anyhow::Result<()> {
     let name = lab.opts.name.clone();
     std::fs::create_dir_all(&lab.dir).with_context(|| format!("creating {}", lab.dir.display()))?;
     let ul = format!("{name}-ul");
@@ -372,6 +375,11 @@ fn build(lab: &mut Lab) -> anyhow::Result<()> {
         netns::sysctl(&n.ns, "net.ipv4.ip_forward", "1")?;
         netns::sysctl(&n.ns, "net.ipv6.conf.all.forwarding", "1")?;
     }
+    Ok(())
+}
+
+fn build(lab: &mut Lab) -> anyhow::Result<()> {
+    build_underlay(lab)?;
     if lab.opts.backend == "wireguard-native" {
         // Each node's key, made as the agent would make it; the static
         // datastore announces the public halves (with etcd, the agents'

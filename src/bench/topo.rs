@@ -26,8 +26,8 @@ use anyhow::{bail, Context};
 
 use super::report::CpuSource;
 use super::Mode;
-use crate::lab::{self, Lab, LabOptions, NodeKind, Pod, STATE_ROOT, UNDERLAY_MTU};
-use crate::netns::{self, exec, ip};
+use crate::lab::{self, Lab, LabOptions, NodeKind, Pod, STATE_ROOT};
+use crate::netns::{self, exec};
 
 /// A built topology: the lab, and what runs its tunnel.
 #[derive(Debug)]
@@ -149,23 +149,10 @@ fn build(lab: &mut Lab, mode: Mode) -> anyhow::Result<()> {
     if netns::exists(&format!("{name}-ul")) {
         bail!("a topology named {name} exists already");
     }
-    std::fs::create_dir_all(&lab.dir).with_context(|| format!("creating {}", lab.dir.display()))?;
-    // The underlay, as the lab lays it.
-    let ul = format!("{name}-ul");
-    ip(&["netns", "add", &ul])?;
-    ip(&["-n", &ul, "link", "add", "br0", "type", "bridge"])?;
-    ip(&["-n", &ul, "link", "set", "br0", "up"])?;
-    for n in &lab.nodes {
-        let ip4 = n.ip4.context("bench topologies are IPv4")?;
-        ip(&["netns", "add", &n.ns])?;
-        let port = format!("n{}", n.index);
-        ip(&["-n", &ul, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &n.ns])?;
-        ip(&["-n", &ul, "link", "set", &port, "master", "br0", "up"])?;
-        ip(&["-n", &n.ns, "link", "set", "lo", "up"])?;
-        ip(&["-n", &n.ns, "link", "set", "eth0", "mtu", &UNDERLAY_MTU.to_string(), "up"])?;
-        ip(&["-n", &n.ns, "addr", "add", &format!("{ip4}/24"), "dev", "eth0"])?;
-        netns::sysctl(&n.ns, "net.ipv4.ip_forward", "1")?;
+    if lab.nodes.iter().any(|n| n.ip4.is_none()) {
+        bail!("bench topologies are IPv4");
     }
+    lab::build_underlay(lab)?;
     if mode != Mode::KernelVxlan {
         for n in &mut lab.nodes {
             let private = crate::keys::load_or_create(&lab::wg_key_path(&lab.dir, n.index))?;
