@@ -16,7 +16,7 @@ use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use weft_engine::coalesce::coalesce;
+use weft_engine::coalesce::{coalesce, Out};
 use weft_engine::io::{Batch, Meta};
 use weft_engine::segment::Plan;
 use weft_tunnel::checksum;
@@ -98,20 +98,25 @@ fn coalescing(c: &mut Criterion) {
     segs.set_len(plan.count());
     let mut work = Batch::new(plan.count());
     g.throughput(Throughput::Elements(plan.count() as u64));
+    for i in 0..plan.count() {
+        let (src, m) = segs.slot_mut(i);
+        let (start, len) = (m.start, m.len);
+        let (dst, dm) = work.slot_mut(i);
+        dst[start..start + len].copy_from_slice(&src[start..start + len]);
+        *dm = Meta { start, len, ..Meta::default() };
+    }
+    work.set_len(plan.count());
+    let mut outs = [Out::default(); 64];
     g.bench_function("47_segments_to_one", |b| {
         b.iter(|| {
-            // Restore the segments (coalescing rewrote the first one): a
-            // copy of 65 KB, part of the figure.
-            for i in 0..plan.count() {
-                let (src, m) = segs.slot_mut(i);
-                let (start, len) = (m.start, m.len);
-                let (dst, dm) = work.slot_mut(i);
-                dst[start..start + len].copy_from_slice(&src[start..start + len]);
-                *dm = Meta { start, len, ..Meta::default() };
-            }
-            work.set_len(plan.count());
-            let (bufs, metas) = work.parts_mut();
-            black_box(coalesce(bufs, metas, 1450));
+            // Restore the first segment, whose headers coalescing rewrote
+            // (the others are only linked, never written).
+            let (src, m) = segs.slot_mut(0);
+            let (start, len) = (m.start, m.len);
+            work.slot_mut(0).0[start..start + len].copy_from_slice(&src[start..start + len]);
+            let mut pkts: [&mut [u8]; 64] = std::array::from_fn(|_| &mut [][..]);
+            let n = work.live_mut(&mut pkts);
+            black_box(coalesce(&mut pkts[..n], &mut outs[..n], 1450));
         })
     });
     g.finish();
@@ -150,7 +155,10 @@ fn pipeline(c: &mut Criterion) {
             let d = rx.decapsulate(LOCAL.addr, &bufs[i][8..8 + metas[i].len], &OnePeer).unwrap();
             metas[i] = Meta { start: 8 + d.inner.start, len: d.inner.len(), ..Meta::default() };
         }
-        black_box(coalesce(bufs, metas, 1450));
+        let mut pkts: [&mut [u8]; 64] = std::array::from_fn(|_| &mut [][..]);
+        let n = wire.live_mut(&mut pkts);
+        let mut outs = [Out::default(); 64];
+        black_box(coalesce(&mut pkts[..n], &mut outs[..n], 1450));
     };
     g.bench_function("vxlan_64KiB_per_segment", |b| b.iter(|| run(&mut wire)));
     g.throughput(Throughput::Bytes(65000));

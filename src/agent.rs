@@ -340,6 +340,7 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             port_v6,
             mtu: mtu as usize,
             offloads: cfg.offloads,
+            busy_poll_us: cfg.busy_poll_us,
         };
         Some(Engine::start(&engine_cfg, snapshot.clone()).context("starting the engine (TUN device, sockets)")?)
     } else {

@@ -28,6 +28,7 @@ pub const AGENT_KEYS: &[(&str, &str)] = &[
     ("offload-tun", "TUN offloads: super-packet reads and coalesced writes (default true)"),
     ("offload-udp-gso", "UDP_SEGMENT sends on the underlay (default true)"),
     ("offload-udp-gro", "UDP_GRO receives on the underlay (default true)"),
+    ("busy-poll-us", "microseconds a worker keeps polling after its last packet before it sleeps (default 0: off)"),
 ];
 
 /// Backends this build runs.
@@ -75,6 +76,8 @@ pub struct AgentConfig {
     pub wg_key_file: PathBuf,
     /// The offloads the engine may use (`offload-*` keys).
     pub offloads: weft_engine::Offloads,
+    /// `busy-poll-us`.
+    pub busy_poll_us: u32,
 }
 
 impl AgentConfig {
@@ -203,6 +206,7 @@ impl AgentConfig {
             udp_gso: parse_bool("offload-udp-gso", get("offload-udp-gso"), true)?,
             udp_gro: parse_bool("offload-udp-gro", get("offload-udp-gro"), true)?,
         };
+        let busy_poll_us = parse_num("busy-poll-us", get("busy-poll-us"), weft_engine::DEFAULT_BUSY_POLL_US, 0, 10_000)?;
         let subnet_file = PathBuf::from(get("subnet-file").unwrap_or("/run/flannel/subnet.env"));
         let node_name = match get("node-name") {
             Some(v) => v.to_string(),
@@ -224,6 +228,7 @@ impl AgentConfig {
             subnet_file,
             wg_key_file: PathBuf::from(get("wireguard-key-file").unwrap_or("/var/lib/weft/wireguard.key")),
             offloads,
+            busy_poll_us,
         })
     }
 }
@@ -343,6 +348,18 @@ mod tests {
             let e = refused(&format!("{GOOD}{key}: maybe\n"));
             assert_eq!((e.key.as_str(), e.value.as_str(), e.accepted.as_str()), (key, "maybe", "true or false"));
         }
+        for bad in ["-1", "fast", "10001"] {
+            let e = refused(&format!("{GOOD}busy-poll-us: {bad}\n"));
+            assert_eq!((e.key.as_str(), e.value.as_str()), ("busy-poll-us", bad));
+            assert!(e.accepted.contains("0 to 10000"), "{}", e.accepted);
+        }
+    }
+
+    #[test]
+    fn busy_poll_defaults_and_can_be_turned_off() {
+        assert_eq!(parse(GOOD).unwrap().busy_poll_us, weft_engine::DEFAULT_BUSY_POLL_US);
+        assert_eq!(parse(&format!("{GOOD}busy-poll-us: 0\n")).unwrap().busy_poll_us, 0);
+        assert_eq!(parse(&format!("{GOOD}busy-poll-us: 250\n")).unwrap().busy_poll_us, 250);
     }
 
     #[test]

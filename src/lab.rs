@@ -705,6 +705,10 @@ fn start_agent(lab: &Lab, n: &Node, ds_path: &Path) -> anyhow::Result<()> {
     if lab.opts.offloads_off {
         let _ = writeln!(cfg, "offload-tun: false\noffload-udp-gso: false\noffload-udp-gro: false");
     }
+    // For measurements: the agents' busy polling, as the environment sets it.
+    if let Ok(us) = std::env::var("WEFT_LAB_BUSY_POLL_US") {
+        let _ = writeln!(cfg, "busy-poll-us: {us}");
+    }
     std::fs::write(&cfg_path, cfg)?;
     let log = std::fs::File::create(lab.dir.join(format!("n{}.log", n.index)))?;
     let cfg_s = cfg_path.display().to_string();

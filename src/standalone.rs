@@ -198,6 +198,7 @@ impl StandaloneWg {
             port_v6: 0,
             mtu: DEFAULT_MTU as usize,
             offloads: Default::default(),
+            busy_poll_us: weft_engine::DEFAULT_BUSY_POLL_US,
         };
         let families = Families { v4: true, v6 };
         let engine = Engine::start(&cfg, Arc::new(Snapshot::new(Vec::new(), families)))

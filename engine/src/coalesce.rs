@@ -2,11 +2,11 @@
 //! the TUN takes in one write, with a virtio-net GSO header.
 //!
 //! ```text
-//!  batch after decapsulation            after coalesce()
-//!  slot 0  [A seq 0    1398 B]  ──┐     slot 0  [vnet TCPV4 gso 1398][A seq 0, 4194 B]
-//!  slot 1  [A seq 1398 1398 B]  ──┤     slot 1  (len 0: merged)
-//!  slot 2  [B seq 9    100 B ]  ──┼──>  slot 2  [vnet NONE][B seq 9, 100 B]
-//!  slot 3  [A seq 2796 1398 B]  ──┘     slot 3  (len 0: merged)
+//!  packets after decapsulation          after coalesce()            TUN writes (writev)
+//!  0 [A seq 0    1398 B]  head  ──┐     0 Out{gso 1398, next 1}     [vnet][0 whole][1 payload][3 payload]
+//!  1 [A seq 1398 1398 B]  ────────┤     1 Out{merged, next 3}
+//!  2 [B seq 9    100 B ]  ────────┼──>  2 Out{alone}                 [vnet][2 whole]
+//!  3 [A seq 2796 1398 B]  ────────┘     3 Out{merged}
 //! ```
 //!
 //! The rules are the ones Linux GRO (`tcp_gro_receive`) applies: same
@@ -20,24 +20,39 @@
 //! there. A checksum left partial by a local sender's offload is trusted,
 //! as the kernel trusts `CHECKSUM_PARTIAL`.
 //!
-//! Payloads are appended to the first segment's buffer in place (no other
-//! copy); the segments merged are marked dropped (length 0). The result
-//! carries `NEEDS_CSUM` with the pseudo-header seed in the checksum field,
-//! which the kernel completes or segments as for any GSO packet. This module
-//! does no I/O and does not allocate: it runs over a batch the caller owns.
-//! It does not coalesce UDP (USO towards the TUN) or reorder anything: the
-//! order of first segments in the batch is the order of writes.
+//! Nothing is copied: the payloads of merged segments stay where they were
+//! received, linked from their head by [`Out::next`], and the writer hands
+//! the head and those payloads to one `writev` ([`parts`]). Only the head's
+//! headers change (lengths, IPv4 header checksum, PSH); the result carries
+//! `NEEDS_CSUM` with the pseudo-header seed in the checksum field, which the
+//! kernel completes or segments as for any GSO packet. This module does no
+//! I/O and does not allocate. It does not coalesce UDP (USO towards the
+//! TUN) or reorder anything: the order of heads is the order of writes.
 
 use std::net::IpAddr;
 
 use weft_tunnel::checksum;
 
-use crate::io::Meta;
 use crate::vnet::{VnetHdr, F_NEEDS_CSUM, GSO_TCPV4, GSO_TCPV6};
-use crate::worker::TX_SLOTS;
 
 /// Largest IP packet the kernel accepts in one TUN write.
 pub const MAX_COALESCED: usize = 65535;
+
+/// Segments one coalesced packet holds at most (the head included), as
+/// Linux GRO caps a super-packet at 64 segments; it also bounds the
+/// `writev` of one packet to [`MAX_PARTS`] slices.
+pub const MAX_SEGS: usize = 64;
+
+/// Slices one coalesced write takes: the virtio-net header, the head, and
+/// the payloads of up to `MAX_SEGS - 1` merged segments.
+pub const MAX_PARTS: usize = MAX_SEGS + 1;
+
+/// Super-packets being built at once; packets of further flows in the
+/// same call are written alone.
+const MAX_OPEN: usize = 64;
+
+/// Marks the end of a chain in [`Out::next`].
+pub const NONE: u16 = u16::MAX;
 
 const FIN: u8 = 0x01;
 const SYN: u8 = 0x02;
@@ -58,21 +73,50 @@ pub struct Stats {
     pub oversized: u64,
 }
 
-/// Coalesces the live packets of `bufs`/`metas` in place and sets each
-/// live packet's `vnet` header for the TUN write. Packets larger than
-/// `mtu` that are TCP are passed on as GSO packets of `mtu`-sized segments.
-pub fn coalesce<B: AsMut<[u8]>>(bufs: &mut [B], metas: &mut [Meta], mtu: usize) -> Stats {
+/// How one packet goes to the TUN after [`coalesce`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Out {
+    /// The virtio-net header its write carries (heads and lone packets).
+    pub vnet: VnetHdr,
+    /// The packet whose payload follows this one's in the same write.
+    pub next: u16,
+    /// Whether its payload is written with its head, not on its own.
+    pub merged: bool,
+    /// Bytes of headers a merged packet's write skips.
+    pub skip: u16,
+}
+
+impl Default for Out {
+    fn default() -> Self {
+        Out { vnet: VnetHdr::default(), next: NONE, merged: false, skip: 0 }
+    }
+}
+
+/// The slices of the write that starts at packet `head` (not a merged
+/// one): the head whole, then the payload of each packet merged into it.
+pub fn parts<'a, P: AsRef<[u8]>>(pkts: &'a [P], outs: &'a [Out], head: usize) -> impl Iterator<Item = &'a [u8]> + 'a {
+    let mut at = Some(head);
+    std::iter::from_fn(move || {
+        let i = at?;
+        let o = outs.get(i)?;
+        at = (o.next != NONE).then_some(o.next as usize);
+        pkts.get(i).map(|p| &p.as_ref()[o.skip as usize..])
+    })
+}
+
+/// Coalesces `pkts` (each slice one whole IP packet, in arrival order) and
+/// says in `outs` (one entry per packet) how each is written; heads get
+/// their headers rewritten in place. TCP packets larger than `mtu` are
+/// passed on as GSO packets of `mtu`-sized segments. Every packet whose
+/// `outs` entry is not `merged` is one write of [`parts`].
+pub fn coalesce<P: AsMut<[u8]>>(pkts: &mut [P], outs: &mut [Out], mtu: usize) -> Stats {
     let mut stats = Stats::default();
-    let mut items = [Item::default(); TX_SLOTS];
+    let mut items = [Item::default(); MAX_OPEN];
     let mut n_items = 0;
-    let count = bufs.len().min(metas.len());
+    let count = pkts.len().min(outs.len()).min(NONE as usize);
     for i in 0..count {
-        let m = metas[i];
-        if m.len == 0 {
-            continue;
-        }
-        metas[i].vnet = VnetHdr::default();
-        let pkt = &mut bufs[i].as_mut()[m.start..m.start + m.len];
+        outs[i] = Out::default();
+        let pkt = pkts[i].as_mut();
         let Some(seg) = parse_tcp(pkt) else {
             if checksum::complete_partial(pkt) {
                 stats.csum_completed += 1;
@@ -83,14 +127,15 @@ pub fn coalesce<B: AsMut<[u8]>>(bufs: &mut [B], metas: &mut [Meta], mtu: usize) 
         if partial == Csum::Bad {
             continue;
         }
-        if m.len > mtu {
+        let len = pkt.len();
+        if len > mtu {
             // A sender's TSO frame that crossed a veth uncut: the kernel cuts it.
-            set_seed(pkt, &seg);
-            metas[i].vnet = gso_header(&seg, mtu.saturating_sub(seg.hdr_len).max(1) as u16);
+            set_seed(pkt, &seg, len);
+            outs[i].vnet = gso_header(&seg, mtu.saturating_sub(seg.hdr_len).max(1) as u16);
             stats.oversized += 1;
             continue;
         }
-        let payload = m.len - seg.hdr_len;
+        let payload = len - seg.hdr_len;
         let mergeable = seg.flags & (FIN | SYN | RST | URG | CWR) == 0 && payload > 0;
         if mergeable {
             if let Some(j) = items[..n_items].iter().rposition(|it| it.open && it.seg.same_flow(&seg)) {
@@ -99,23 +144,21 @@ pub fn coalesce<B: AsMut<[u8]>>(bufs: &mut [B], metas: &mut [Meta], mtu: usize) 
                     && payload <= it.gso_size
                     && it.last_payload == it.gso_size
                     && it.len + payload <= MAX_COALESCED
-                    && metas[it.slot].start + it.len + payload <= bufs[it.slot].as_mut().len();
-                let (head, rest) = bufs.split_at_mut(i);
-                let head_buf = &mut head[it.slot].as_mut()[metas[it.slot].start..];
-                let pkt = &rest[0].as_mut()[m.start..m.start + m.len];
-                if fits && same_headers(head_buf, pkt, &seg) {
-                    head_buf[it.len..it.len + payload].copy_from_slice(&pkt[seg.hdr_len..]);
-                    if seg.flags & PSH != 0 {
-                        head_buf[seg.ip_len + 13] |= PSH;
-                    }
+                    && it.segs < MAX_SEGS;
+                let (head, rest) = pkts.split_at_mut(i);
+                if fits && same_headers(head[it.slot].as_mut(), rest[0].as_mut(), &seg) {
+                    outs[it.tail].next = i as u16;
+                    outs[i].merged = true;
+                    outs[i].skip = seg.hdr_len as u16;
                     let it = &mut items[j];
+                    it.tail = i;
                     it.len += payload;
                     it.segs += 1;
                     it.next_seq = it.next_seq.wrapping_add(payload as u32);
                     it.last_payload = payload;
                     it.open = seg.flags & PSH == 0;
+                    it.psh |= seg.flags & PSH != 0;
                     it.partial |= partial == Csum::Partial;
-                    metas[i].len = 0;
                     stats.merged += 1;
                     continue;
                 }
@@ -125,25 +168,27 @@ pub fn coalesce<B: AsMut<[u8]>>(bufs: &mut [B], metas: &mut [Meta], mtu: usize) 
         if n_items < items.len() {
             items[n_items] = Item {
                 slot: i,
+                tail: i,
                 seg,
-                len: m.len,
+                len,
                 segs: 1,
                 next_seq: seg.seq.wrapping_add(payload as u32),
                 gso_size: payload,
                 last_payload: payload,
                 open: mergeable && seg.flags & PSH == 0,
+                psh: false,
                 partial: partial == Csum::Partial,
             };
             n_items += 1;
         }
     }
     for it in &items[..n_items] {
-        let m = &mut metas[it.slot];
-        let pkt = &mut bufs[it.slot].as_mut()[m.start..m.start + it.len];
+        let o = &mut outs[it.slot];
+        let pkt = pkts[it.slot].as_mut();
         if it.segs == 1 {
             if it.partial {
                 // Left partial by a local sender: let the kernel finish it.
-                m.vnet = VnetHdr {
+                o.vnet = VnetHdr {
                     flags: F_NEEDS_CSUM,
                     csum_start: it.seg.ip_len as u16,
                     csum_offset: 16,
@@ -151,6 +196,9 @@ pub fn coalesce<B: AsMut<[u8]>>(bufs: &mut [B], metas: &mut [Meta], mtu: usize) 
                 };
             }
             continue;
+        }
+        if it.psh {
+            pkt[it.seg.ip_len + 13] |= PSH;
         }
         if it.seg.v4 {
             pkt[2..4].copy_from_slice(&(it.len as u16).to_be_bytes());
@@ -160,9 +208,8 @@ pub fn coalesce<B: AsMut<[u8]>>(bufs: &mut [B], metas: &mut [Meta], mtu: usize) 
         } else {
             pkt[4..6].copy_from_slice(&((it.len - 40) as u16).to_be_bytes());
         }
-        set_seed(pkt, &it.seg);
-        m.len = it.len;
-        m.vnet = gso_header(&it.seg, it.gso_size as u16);
+        set_seed(pkt, &it.seg, it.len);
+        o.vnet = gso_header(&it.seg, it.gso_size as u16);
     }
     stats
 }
@@ -171,6 +218,7 @@ pub fn coalesce<B: AsMut<[u8]>>(bufs: &mut [B], metas: &mut [Meta], mtu: usize) 
 #[derive(Debug, Clone, Copy, Default)]
 struct Item {
     slot: usize,
+    tail: usize,
     seg: Segment,
     len: usize,
     segs: usize,
@@ -178,6 +226,7 @@ struct Item {
     gso_size: usize,
     last_payload: usize,
     open: bool,
+    psh: bool,
     partial: bool,
 }
 
@@ -300,9 +349,10 @@ fn checksum_state(p: &[u8], seg: &Segment) -> Csum {
     }
 }
 
-/// Writes the pseudo-header seed a `NEEDS_CSUM` packet carries.
-fn set_seed(p: &mut [u8], seg: &Segment) {
-    let tcp_len = p.len() - seg.ip_len;
+/// Writes the pseudo-header seed a `NEEDS_CSUM` packet of `total` bytes
+/// (its head may hold fewer) carries.
+fn set_seed(p: &mut [u8], seg: &Segment, total: usize) {
+    let tcp_len = total - seg.ip_len;
     let seed = checksum::fold(pseudo(seg, tcp_len));
     p[seg.ip_len + 16..seg.ip_len + 18].copy_from_slice(&seed.to_be_bytes());
 }
@@ -375,20 +425,18 @@ mod tests {
         p[seg.ip_len + 16..seg.ip_len + 18].copy_from_slice(&c.to_be_bytes());
     }
 
-    const ROOM: usize = 70000;
-    const START: usize = 22;
+    /// Coalesces copies of `packets`: the packets (heads rewritten) and
+    /// what to write.
+    fn run(packets: &[Vec<u8>], mtu: usize) -> (Vec<Vec<u8>>, Vec<Out>, Stats) {
+        let mut pkts = packets.to_vec();
+        let mut outs = vec![Out::default(); pkts.len()];
+        let stats = coalesce(&mut pkts, &mut outs, mtu);
+        (pkts, outs, stats)
+    }
 
-    /// Lays `packets` out as a batch: each at START in a buffer of ROOM.
-    fn batch(packets: &[Vec<u8>]) -> (Vec<Vec<u8>>, Vec<Meta>) {
-        let mut bufs = Vec::new();
-        let mut metas = Vec::new();
-        for p in packets {
-            let mut b = vec![0u8; ROOM];
-            b[START..START + p.len()].copy_from_slice(p);
-            bufs.push(b);
-            metas.push(Meta { start: START, len: p.len(), ..Meta::default() });
-        }
-        (bufs, metas)
+    /// The bytes of each write, in order, with its virtio-net header.
+    fn writes(pkts: &[Vec<u8>], outs: &[Out]) -> Vec<(Vec<u8>, VnetHdr)> {
+        (0..pkts.len()).filter(|i| !outs[*i].merged).map(|i| (parts(pkts, outs, i).collect::<Vec<_>>().concat(), outs[i].vnet)).collect()
     }
 
     fn split(p: &[u8], mss: usize) -> Vec<Vec<u8>> {
@@ -403,10 +451,10 @@ mod tests {
     }
 
     /// What the kernel does with a NEEDS_CSUM packet written to the TUN.
-    fn as_kernel_would(p: &[u8], m: &Meta) -> Vec<u8> {
+    fn as_kernel_would(p: &[u8], vnet: &VnetHdr) -> Vec<u8> {
         let mut p = p.to_vec();
-        if m.vnet.flags & F_NEEDS_CSUM != 0 {
-            complete_csum(&mut p, &m.vnet).unwrap();
+        if vnet.flags & F_NEEDS_CSUM != 0 {
+            complete_csum(&mut p, vnet).unwrap();
         }
         p
     }
@@ -433,19 +481,17 @@ mod tests {
             for payload_len in [1398, 2796, 4000, 20000, 65535 - 72] {
                 let original = tcp_packet(v6, payload_len, 0x10 | PSH, 0xffff_f000);
                 let segs = split(&original, 1398);
-                let (mut bufs, mut metas) = batch(&segs);
-                let stats = coalesce(&mut bufs, &mut metas, 1500);
+                let (pkts, outs, stats) = run(&segs, 1500);
                 assert_eq!(stats.merged as usize, segs.len() - 1, "v6 {v6} len {payload_len}");
-                let live: Vec<_> = metas.iter().enumerate().filter(|(_, m)| m.len > 0).collect();
-                assert_eq!(live.len(), 1);
-                let (slot, m) = live[0];
-                let out = &bufs[slot][m.start..m.start + m.len];
+                let w = writes(&pkts, &outs);
+                assert_eq!(w.len(), 1);
+                let (out, vnet) = &w[0];
                 if segs.len() > 1 {
-                    assert_eq!(m.vnet.gso_type, if v6 { GSO_TCPV6 } else { GSO_TCPV4 });
-                    assert_eq!(m.vnet.gso_size, 1398);
-                    assert_eq!(m.vnet.hdr_len as usize, if v6 { 72 } else { 52 });
+                    assert_eq!(vnet.gso_type, if v6 { GSO_TCPV6 } else { GSO_TCPV4 });
+                    assert_eq!(vnet.gso_size, 1398);
+                    assert_eq!(vnet.hdr_len as usize, if v6 { 72 } else { 52 });
                 }
-                let fixed = as_kernel_would(out, m);
+                let fixed = as_kernel_would(out, vnet);
                 // The IPv4 ID is the first segment's, as it was in the original.
                 assert_eq!(fixed, original, "v6 {v6} len {payload_len}");
                 verify_with_etherparse(&fixed);
@@ -467,15 +513,33 @@ mod tests {
             mixed.extend(sa.get(i).cloned());
             mixed.extend(sb.get(i).cloned());
         }
-        let (mut bufs, mut metas) = batch(&mixed);
-        let _ = coalesce(&mut bufs, &mut metas, 1500);
-        let out: Vec<Vec<u8>> = metas
-            .iter()
-            .enumerate()
-            .filter(|(_, m)| m.len > 0)
-            .map(|(i, m)| as_kernel_would(&bufs[i][m.start..m.start + m.len], m))
-            .collect();
+        let (pkts, outs, _) = run(&mixed, 1500);
+        let out: Vec<Vec<u8>> = writes(&pkts, &outs).iter().map(|(p, v)| as_kernel_would(p, v)).collect();
         assert_eq!(out, vec![a, b]);
+    }
+
+    #[test]
+    fn merged_segments_are_linked_not_copied_and_a_chain_stops_at_64() {
+        let original = tcp_packet(false, 100 * 100, 0x10, 1);
+        let segs = split(&original, 100);
+        assert_eq!(segs.len(), 100);
+        let (pkts, outs, stats) = run(&segs, 1500);
+        assert_eq!(stats.merged, 98, "two writes: 64 segments and 36");
+        let w = writes(&pkts, &outs);
+        assert_eq!(w.len(), 2);
+        assert_eq!(w[0].0.len(), 52 + 64 * 100);
+        // Only the heads' headers were touched; merged packets are as received.
+        for (i, (p, s)) in pkts.iter().zip(&segs).enumerate() {
+            if outs[i].merged {
+                assert_eq!(p, s, "merged segment {i} unchanged");
+                assert_eq!(outs[i].skip, 52);
+            }
+        }
+        let payload: Vec<u8> = w.iter().flat_map(|(p, _)| p[52..].to_vec()).collect();
+        assert_eq!(payload, original[52..]);
+        for (p, v) in &w {
+            verify_with_etherparse(&as_kernel_would(p, v));
+        }
     }
 
     #[test]
@@ -483,49 +547,44 @@ mod tests {
         let base = tcp_packet(false, 3000, 0x10, 100);
         let segs = split(&base, 1000);
         // A gap in sequence numbers.
-        let (mut bufs, mut metas) = batch(&[segs[0].clone(), segs[2].clone()]);
-        assert_eq!(coalesce(&mut bufs, &mut metas, 1500).merged, 0);
+        assert_eq!(run(&[segs[0].clone(), segs[2].clone()], 1500).2.merged, 0);
         // A bad checksum in the second segment: written alone, unchanged.
         let mut bad = segs[1].clone();
         bad[60] ^= 0xff;
-        let (mut bufs, mut metas) = batch(&[segs[0].clone(), bad.clone(), segs[2].clone()]);
-        assert_eq!(coalesce(&mut bufs, &mut metas, 1500).merged, 0);
-        assert_eq!(&bufs[1][START..START + metas[1].len], &bad[..]);
+        let (pkts, outs, stats) = run(&[segs[0].clone(), bad.clone(), segs[2].clone()], 1500);
+        assert_eq!(stats.merged, 0);
+        assert_eq!(writes(&pkts, &outs)[1].0, bad);
         // A SYN, a FIN, a different ACK, a different TTL, different options.
         for (at, xor) in [(33usize, SYN), (33, FIN), (28, 1), (8, 1), (45, 1)] {
             let mut odd = segs[1].clone();
             odd[at] ^= xor;
             fix_checksums(&mut odd);
-            let (mut bufs, mut metas) = batch(&[segs[0].clone(), odd]);
-            assert_eq!(coalesce(&mut bufs, &mut metas, 1500).merged, 0, "byte {at} ^ {xor:#x}");
+            assert_eq!(run(&[segs[0].clone(), odd], 1500).2.merged, 0, "byte {at} ^ {xor:#x}");
         }
         // After a PSH nothing is appended; a short segment closes too.
         let mut psh = segs[0].clone();
         psh[33] |= PSH;
         fix_checksums(&mut psh);
-        let (mut bufs, mut metas) = batch(&[psh, segs[1].clone()]);
-        assert_eq!(coalesce(&mut bufs, &mut metas, 1500).merged, 0);
+        assert_eq!(run(&[psh, segs[1].clone()], 1500).2.merged, 0);
         let short = split(&tcp_packet(false, 1500, 0x10, 100), 1000);
         let next = split(&tcp_packet(false, 1000, 0x10, 1600), 1000);
-        let (mut bufs, mut metas) = batch(&[short[0].clone(), short[1].clone(), next[0].clone()]);
-        assert_eq!(coalesce(&mut bufs, &mut metas, 1500).merged, 1);
+        assert_eq!(run(&[short[0].clone(), short[1].clone(), next[0].clone()], 1500).2.merged, 1);
     }
 
     #[test]
     fn oversized_and_partial_packets_go_to_the_kernel_partial() {
         let big = tcp_packet(true, 8000, 0x10, 7);
-        let (mut bufs, mut metas) = batch(std::slice::from_ref(&big));
-        let stats = coalesce(&mut bufs, &mut metas, 1450);
+        let (pkts, outs, stats) = run(std::slice::from_ref(&big), 1450);
         assert_eq!(stats.oversized, 1);
-        assert_eq!(metas[0].vnet.gso_size as usize, 1450 - 72);
-        assert_eq!(as_kernel_would(&bufs[0][START..START + metas[0].len], &metas[0]), big);
+        assert_eq!(outs[0].vnet.gso_size as usize, 1450 - 72);
+        assert_eq!(as_kernel_would(&pkts[0], &outs[0].vnet), big);
         // A single segment with a partial checksum: NEEDS_CSUM, not computed here.
         let mut p = tcp_packet(false, 100, 0x10, 7);
         let seg = parse_tcp(&p).unwrap();
-        set_seed(&mut p, &seg);
-        let (mut bufs, mut metas) = batch(std::slice::from_ref(&p));
-        let _ = coalesce(&mut bufs, &mut metas, 1450);
-        assert_eq!(metas[0].vnet.flags, F_NEEDS_CSUM);
-        assert_eq!(as_kernel_would(&bufs[0][START..START + metas[0].len], &metas[0]), tcp_packet(false, 100, 0x10, 7));
+        let len = p.len();
+        set_seed(&mut p, &seg, len);
+        let (pkts, outs, _) = run(std::slice::from_ref(&p), 1450);
+        assert_eq!(outs[0].vnet.flags, F_NEEDS_CSUM);
+        assert_eq!(as_kernel_would(&pkts[0], &outs[0].vnet), tcp_packet(false, 100, 0x10, 7));
     }
 }

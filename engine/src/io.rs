@@ -8,9 +8,11 @@
 //! syscall, the underlay side moves a whole batch per `recvmmsg`/`sendmmsg`.
 
 use std::io;
+use std::io::IoSlice;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
 
+use crate::coalesce::{parts, Out, MAX_PARTS};
 use crate::counters::{add, DropCause, EngineDrop, WorkerCounters};
 use crate::sys::mmsg::{recv_mmsg, send_gso, send_mmsg, Outgoing, Received, MAX_GSO_SEGMENTS, MAX_MMSG};
 use crate::sys::raw::RawUdpTx;
@@ -114,6 +116,19 @@ impl Batch {
         (&mut self.bufs[i], &mut self.meta[i])
     }
 
+    /// Puts the live packets (dropped ones skipped), in order, into `out`
+    /// as mutable slices; returns how many.
+    pub fn live_mut<'a>(&'a mut self, out: &mut [&'a mut [u8]]) -> usize {
+        let mut n = 0;
+        for (b, m) in self.bufs[..self.count].iter_mut().zip(&self.meta[..self.count]) {
+            if m.len > 0 && n < out.len() {
+                out[n] = &mut b[m.start..m.start + m.len];
+                n += 1;
+            }
+        }
+        n
+    }
+
     /// The live packets, dropped ones skipped, with their metadata.
     pub fn packets(&self) -> impl Iterator<Item = (&[u8], &Meta)> {
         self.bufs[..self.count]
@@ -195,6 +210,36 @@ impl TunQueue {
     /// Writes one complete packet, counting it (or its failure as a drop).
     pub fn write_counted(&self, packet: &[u8], counters: &WorkerCounters) {
         self.write_with(packet, &VnetHdr::default(), counters)
+    }
+
+    /// Writes what [`crate::coalesce::coalesce`] made of `pkts`: each head
+    /// or lone packet with its virtio-net header and the payloads merged
+    /// into it, in one `writev` (the TUN has a virtio-net header).
+    pub fn write_coalesced<P: AsRef<[u8]>>(&self, pkts: &[P], outs: &[Out], counters: &WorkerCounters) {
+        let empty: &[u8] = &[];
+        for (i, o) in outs.iter().enumerate().take(pkts.len()) {
+            if o.merged {
+                continue;
+            }
+            let vnet = o.vnet.to_bytes();
+            let mut slices = [IoSlice::new(empty); MAX_PARTS + 1];
+            slices[0] = IoSlice::new(&vnet);
+            let mut k = 1;
+            let mut len = 0;
+            for part in parts(pkts, outs, i).take(MAX_PARTS) {
+                slices[k] = IoSlice::new(part);
+                k += 1;
+                len += part.len();
+            }
+            add(&counters.syscalls, 1);
+            match self.send_slices(&slices[..k]) {
+                Ok(_) => {
+                    add(&counters.tun_tx_packets, 1);
+                    add(&counters.tun_tx_bytes, len as u64);
+                }
+                Err(_) => counters.count_drop(DropCause::Engine(EngineDrop::TunWriteError)),
+            }
+        }
     }
 
     /// Writes one packet with `vnet` as its virtio-net header (ignored when
@@ -514,6 +559,111 @@ impl UdpUnderlay {
         let st = send_mmsg(fd, &list[..run.len()]);
         add(&counters.syscalls, st.syscalls);
         st.sent
+    }
+}
+
+impl UdpUnderlay {
+    /// With `UDP_GRO`: hands each received datagram to `each` where it
+    /// lies in the GRO buffers (no copy), with what `recvmmsg` said of its
+    /// buffer: those left from the last call first, else newly received
+    /// ones, at most `cap` in all. Returns `None` when `UDP_GRO` is off,
+    /// else whether more may be waiting.
+    pub fn recv_in_place<'a>(
+        &'a mut self,
+        cap: usize,
+        counters: &WorkerCounters,
+        mut each: impl FnMut(&Received, &'a mut [u8]),
+    ) -> Option<bool> {
+        let fd = self.rx.as_raw_fd();
+        let GroRx { batch, got, count, buf, off } = self.gro.as_mut()?;
+        if *buf >= *count {
+            let mut slots = batch.bufs.iter_mut();
+            let mut bufs: [&mut [u8]; GRO_BUFS] =
+                std::array::from_fn(|_| slots.next().map_or(&mut [][..], |b| &mut b[..]));
+            loop {
+                add(&counters.syscalls, 1);
+                match recv_mmsg(fd, &mut bufs, got) {
+                    Ok(n) => {
+                        (*count, *buf, *off) = (n, 0, 0);
+                        break;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    // Empty, or an ICMP error surfacing: not fatal.
+                    Err(_) => {
+                        (*count, *buf, *off) = (0, 0, 0);
+                        return Some(false);
+                    }
+                }
+            }
+        }
+        let full = *count == GRO_BUFS;
+        let mut handed = 0;
+        let first = *buf;
+        for (b, data) in batch.bufs.iter_mut().enumerate().take(*count).skip(first) {
+            let r = got[b];
+            let stride = if r.stride == 0 { r.len } else { r.stride };
+            let at = if b == first { *off } else { 0 };
+            let mut rest: &'a mut [u8] = &mut data[at.min(r.len)..r.len];
+            let mut pos = at;
+            while !rest.is_empty() {
+                if handed == cap {
+                    (*buf, *off) = (b, pos);
+                    return Some(true);
+                }
+                let len = stride.min(rest.len());
+                let (datagram, tail) = std::mem::take(&mut rest).split_at_mut(len);
+                rest = tail;
+                pos += len;
+                handed += 1;
+                add(&counters.udp_rx_packets, 1);
+                add(&counters.udp_rx_bytes, len as u64);
+                each(&r, datagram);
+            }
+        }
+        (*buf, *off) = (*count, 0);
+        Some(full)
+    }
+
+    /// Whether VXLAN datagrams go out through the `UDP_SEGMENT` pool.
+    pub fn gso_pool_ready(&self) -> bool {
+        !self.gso_pool.is_empty()
+    }
+
+    /// Sends `segments` VXLAN datagrams gathered from `parts` (each
+    /// datagram a header part and a payload part, all `seg` bytes but the
+    /// last) from the pool socket of `sport` to `dst`, in one
+    /// `UDP_SEGMENT` send. When the kernel refuses `UDP_SEGMENT` the pool
+    /// is dropped (logged once) and later datagrams take the raw socket.
+    pub fn send_gathered(
+        &mut self,
+        sport: u16,
+        dst: SocketAddr,
+        parts: &[&[u8]],
+        seg: u16,
+        segments: usize,
+        counters: &WorkerCounters,
+    ) {
+        if self.gso_pool.is_empty() {
+            return;
+        }
+        let sock = &self.gso_pool[sport as usize % self.gso_pool.len()];
+        add(&counters.syscalls, 1);
+        // A segment size of 0 asks for no segmentation: one datagram.
+        let seg = if segments > 1 { seg } else { 0 };
+        match send_gso(sock.as_raw_fd(), parts, dst, None, seg) {
+            Ok(_) => add(&counters.udp_tx_packets, segments as u64),
+            Err(e) => {
+                for _ in 0..segments {
+                    counters.count_drop(DropCause::Engine(EngineDrop::SendError));
+                }
+                if segments > 1
+                    && matches!(e.raw_os_error(), Some(libc::EIO) | Some(libc::EINVAL) | Some(libc::ENOPROTOOPT))
+                {
+                    tracing::warn!(v6 = self.v6, "UDP_SEGMENT refused by the kernel; sending one datagram per message");
+                    self.gso_pool = Vec::new();
+                }
+            }
+        }
     }
 }
 

@@ -146,28 +146,47 @@ impl Plan {
         self.transport
     }
 
+    /// Where segment `i`'s payload lies in the packet.
+    pub fn payload(&self, i: usize) -> std::ops::Range<usize> {
+        let from = (self.hdr_len + i * self.mss).min(self.total);
+        from..(from + self.mss).min(self.total)
+    }
+
     /// Writes segment `i` of `packet` (the packet [`Plan::new`] was given)
     /// into `out`, with its own lengths, IPv4 ID and checksums, and returns
     /// its length.
     pub fn write(&self, packet: &[u8], i: usize, out: &mut [u8]) -> Result<usize, SegmentError> {
-        let from = self.hdr_len + i * self.mss;
-        let to = (from + self.mss).min(self.total);
-        let chunk = packet.get(from..to).ok_or(SegmentError::Malformed)?;
+        let chunk = packet.get(self.payload(i)).ok_or(SegmentError::Malformed)?;
         let len = self.hdr_len + chunk.len();
         let seg = out.get_mut(..len).ok_or(SegmentError::NoRoom)?;
-        seg[..self.hdr_len].copy_from_slice(&packet[..self.hdr_len]);
         seg[self.hdr_len..].copy_from_slice(chunk);
+        let payload_sum = checksum::sum(0, chunk);
+        self.write_header(packet, i, seg, payload_sum)?;
+        Ok(len)
+    }
+
+    /// Writes only the headers of segment `i` into `out` (its payload is
+    /// sent from where it lies, [`Plan::payload`]), given the one's
+    /// complement sum of that payload; returns the headers' length.
+    pub fn write_header(&self, packet: &[u8], i: usize, out: &mut [u8], payload_sum: u64) -> Result<usize, SegmentError> {
+        if i >= self.count || packet.len() < self.total {
+            return Err(SegmentError::Malformed);
+        }
+        let len = self.hdr_len + self.payload(i).len();
+        let hdr = out.get_mut(..self.hdr_len).ok_or(SegmentError::NoRoom)?;
+        hdr.copy_from_slice(&packet[..self.hdr_len]);
         let ip_len = self.ip_len;
         if self.v4 {
-            seg[2..4].copy_from_slice(&(len as u16).to_be_bytes());
-            seg[4..6].copy_from_slice(&self.id0.wrapping_add(i as u16).to_be_bytes());
-            seg[10..12].copy_from_slice(&[0, 0]);
-            let c = !checksum::fold(checksum::sum(0, &seg[..ip_len]));
-            seg[10..12].copy_from_slice(&c.to_be_bytes());
+            hdr[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+            hdr[4..6].copy_from_slice(&self.id0.wrapping_add(i as u16).to_be_bytes());
+            hdr[10..12].copy_from_slice(&[0, 0]);
+            let c = !checksum::fold(checksum::sum(0, &hdr[..ip_len]));
+            hdr[10..12].copy_from_slice(&c.to_be_bytes());
         } else {
-            seg[4..6].copy_from_slice(&((len - 40) as u16).to_be_bytes());
+            hdr[4..6].copy_from_slice(&((len - 40) as u16).to_be_bytes());
         }
-        let t = &mut seg[ip_len..];
+        let l4_len = (len - ip_len) as u32;
+        let t = &mut hdr[ip_len..];
         let (proto, field) = match self.transport {
             Transport::Tcp => {
                 let seq = self.seq0.wrapping_add((i * self.mss) as u32);
@@ -183,20 +202,21 @@ impl Plan {
                 (6, 16)
             }
             Transport::Udp => {
-                let l = t.len() as u16;
-                t[4..6].copy_from_slice(&l.to_be_bytes());
+                t[4..6].copy_from_slice(&(l4_len as u16).to_be_bytes());
                 (17, 6)
             }
         };
         t[field..field + 2].copy_from_slice(&[0, 0]);
-        let pseudo =
-            checksum::pseudo_header(self.src, self.dst, proto, t.len() as u32).ok_or(SegmentError::Malformed)?;
-        let mut c = !checksum::fold(checksum::sum(pseudo, t));
+        let pseudo = checksum::pseudo_header(self.src, self.dst, proto, l4_len).ok_or(SegmentError::Malformed)?;
+        // The transport header has an even length, so the payload's sum
+        // adds on as it would over the whole segment.
+        let head = checksum::fold(checksum::sum(pseudo, t)) as u64;
+        let mut c = !checksum::fold(head + checksum::fold(payload_sum) as u64);
         if proto == 17 && c == 0 {
             c = 0xffff;
         }
         t[field..field + 2].copy_from_slice(&c.to_be_bytes());
-        Ok(len)
+        Ok(self.hdr_len)
     }
 }
 
@@ -345,6 +365,34 @@ mod tests {
                 joined.extend_from_slice(&u[8..]);
             }
             assert_eq!(joined, p[ip_len + 8..]);
+        }
+    }
+
+    #[test]
+    fn headers_alone_plus_payload_in_place_equal_the_whole_segment() {
+        // What the gathered send puts on the wire (headers written apart,
+        // the payload sent from the super-packet) is byte for byte what
+        // `write` builds, for TCP and UDP, IPv4 and IPv6, odd and even cuts.
+        for v6 in [false, true] {
+            for udp in [false, true] {
+                for mss in [1000, 1001] {
+                    let mut p = tcp_packet(v6, 4321, 0x18);
+                    if udp {
+                        p[if v6 { 6 } else { 9 }] = 17;
+                    }
+                    let plan = Plan::new(&p, mss).unwrap();
+                    let mut whole = vec![0u8; 2000];
+                    let mut hdr = vec![0u8; 100];
+                    for i in 0..plan.count() {
+                        let n = plan.write(&p, i, &mut whole).unwrap();
+                        let payload = &p[plan.payload(i)];
+                        let h = plan.write_header(&p, i, &mut hdr, checksum::sum(0, payload)).unwrap();
+                        assert_eq!(h, plan.hdr_len());
+                        assert_eq!([&hdr[..h], payload].concat(), whole[..n], "v6 {v6} udp {udp} mss {mss} segment {i}");
+                    }
+                    assert_eq!(plan.write_header(&p, plan.count(), &mut hdr, 0), Err(SegmentError::Malformed));
+                }
+            }
         }
     }
 

@@ -15,20 +15,20 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use boringtun::noise::TunnResult;
 use crossbeam_channel::Receiver;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
-use weft_tunnel::vxlan::{Vxlan, HEADROOM};
+use weft_tunnel::vxlan::{Vtep, Vxlan, HEADROOM};
 
-use crate::coalesce::coalesce;
+use crate::coalesce::{coalesce, Out};
 use crate::counters::{add, DropCause, EngineDrop, WorkerCounters};
-use crate::io::{Batch, Meta, TunIo, UdpUnderlay, UnderlayIo, BATCH_SIZE};
+use crate::io::{canonical, Batch, Meta, TunIo, UdpUnderlay, UnderlayIo, BATCH_SIZE, MAX_GSO_BYTES};
 use crate::segment::{segment_tcp, Plan};
 use crate::snapshot::Snapshot;
-use crate::sys::mmsg::send_mmsg;
+use crate::sys::mmsg::{send_mmsg, MAX_GSO_PARTS, MAX_GSO_SEGMENTS};
 use crate::sys::tun::TunQueue;
 use crate::vnet::{complete_csum, F_NEEDS_CSUM};
 use crate::wg::{decrypted, Decrypted, WgDevice, WgPeer};
@@ -42,6 +42,14 @@ pub const IO_LOOP_BOUND: usize = 8;
 /// super-packet cut at a 1450-byte MTU makes 47, so 64 holds one whole
 /// plus the small packets around it; a longer run is sent in several calls.
 pub const TX_SLOTS: usize = 64;
+
+/// Room per segment header in [`Worker::hdrs`]: outer UDP, VXLAN and
+/// Ethernet ([`HEADROOM`]), then IPv6 and TCP with the most options.
+pub const HDR_SLOT: usize = 160;
+
+/// Datagrams one in-place receive hands out at most: [`crate::io::GRO_BUFS`]
+/// buffers of up to 64 datagrams (`UDP_GRO` merges at most 64).
+pub const MAX_VIEWS: usize = 512;
 
 pub(crate) const TUN: Token = Token(0);
 pub(crate) const WAKER: Token = Token(1);
@@ -82,6 +90,10 @@ pub(crate) struct Worker {
     pub wg: Option<Arc<WgDevice>>,
     /// Where WireGuard writes what it encrypts or decrypts.
     pub wg_out: Vec<u8>,
+    /// Segment headers of one `UDP_SEGMENT` send, [`HDR_SLOT`] bytes each.
+    pub hdrs: Vec<u8>,
+    /// How long to keep polling after the last packet before sleeping.
+    pub busy_poll: Duration,
 }
 
 impl Worker {
@@ -101,12 +113,22 @@ impl Worker {
         // missing family would keep the loop polling without blocking.
         let all_pending = |n: usize| [n > 0, n > 1];
         let mut udp_pending = all_pending(self.families.len());
+        // When the last packet moved: until `busy_poll` after it the loop
+        // polls without sleeping (an answer then costs no wakeup).
+        let mut last_moved = Instant::now();
         loop {
             let busy = tun_pending || udp_pending.iter().any(|p| *p);
-            match self.poll.poll(&mut events, busy.then_some(Duration::ZERO)) {
+            let spin = !busy && !self.busy_poll.is_zero() && last_moved.elapsed() < self.busy_poll;
+            match self.poll.poll(&mut events, (busy || spin).then_some(Duration::ZERO)) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
+            }
+            if !events.is_empty() || busy {
+                last_moved = Instant::now();
+            } else if spin {
+                // Whatever else is runnable here (the pod answering) goes first.
+                std::thread::yield_now();
             }
             for e in events.iter() {
                 match e.token() {
@@ -138,7 +160,7 @@ impl Worker {
                 }
                 for (f, pending) in udp_pending.iter_mut().enumerate().take(self.families.len()) {
                     if *pending {
-                        *pending = self.underlay_to_tun(f, &mut udp_batch, &mut tx_batch)? == udp_batch.capacity();
+                        *pending = self.underlay_to_tun(f, &mut udp_batch, &mut tx_batch)?;
                     }
                 }
                 if !tun_pending && !udp_pending.iter().any(|p| *p) {
@@ -220,16 +242,29 @@ impl Worker {
                 add(&peer.counters.tx_bytes, inner_len as u64);
                 continue;
             }
-            let Some((vxlan, udp_checksum)) = self
+            let Some((f, vxlan, pool)) = self
                 .families
                 .iter()
-                .find(|f| f.io.v6 == vtep.addr.is_ipv6())
-                .and_then(|f| Some((f.vxlan.clone()?, f.io.gso_pool.is_empty())))
+                .position(|f| f.io.v6 == vtep.addr.is_ipv6())
+                .and_then(|f| Some((f, self.families[f].vxlan.clone()?, self.families[f].io.gso_pool_ready())))
             else {
                 self.counters.count_drop(DropCause::Engine(EngineDrop::NoRoute));
                 continue;
             };
+            let udp_checksum = !pool;
             let segments = plan.map_or(1, |p| p.count());
+            if let Some(plan) = plan.filter(|p| pool && p.count() > 1) {
+                // Datagrams queued earlier go first: a flow is never reordered.
+                if !tx.is_empty() {
+                    send_all(&mut self.families, tx, &self.counters);
+                }
+                let packet = &batch.slot_mut(i).0[HEADROOM..HEADROOM + inner_len];
+                let (families, hdrs) = (&mut self.families, &mut self.hdrs);
+                Self::send_segments(families, hdrs, &self.counters, (f, &vxlan, &vtep), &plan, packet);
+                add(&peer.counters.tx_packets, segments as u64);
+                add(&peer.counters.tx_bytes, inner_len as u64);
+                continue;
+            }
             for j in 0..segments {
                 if tx.len() == tx.capacity() {
                     send_all(&mut self.families, tx, &self.counters);
@@ -275,16 +310,77 @@ impl Worker {
         Ok(n)
     }
 
+    /// Super-packet to underlay with the `UDP_SEGMENT` pool: each segment's
+    /// headers (outer UDP, VXLAN, Ethernet, IP, TCP/UDP) are written into a
+    /// slot of [`Worker::hdrs`], its payload stays where the TUN read put
+    /// it, and one `sendmsg` gathers a run of them: the kernel's copy into
+    /// the UDP skb is the only copy of the payload on the way out.
+    fn send_segments(
+        families: &mut [Family],
+        hdrs: &mut [u8],
+        counters: &WorkerCounters,
+        (f, vxlan, vtep): (usize, &Vxlan, &Vtep),
+        plan: &Plan,
+        packet: &[u8],
+    ) {
+        let mut j = 0;
+        while j < plan.count() {
+            let mut parts: [&[u8]; MAX_GSO_PARTS] = [&[]; MAX_GSO_PARTS];
+            let (mut k, mut bytes, mut seg, mut port) = (0usize, 0usize, 0usize, (0u16, 0u16));
+            for slot in hdrs.chunks_exact_mut(HDR_SLOT) {
+                let payload = &packet[plan.payload(j)];
+                let sum = weft_tunnel::checksum::sum(0, payload);
+                let datagram = plan
+                    .write_header(packet, j, &mut slot[HEADROOM..], sum)
+                    .ok()
+                    .and_then(|hl| vxlan.encapsulate_with(vtep, slot, hl, false).ok());
+                let Some(len) = datagram else {
+                    // Headers that do not fit: the rest of this packet is dropped.
+                    for _ in j..plan.count() {
+                        counters.count_drop(DropCause::Engine(EngineDrop::Encap));
+                    }
+                    j = plan.count();
+                    break;
+                };
+                let slot: &[u8] = slot;
+                // What the socket sends: after our UDP header (the socket writes its own).
+                let size = len - 8 + payload.len();
+                if k == 0 {
+                    seg = size;
+                    port = (u16::from_be_bytes([slot[0], slot[1]]), u16::from_be_bytes([slot[2], slot[3]]));
+                }
+                parts[2 * k] = &slot[8..len];
+                parts[2 * k + 1] = payload;
+                k += 1;
+                bytes += size;
+                j += 1;
+                if j == plan.count() || k == MAX_GSO_SEGMENTS || bytes + seg > MAX_GSO_BYTES || size < seg {
+                    break;
+                }
+            }
+            if k == 0 {
+                break;
+            }
+            let dst = SocketAddr::new(vtep.addr, port.1);
+            families[f].io.send_gathered(port.0, dst, &parts[..2 * k], seg as u16, k, counters);
+        }
+    }
+
     /// Tunnel to pod: receive a batch on underlay family `f`, decapsulate and
-    /// check, write to the TUN.
-    fn underlay_to_tun(&mut self, f: usize, batch: &mut Batch, out: &mut Batch) -> io::Result<usize> {
-        let family = &mut self.families[f];
-        let n = family.io.recv_batch(batch, &self.counters)?;
+    /// check, write to the TUN. Returns whether more may be waiting.
+    fn underlay_to_tun(&mut self, f: usize, batch: &mut Batch, out: &mut Batch) -> io::Result<bool> {
         let Some(vxlan) = self.families[f].vxlan.clone() else {
+            let n = self.families[f].io.recv_batch(batch, &self.counters)?;
             self.wg_receive(f, batch, n, out);
-            return Ok(n);
+            return Ok(n == batch.capacity());
         };
         let gro = self.tun.vnet_hdr();
+        if gro {
+            if let Some(more) = self.vxlan_in_place(f, &vxlan) {
+                return Ok(more);
+            }
+        }
+        let n = self.families[f].io.recv_batch(batch, &self.counters)?;
         for i in 0..n {
             let (buf, meta) = batch.slot_mut(i);
             let Some(src) = meta.addr else { continue };
@@ -317,14 +413,41 @@ impl Worker {
             }
         }
         if gro {
-            let (bufs, metas) = batch.parts_mut();
-            let stats = coalesce(bufs, metas, self.mtu);
-            add(&self.counters.gro_merged, stats.merged);
-            add(&self.counters.csum_completed, stats.csum_completed);
-            add(&self.counters.sw_segmented, stats.oversized);
+            coalesce_to_tun(&self.tun, self.mtu, &self.counters, batch);
+        } else {
+            self.tun.write_batch(batch, &self.counters);
         }
-        self.tun.write_batch(batch, &self.counters);
-        Ok(n)
+        Ok(n == batch.capacity())
+    }
+
+    /// VXLAN with `UDP_GRO` and TUN offloads: decapsulates every received
+    /// datagram where it lies in the GRO buffers, coalesces, and writes
+    /// each super-packet gathered from those buffers: the kernel's copies
+    /// in and out are the only copies of the payload. `None` when the
+    /// family has no `UDP_GRO`.
+    fn vxlan_in_place(&mut self, f: usize, vxlan: &Vxlan) -> Option<bool> {
+        let snapshot = &*self.snapshot;
+        let counters = &*self.counters;
+        let mut pkts: [&mut [u8]; MAX_VIEWS] = std::array::from_fn(|_| &mut [][..]);
+        let mut n = 0;
+        let more = self.families[f].io.recv_in_place(MAX_VIEWS, counters, |r, datagram| {
+            let Some(src) = r.from.map(canonical) else { return };
+            match vxlan.decapsulate(src, datagram, snapshot) {
+                Ok(d) => {
+                    let peer = &snapshot.peers()[d.peer];
+                    add(&peer.counters.rx_packets, 1);
+                    add(&peer.counters.rx_bytes, d.inner.len() as u64);
+                    pkts[n] = &mut datagram[d.inner];
+                    n += 1;
+                }
+                Err(reason) => counters.count_drop(DropCause::Decap(reason)),
+            }
+        })?;
+        let mut outs = [Out::default(); MAX_VIEWS];
+        let stats = coalesce(&mut pkts[..n], &mut outs[..n], self.mtu);
+        count_coalesce(counters, stats);
+        self.tun.write_coalesced(&pkts[..n], &outs[..n], counters);
+        Some(more)
     }
 
     /// WireGuard receive: find the peer, let boringtun check and decrypt,
@@ -430,14 +553,28 @@ fn flush_to_tun(tun: &mut TunQueue, mtu: usize, counters: &WorkerCounters, out: 
         return;
     }
     if tun.vnet_hdr() {
-        let (bufs, metas) = out.parts_mut();
-        let stats = coalesce(bufs, metas, mtu);
-        add(&counters.gro_merged, stats.merged);
-        add(&counters.csum_completed, stats.csum_completed);
-        add(&counters.sw_segmented, stats.oversized);
+        coalesce_to_tun(tun, mtu, counters, out);
+    } else {
+        tun.write_batch(out, counters);
     }
-    tun.write_batch(out, counters);
     out.set_len(0);
+}
+
+/// Coalesces the live packets of `batch` and writes them to the TUN (which
+/// has a virtio-net header), merged payloads gathered where they lie.
+fn coalesce_to_tun(tun: &TunQueue, mtu: usize, counters: &WorkerCounters, batch: &mut Batch) {
+    let mut pkts: [&mut [u8]; TX_SLOTS] = std::array::from_fn(|_| &mut [][..]);
+    let n = batch.live_mut(&mut pkts);
+    let mut outs = [Out::default(); TX_SLOTS];
+    let stats = coalesce(&mut pkts[..n], &mut outs[..n], mtu);
+    count_coalesce(counters, stats);
+    tun.write_coalesced(&pkts[..n], &outs[..n], counters);
+}
+
+fn count_coalesce(counters: &WorkerCounters, stats: crate::coalesce::Stats) {
+    add(&counters.gro_merged, stats.merged);
+    add(&counters.csum_completed, stats.csum_completed);
+    add(&counters.sw_segmented, stats.oversized);
 }
 
 /// Sends the transmit batch on every underlay family (each takes the

@@ -20,7 +20,7 @@ use std::os::fd::AsRawFd;
 
 use stats_alloc::{Region, StatsAlloc, INSTRUMENTED_SYSTEM};
 
-use weft_engine::coalesce::coalesce;
+use weft_engine::coalesce::{coalesce, Out};
 use weft_engine::io::{Batch, Meta};
 use weft_engine::segment::Plan;
 use weft_engine::sys::mmsg::{recv_mmsg, send_mmsg, Received, MAX_MMSG};
@@ -118,7 +118,10 @@ fn the_steady_state_path_allocates_nothing_per_packet() {
             let d = rx_vxlan.decapsulate(local.addr, &bufs[i][..got[i].len], &OnePeer).unwrap();
             metas[i] = Meta { start: d.inner.start, len: d.inner.len(), ..Meta::default() };
         }
-        let stats = coalesce(bufs, metas, 1450);
+        let mut pkts: [&mut [u8]; MAX_MMSG] = std::array::from_fn(|_| &mut [][..]);
+        let n = rx_batch.live_mut(&mut pkts);
+        let mut outs = [Out::default(); MAX_MMSG];
+        let stats = coalesce(&mut pkts[..n], &mut outs[..n], 1450);
         assert_eq!(stats.merged as usize, n - 1, "the super-packet comes back whole");
         n as u64
     };

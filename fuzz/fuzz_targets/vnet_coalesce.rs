@@ -18,13 +18,9 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use weft_engine::coalesce::{coalesce, MAX_COALESCED};
-use weft_engine::io::Meta;
+use weft_engine::coalesce::{coalesce, parts, Out, MAX_COALESCED};
 use weft_engine::segment::{Plan, Transport};
 use weft_engine::vnet::{complete_csum, VnetHdr, F_NEEDS_CSUM};
-
-const START: usize = 22;
-const ROOM: usize = 70000;
 
 fn fix_up(p: &mut [u8]) {
     match p.first().map(|b| b >> 4) {
@@ -60,29 +56,30 @@ fuzz_target!(|data: &[u8]| {
     if plan.count() > 64 {
         return;
     }
-    let mut bufs: Vec<Vec<u8>> = Vec::new();
-    let mut metas: Vec<Meta> = Vec::new();
+    let mut pkts: Vec<Vec<u8>> = Vec::new();
     for i in 0..plan.count() {
-        let mut b = vec![0u8; ROOM];
-        let Ok(len) = plan.write(&packet, i, &mut b[START..]) else { return };
+        let mut b = vec![0u8; plan.hdr_len() + mss];
+        let Ok(len) = plan.write(&packet, i, &mut b) else { return };
         assert!(len <= plan.hdr_len() + mss, "segment {i} of {len} bytes");
-        bufs.push(b);
-        metas.push(Meta { start: START, len, ..Meta::default() });
+        b.truncate(len);
+        pkts.push(b);
     }
-    let in_bytes: usize = metas.iter().map(|m| m.len).sum();
+    let in_bytes: usize = pkts.iter().map(Vec::len).sum();
     let mtu = plan.hdr_len() + mss;
-    let stats = coalesce(&mut bufs, &mut metas, mtu);
-    let out_bytes: usize = metas.iter().map(|m| m.len).sum();
-    assert_eq!(out_bytes + stats.merged as usize * plan.hdr_len(), in_bytes, "length accounting");
-    let mut outs = Vec::new();
-    for (b, m) in bufs.iter().zip(&metas).filter(|(_, m)| m.len > 0) {
-        assert!(m.len <= MAX_COALESCED);
-        let mut p = b[m.start..m.start + m.len].to_vec();
-        if m.vnet.flags & F_NEEDS_CSUM != 0 {
-            complete_csum(&mut p, &m.vnet).expect("NEEDS_CSUM range inside the packet");
+    let mut outs = vec![Out::default(); pkts.len()];
+    let stats = coalesce(&mut pkts, &mut outs, mtu);
+    let mut outs_bytes = Vec::new();
+    for i in (0..pkts.len()).filter(|i| !outs[*i].merged) {
+        let mut p = parts(&pkts, &outs, i).collect::<Vec<_>>().concat();
+        assert!(p.len() <= MAX_COALESCED);
+        if outs[i].vnet.flags & F_NEEDS_CSUM != 0 {
+            complete_csum(&mut p, &outs[i].vnet).expect("NEEDS_CSUM range inside the packet");
         }
-        outs.push(p);
+        outs_bytes.push(p);
     }
+    let out_bytes: usize = outs_bytes.iter().map(Vec::len).sum();
+    assert_eq!(out_bytes + stats.merged as usize * plan.hdr_len(), in_bytes, "length accounting");
+    let mut outs = outs_bytes;
     if plan.transport() == Transport::Tcp && plan.count() > 1 && outs.len() == 1 {
         let total = match packet[0] >> 4 {
             4 => u16::from_be_bytes([packet[2], packet[3]]) as usize,

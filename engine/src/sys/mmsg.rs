@@ -193,16 +193,21 @@ pub fn set_udp_gro(fd: RawFd) -> io::Result<()> {
     Ok(())
 }
 
-/// Sends `datagrams` (UDP payloads, every one `seg` bytes long but the last,
-/// which may be shorter; at most [`MAX_GSO_SEGMENTS`], 65 507 bytes in all)
-/// to `dst` in one `sendmsg` with `UDP_SEGMENT`: the kernel cuts it into
-/// one datagram per element, or the NIC does.
+/// Slices one [`send_gso`] gathers at most: a header and a payload for
+/// each of [`MAX_GSO_SEGMENTS`] datagrams.
+pub const MAX_GSO_PARTS: usize = 2 * MAX_GSO_SEGMENTS;
+
+/// Sends the concatenation of `parts` (at most [`MAX_GSO_PARTS`] slices,
+/// 65 507 bytes in all) to `dst` in one `sendmsg` with `UDP_SEGMENT`: the
+/// kernel cuts it into datagrams of `seg` bytes (the last may be shorter),
+/// or the NIC does. A part may be a whole datagram or a piece of one (a
+/// header here, its payload elsewhere): the kernel copies them in order.
 /// With `src`, the datagrams leave from that local address (pktinfo).
-pub fn send_gso(fd: RawFd, datagrams: &[&[u8]], dst: SocketAddr, src: Option<IpAddr>, seg: u16) -> io::Result<usize> {
-    let n = datagrams.len().min(MAX_GSO_SEGMENTS);
-    let mut iovs: [libc::iovec; MAX_GSO_SEGMENTS] =
-        [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; MAX_GSO_SEGMENTS];
-    for (iov, d) in iovs.iter_mut().zip(&datagrams[..n]) {
+pub fn send_gso(fd: RawFd, parts: &[&[u8]], dst: SocketAddr, src: Option<IpAddr>, seg: u16) -> io::Result<usize> {
+    let n = parts.len().min(MAX_GSO_PARTS);
+    let mut iovs: [libc::iovec; MAX_GSO_PARTS] =
+        [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; MAX_GSO_PARTS];
+    for (iov, d) in iovs.iter_mut().zip(&parts[..n]) {
         *iov = libc::iovec { iov_base: d.as_ptr() as *mut libc::c_void, iov_len: d.len() };
     }
     let addr = SockAddr::from(dst);

@@ -63,6 +63,11 @@ impl TunQueue {
         self.dev.send(packet)
     }
 
+    /// Writes the concatenation of `slices` as one packet (one `writev`).
+    pub fn send_slices(&self, slices: &[IoSlice<'_>]) -> io::Result<usize> {
+        self.dev.send_vectored(slices)
+    }
+
     /// Writes `hdr` and `packet` as one packet (one `writev`).
     pub fn send_vnet(&self, hdr: &[u8], packet: &[u8]) -> io::Result<usize> {
         self.dev.send_vectored(&[IoSlice::new(hdr), IoSlice::new(packet)])
