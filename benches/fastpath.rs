@@ -116,7 +116,7 @@ fn coalescing(c: &mut Criterion) {
             work.slot_mut(0).0[start..start + len].copy_from_slice(&src[start..start + len]);
             let mut pkts: [&mut [u8]; 64] = std::array::from_fn(|_| &mut [][..]);
             let n = work.live_mut(&mut pkts);
-            black_box(coalesce(&mut pkts[..n], &mut outs[..n], 1450));
+            black_box(coalesce(&mut pkts[..n], &mut outs[..n], 1450, true));
         })
     });
     g.finish();
@@ -158,7 +158,7 @@ fn pipeline(c: &mut Criterion) {
         let mut pkts: [&mut [u8]; 64] = std::array::from_fn(|_| &mut [][..]);
         let n = wire.live_mut(&mut pkts);
         let mut outs = [Out::default(); 64];
-        black_box(coalesce(&mut pkts[..n], &mut outs[..n], 1450));
+        black_box(coalesce(&mut pkts[..n], &mut outs[..n], 1450, true));
     };
     g.bench_function("vxlan_64KiB_per_segment", |b| b.iter(|| run(&mut wire)));
     g.throughput(Throughput::Bytes(65000));

@@ -33,7 +33,7 @@ use std::net::IpAddr;
 
 use weft_tunnel::checksum;
 
-use crate::vnet::{VnetHdr, F_NEEDS_CSUM, GSO_TCPV4, GSO_TCPV6};
+use crate::vnet::{VnetHdr, F_NEEDS_CSUM, GSO_TCPV4, GSO_TCPV6, GSO_UDP_L4};
 
 /// Largest IP packet the kernel accepts in one TUN write.
 pub const MAX_COALESCED: usize = 65535;
@@ -107,9 +107,11 @@ pub fn parts<'a, P: AsRef<[u8]>>(pkts: &'a [P], outs: &'a [Out], head: usize) ->
 /// Coalesces `pkts` (each slice one whole IP packet, in arrival order) and
 /// says in `outs` (one entry per packet) how each is written; heads get
 /// their headers rewritten in place. TCP packets larger than `mtu` are
-/// passed on as GSO packets of `mtu`-sized segments. Every packet whose
-/// `outs` entry is not `merged` is one write of [`parts`].
-pub fn coalesce<P: AsMut<[u8]>>(pkts: &mut [P], outs: &mut [Out], mtu: usize) -> Stats {
+/// passed on as GSO packets of `mtu`-sized segments. With `udp` (the TUN
+/// takes USO writes), datagrams of one flow and one size are joined too,
+/// into `GSO_UDP_L4` packets the kernel cuts back into the same datagrams.
+/// Every packet whose `outs` entry is not `merged` is one write of [`parts`].
+pub fn coalesce<P: AsMut<[u8]>>(pkts: &mut [P], outs: &mut [Out], mtu: usize, udp: bool) -> Stats {
     let mut stats = Stats::default();
     let mut items = [Item::default(); MAX_OPEN];
     let mut n_items = 0;
@@ -117,7 +119,7 @@ pub fn coalesce<P: AsMut<[u8]>>(pkts: &mut [P], outs: &mut [Out], mtu: usize) ->
     for i in 0..count {
         outs[i] = Out::default();
         let pkt = pkts[i].as_mut();
-        let Some(seg) = parse_tcp(pkt) else {
+        let Some(seg) = parse_tcp(pkt).or_else(|| parse_udp(pkt).filter(|_| udp)) else {
             if checksum::complete_partial(pkt) {
                 stats.csum_completed += 1;
             }
@@ -128,7 +130,13 @@ pub fn coalesce<P: AsMut<[u8]>>(pkts: &mut [P], outs: &mut [Out], mtu: usize) ->
             continue;
         }
         let len = pkt.len();
-        if len > mtu {
+        if seg.udp && partial == Csum::Partial && checksum::complete_partial(pkt) {
+            // Joined datagrams get one seed for the whole; a lone one
+            // is finished here, as before (the kernel would not).
+            stats.csum_completed += 1;
+        }
+        let partial = if seg.udp { Csum::Valid } else { partial };
+        if len > mtu && !seg.udp {
             // A sender's TSO frame that crossed a veth uncut: the kernel cuts it.
             set_seed(pkt, &seg, len);
             outs[i].vnet = gso_header(&seg, mtu.saturating_sub(seg.hdr_len).max(1) as u16);
@@ -136,11 +144,11 @@ pub fn coalesce<P: AsMut<[u8]>>(pkts: &mut [P], outs: &mut [Out], mtu: usize) ->
             continue;
         }
         let payload = len - seg.hdr_len;
-        let mergeable = seg.flags & (FIN | SYN | RST | URG | CWR) == 0 && payload > 0;
+        let mergeable = (seg.udp || seg.flags & (FIN | SYN | RST | URG | CWR) == 0) && payload > 0 && len <= mtu;
         if mergeable {
             if let Some(j) = items[..n_items].iter().rposition(|it| it.open && it.seg.same_flow(&seg)) {
                 let it = items[j];
-                let fits = it.next_seq == seg.seq
+                let fits = (seg.udp || it.next_seq == seg.seq)
                     && payload <= it.gso_size
                     && it.last_payload == it.gso_size
                     && it.len + payload <= MAX_COALESCED
@@ -197,6 +205,10 @@ pub fn coalesce<P: AsMut<[u8]>>(pkts: &mut [P], outs: &mut [Out], mtu: usize) ->
             }
             continue;
         }
+        if it.seg.udp {
+            let l4 = ((it.len - it.seg.ip_len) as u16).to_be_bytes();
+            pkt[it.seg.ip_len + 4..it.seg.ip_len + 6].copy_from_slice(&l4);
+        }
         if it.psh {
             pkt[it.seg.ip_len + 13] |= PSH;
         }
@@ -234,6 +246,8 @@ struct Item {
 #[derive(Debug, Clone, Copy)]
 struct Segment {
     v4: bool,
+    /// UDP (ports, no sequence) rather than TCP.
+    udp: bool,
     ip_len: usize,
     hdr_len: usize,
     src: IpAddr,
@@ -247,6 +261,7 @@ impl Default for Segment {
     fn default() -> Self {
         Segment {
             v4: true,
+            udp: false,
             ip_len: 0,
             hdr_len: 0,
             src: IpAddr::from([0u8; 4]),
@@ -260,34 +275,49 @@ impl Default for Segment {
 
 impl Segment {
     fn same_flow(&self, o: &Segment) -> bool {
-        self.v4 == o.v4 && self.src == o.src && self.dst == o.dst && self.ports == o.ports
+        self.v4 == o.v4 && self.udp == o.udp && self.src == o.src && self.dst == o.dst && self.ports == o.ports
+    }
+
+    /// Where the transport checksum lies in the transport header.
+    fn csum_offset(&self) -> usize {
+        if self.udp {
+            6
+        } else {
+            16
+        }
     }
 }
 
-/// Parses a TCP segment with no IP options or extension headers, whole
-/// (IP length equal to the buffer).
-fn parse_tcp(p: &[u8]) -> Option<Segment> {
-    let (v4, ip_len, src, dst) = match p.first()? >> 4 {
+/// The IP header of a packet with no IPv4 options or IPv6 extension
+/// headers carrying `proto`, whole (IP length equal to the buffer):
+/// (IPv4, header length, source, destination).
+fn parse_ip(p: &[u8], proto: u8) -> Option<(bool, usize, IpAddr, IpAddr)> {
+    match p.first()? >> 4 {
         4 => {
             let total = u16::from_be_bytes([*p.get(2)?, *p.get(3)?]) as usize;
-            let frag = u16::from_be_bytes([p[6], p[7]]) & 0x3fff;
-            if p[0] & 0x0f != 5 || p[9] != 6 || frag != 0 || total != p.len() {
+            let frag = u16::from_be_bytes([*p.get(6)?, *p.get(7)?]) & 0x3fff;
+            if p[0] & 0x0f != 5 || *p.get(9)? != proto || frag != 0 || total != p.len() || total < 20 {
                 return None;
             }
             let s: [u8; 4] = p[12..16].try_into().ok()?;
             let d: [u8; 4] = p[16..20].try_into().ok()?;
-            (true, 20, IpAddr::from(s), IpAddr::from(d))
+            Some((true, 20, IpAddr::from(s), IpAddr::from(d)))
         }
         6 => {
-            if p.len() < 40 || p[6] != 6 || 40 + u16::from_be_bytes([p[4], p[5]]) as usize != p.len() {
+            if p.len() < 40 || p[6] != proto || 40 + u16::from_be_bytes([p[4], p[5]]) as usize != p.len() {
                 return None;
             }
             let s: [u8; 16] = p[8..24].try_into().ok()?;
             let d: [u8; 16] = p[24..40].try_into().ok()?;
-            (false, 40, IpAddr::from(s), IpAddr::from(d))
+            Some((false, 40, IpAddr::from(s), IpAddr::from(d)))
         }
-        _ => return None,
-    };
+        _ => None,
+    }
+}
+
+/// Parses a TCP segment with no IP options or extension headers, whole.
+fn parse_tcp(p: &[u8]) -> Option<Segment> {
+    let (v4, ip_len, src, dst) = parse_ip(p, 6)?;
     let t = p.get(ip_len..ip_len + 20)?;
     let tcp_len = ((t[12] >> 4) as usize) * 4;
     if tcp_len < 20 || ip_len + tcp_len > p.len() {
@@ -295,6 +325,7 @@ fn parse_tcp(p: &[u8]) -> Option<Segment> {
     }
     Some(Segment {
         v4,
+        udp: false,
         ip_len,
         hdr_len: ip_len + tcp_len,
         src,
@@ -302,6 +333,28 @@ fn parse_tcp(p: &[u8]) -> Option<Segment> {
         ports: [t[0], t[1], t[2], t[3]],
         seq: u32::from_be_bytes([t[4], t[5], t[6], t[7]]),
         flags: t[13],
+    })
+}
+
+/// Parses a UDP datagram with no IP options or extension headers, whole,
+/// its UDP length that of the packet and its checksum present (IPv4
+/// datagrams sent without one are written alone, as they came).
+fn parse_udp(p: &[u8]) -> Option<Segment> {
+    let (v4, ip_len, src, dst) = parse_ip(p, 17)?;
+    let u = p.get(ip_len..ip_len + 8)?;
+    if u16::from_be_bytes([u[4], u[5]]) as usize != p.len() - ip_len || u[6..8] == [0, 0] {
+        return None;
+    }
+    Some(Segment {
+        v4,
+        udp: true,
+        ip_len,
+        hdr_len: ip_len + 8,
+        src,
+        dst,
+        ports: [u[0], u[1], u[2], u[3]],
+        seq: 0,
+        flags: 0,
     })
 }
 
@@ -314,6 +367,9 @@ fn same_headers(a: &[u8], b: &[u8], seg: &Segment) -> bool {
     } else {
         a[0..4] == b[0..4] && a[7] == b[7]
     };
+    if seg.udp {
+        return ip_ok;
+    }
     let (ta, tb) = (&a[seg.ip_len..], &b[seg.ip_len..]);
     let tcp_len = seg.hdr_len - seg.ip_len;
     ip_ok
@@ -330,16 +386,18 @@ enum Csum {
     Bad,
 }
 
-fn pseudo(seg: &Segment, tcp_len: usize) -> u64 {
+fn pseudo(seg: &Segment, l4_len: usize) -> u64 {
     // Both addresses come from one header: the families match.
-    checksum::pseudo_header(seg.src, seg.dst, 6, tcp_len as u32).unwrap_or(0)
+    let proto = if seg.udp { 17 } else { 6 };
+    checksum::pseudo_header(seg.src, seg.dst, proto, l4_len as u32).unwrap_or(0)
 }
 
 /// Whether the TCP checksum verifies, or holds a local sender's seed.
 fn checksum_state(p: &[u8], seg: &Segment) -> Csum {
     let t = &p[seg.ip_len..];
     let acc = pseudo(seg, t.len());
-    if u16::from_be_bytes([t[16], t[17]]) == checksum::fold(acc) {
+    let at = seg.csum_offset();
+    if u16::from_be_bytes([t[at], t[at + 1]]) == checksum::fold(acc) {
         return Csum::Partial;
     }
     if checksum::fold(checksum::sum(acc, t)) == 0xffff {
@@ -352,19 +410,24 @@ fn checksum_state(p: &[u8], seg: &Segment) -> Csum {
 /// Writes the pseudo-header seed a `NEEDS_CSUM` packet of `total` bytes
 /// (its head may hold fewer) carries.
 fn set_seed(p: &mut [u8], seg: &Segment, total: usize) {
-    let tcp_len = total - seg.ip_len;
-    let seed = checksum::fold(pseudo(seg, tcp_len));
-    p[seg.ip_len + 16..seg.ip_len + 18].copy_from_slice(&seed.to_be_bytes());
+    let l4_len = total - seg.ip_len;
+    let seed = checksum::fold(pseudo(seg, l4_len));
+    let at = seg.ip_len + seg.csum_offset();
+    p[at..at + 2].copy_from_slice(&seed.to_be_bytes());
 }
 
 fn gso_header(seg: &Segment, gso_size: u16) -> VnetHdr {
     VnetHdr {
         flags: F_NEEDS_CSUM,
-        gso_type: if seg.v4 { GSO_TCPV4 } else { GSO_TCPV6 },
+        gso_type: match (seg.udp, seg.v4) {
+            (true, _) => GSO_UDP_L4,
+            (false, true) => GSO_TCPV4,
+            (false, false) => GSO_TCPV6,
+        },
         hdr_len: seg.hdr_len as u16,
         gso_size,
         csum_start: seg.ip_len as u16,
-        csum_offset: 16,
+        csum_offset: seg.csum_offset() as u16,
     }
 }
 
@@ -430,7 +493,7 @@ mod tests {
     fn run(packets: &[Vec<u8>], mtu: usize) -> (Vec<Vec<u8>>, Vec<Out>, Stats) {
         let mut pkts = packets.to_vec();
         let mut outs = vec![Out::default(); pkts.len()];
-        let stats = coalesce(&mut pkts, &mut outs, mtu);
+        let stats = coalesce(&mut pkts, &mut outs, mtu, true);
         (pkts, outs, stats)
     }
 
@@ -539,6 +602,60 @@ mod tests {
         assert_eq!(payload, original[52..]);
         for (p, v) in &w {
             verify_with_etherparse(&as_kernel_would(p, v));
+        }
+    }
+
+    /// `tcp_packet` made UDP: a datagram of `payload_len` bytes with a
+    /// complete checksum.
+    fn udp_packet(v6: bool, payload_len: usize) -> Vec<u8> {
+        let mut p = tcp_packet(v6, payload_len + 24, 0, 0);
+        let ip_len = if v6 { 40 } else { 20 };
+        p[if v6 { 6 } else { 9 }] = 17;
+        let l = ((p.len() - ip_len) as u16).to_be_bytes();
+        p[ip_len + 4..ip_len + 6].copy_from_slice(&l);
+        if !v6 {
+            p[10..12].copy_from_slice(&[0, 0]);
+            let c = !checksum::fold(checksum::sum(0, &p[..20]));
+            p[10..12].copy_from_slice(&c.to_be_bytes());
+        }
+        p[ip_len + 6..ip_len + 8].copy_from_slice(&[0, 0]);
+        let (s, d) = (parse_ip(&p, 17).unwrap().2, parse_ip(&p, 17).unwrap().3);
+        let c = checksum::udp(s, d, &p[ip_len..]).unwrap();
+        p[ip_len + 6..ip_len + 8].copy_from_slice(&c.to_be_bytes());
+        p
+    }
+
+    #[test]
+    fn datagrams_of_one_size_join_into_one_uso_write_only_when_the_tun_takes_it() {
+        for v6 in [false, true] {
+            let original = udp_packet(v6, 64 * 40 + 10);
+            let plan = Plan::new(&original, 64).unwrap();
+            let mut out = vec![0u8; 200];
+            let dgrams: Vec<Vec<u8>> = (0..plan.count())
+                .map(|i| {
+                    let n = plan.write(&original, i, &mut out).unwrap();
+                    out[..n].to_vec()
+                })
+                .collect();
+            assert_eq!(dgrams.len(), 41);
+            let (pkts, outs, stats) = run(&dgrams, 1500);
+            assert_eq!(stats.merged, 40);
+            let w = writes(&pkts, &outs);
+            assert_eq!(w.len(), 1);
+            let (p, vnet) = &w[0];
+            assert_eq!((vnet.gso_type, vnet.gso_size, vnet.csum_offset), (GSO_UDP_L4, 64, 6));
+            assert_eq!(as_kernel_would(p, vnet), original, "v6 {v6}");
+            // A TUN without USO: every datagram alone, unchanged.
+            let mut pkts = dgrams.clone();
+            let mut outs = vec![Out::default(); pkts.len()];
+            assert_eq!(coalesce(&mut pkts, &mut outs, 1500, false).merged, 0);
+            assert_eq!(pkts, dgrams);
+            // A bad checksum, or a longer datagram after a shorter one, is not joined.
+            let mut bad = dgrams[1].clone();
+            let last = bad.len() - 1;
+            bad[last] ^= 1;
+            assert_eq!(run(&[dgrams[0].clone(), bad], 1500).2.merged, 0);
+            assert_eq!(run(&[dgrams[40].clone(), dgrams[0].clone()], 1500).2.merged, 0);
         }
     }
 

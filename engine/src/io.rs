@@ -17,7 +17,7 @@ use crate::counters::{add, DropCause, EngineDrop, WorkerCounters};
 use crate::sys::mmsg::{recv_mmsg, send_gso, send_mmsg, Outgoing, Received, MAX_GSO_SEGMENTS, MAX_MMSG};
 use crate::sys::raw::RawUdpTx;
 use crate::sys::tun::TunQueue;
-use crate::vnet::{VnetHdr, VNET_HDR_LEN};
+use crate::vnet::{VnetHdr, GSO_UDP_L4, VNET_HDR_LEN};
 
 /// Packets per batch. 32 keeps a batch's buffers (32 x 64 KiB per direction)
 /// small next to the socket buffers while amortising the poll wakeup over
@@ -237,7 +237,13 @@ impl TunQueue {
                     add(&counters.tun_tx_packets, 1);
                     add(&counters.tun_tx_bytes, len as u64);
                 }
-                Err(_) => counters.count_drop(DropCause::Engine(EngineDrop::TunWriteError)),
+                Err(e) => {
+                    counters.count_drop(DropCause::Engine(EngineDrop::TunWriteError));
+                    if o.vnet.gso_type == GSO_UDP_L4 && e.raw_os_error() == Some(libc::EINVAL) && self.uso() {
+                        tracing::warn!("the TUN refused a joined UDP write (USO); UDP datagrams are written one by one");
+                        self.refuse_uso();
+                    }
+                }
             }
         }
     }

@@ -444,7 +444,7 @@ impl Worker {
             }
         })?;
         let mut outs = [Out::default(); MAX_VIEWS];
-        let stats = coalesce(&mut pkts[..n], &mut outs[..n], self.mtu);
+        let stats = coalesce(&mut pkts[..n], &mut outs[..n], self.mtu, self.tun.uso());
         count_coalesce(counters, stats);
         self.tun.write_coalesced(&pkts[..n], &outs[..n], counters);
         Some(more)
@@ -566,7 +566,7 @@ fn coalesce_to_tun(tun: &TunQueue, mtu: usize, counters: &WorkerCounters, batch:
     let mut pkts: [&mut [u8]; TX_SLOTS] = std::array::from_fn(|_| &mut [][..]);
     let n = batch.live_mut(&mut pkts);
     let mut outs = [Out::default(); TX_SLOTS];
-    let stats = coalesce(&mut pkts[..n], &mut outs[..n], mtu);
+    let stats = coalesce(&mut pkts[..n], &mut outs[..n], mtu, tun.uso());
     count_coalesce(counters, stats);
     tun.write_coalesced(&pkts[..n], &outs[..n], counters);
 }

@@ -121,7 +121,7 @@ fn the_steady_state_path_allocates_nothing_per_packet() {
         let mut pkts: [&mut [u8]; MAX_MMSG] = std::array::from_fn(|_| &mut [][..]);
         let n = rx_batch.live_mut(&mut pkts);
         let mut outs = [Out::default(); MAX_MMSG];
-        let stats = coalesce(&mut pkts[..n], &mut outs[..n], 1450);
+        let stats = coalesce(&mut pkts[..n], &mut outs[..n], 1450, true);
         assert_eq!(stats.merged as usize, n - 1, "the super-packet comes back whole");
         n as u64
     };

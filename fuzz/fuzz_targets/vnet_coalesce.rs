@@ -12,8 +12,9 @@
 //! merges (length accounting); every live output fits a TUN write and its
 //! `NEEDS_CSUM` range lies inside it; when everything merged back into one
 //! packet, that packet, completed as the kernel would, is the original
-//! (its IPv4 header checksum and TCP checksum aside, which the original may
-//! have had wrong).
+//! (its IPv4 header checksum and TCP or UDP checksum aside, which the
+//! original may have had wrong). UDP datagrams are joined too (a TUN with
+//! USO).
 
 #![no_main]
 
@@ -67,7 +68,7 @@ fuzz_target!(|data: &[u8]| {
     let in_bytes: usize = pkts.iter().map(Vec::len).sum();
     let mtu = plan.hdr_len() + mss;
     let mut outs = vec![Out::default(); pkts.len()];
-    let stats = coalesce(&mut pkts, &mut outs, mtu);
+    let stats = coalesce(&mut pkts, &mut outs, mtu, true);
     let mut outs_bytes = Vec::new();
     for i in (0..pkts.len()).filter(|i| !outs[*i].merged) {
         let mut p = parts(&pkts, &outs, i).collect::<Vec<_>>().concat();
@@ -80,7 +81,7 @@ fuzz_target!(|data: &[u8]| {
     let out_bytes: usize = outs_bytes.iter().map(Vec::len).sum();
     assert_eq!(out_bytes + stats.merged as usize * plan.hdr_len(), in_bytes, "length accounting");
     let mut outs = outs_bytes;
-    if plan.transport() == Transport::Tcp && plan.count() > 1 && outs.len() == 1 {
+    if plan.count() > 1 && outs.len() == 1 {
         let total = match packet[0] >> 4 {
             4 => u16::from_be_bytes([packet[2], packet[3]]) as usize,
             _ => 40 + u16::from_be_bytes([packet[4], packet[5]]) as usize,
@@ -89,11 +90,16 @@ fuzz_target!(|data: &[u8]| {
         let mut got = outs.remove(0);
         // Merging needs IPv4 without options or IPv6 without extensions.
         let ip_len = if want[0] >> 4 == 4 { 20 } else { 40 };
+        let csum = if plan.transport() == Transport::Tcp { 16 } else { 6 };
         for p in [&mut want, &mut got] {
             if p[0] >> 4 == 4 {
                 p[10..12].fill(0);
             }
-            p[ip_len + 16..ip_len + 18].fill(0);
+            p[ip_len + csum..ip_len + csum + 2].fill(0);
+            if csum == 6 {
+                // The original's UDP length is whatever the input said.
+                p[ip_len + 4..ip_len + 6].fill(0);
+            }
         }
         assert_eq!(got, want, "split then coalesced is not the original");
     }

@@ -18,6 +18,9 @@ use std::os::fd::{AsRawFd, RawFd};
 pub struct TunQueue {
     dev: tun_rs::SyncDevice,
     vnet_hdr: bool,
+    /// Whether `GSO_UDP_L4` writes are taken (USO, kernels from 6.2);
+    /// cleared when a write says otherwise.
+    uso: std::cell::Cell<bool>,
 }
 
 impl TunQueue {
@@ -35,21 +38,32 @@ impl TunQueue {
             Err(e) => return Err(e),
         };
         let vnet_hdr = first.tcp_gso();
+        let uso = vnet_hdr && first.udp_gso();
         let mut out = Vec::with_capacity(queues.max(1));
         for _ in 1..queues.max(1) {
-            out.push(TunQueue { dev: first.try_clone()?, vnet_hdr });
+            out.push(TunQueue { dev: first.try_clone()?, vnet_hdr, uso: uso.into() });
         }
-        out.insert(0, TunQueue { dev: first, vnet_hdr });
+        out.insert(0, TunQueue { dev: first, vnet_hdr, uso: uso.into() });
         for q in &out {
             q.dev.set_nonblocking(true)?;
         }
-        tracing::info!(tun = name, vnet_hdr, uso = out[0].dev.udp_gso(), "TUN offloads");
+        tracing::info!(tun = name, vnet_hdr, uso, "TUN offloads");
         Ok(out)
     }
 
     /// Whether reads and writes carry a virtio-net header.
     pub fn vnet_hdr(&self) -> bool {
         self.vnet_hdr
+    }
+
+    /// Whether UDP datagrams may be written joined (`GSO_UDP_L4`).
+    pub fn uso(&self) -> bool {
+        self.uso.get()
+    }
+
+    /// Stops joining UDP datagrams (the kernel refused a USO write).
+    pub fn refuse_uso(&self) {
+        self.uso.set(false);
     }
 
     /// Reads one packet (with its virtio-net header when offloading);
