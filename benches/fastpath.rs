@@ -128,6 +128,10 @@ fn checksums(c: &mut Criterion) {
         let data = vec![0xa5u8; size];
         g.throughput(Throughput::Bytes(size as u64));
         g.bench_with_input(BenchmarkId::new("sum", size), &data, |b, d| b.iter(|| black_box(checksum::sum(0, d))));
+        let mut out = vec![0u8; size];
+        g.bench_with_input(BenchmarkId::new("copy_and_sum", size), &data, |b, d| {
+            b.iter(|| black_box(checksum::copy_and_sum(0, black_box(&mut out), d)))
+        });
     }
     g.finish();
 }
