@@ -82,6 +82,9 @@ pub struct LabOptions {
     pub transfer_mib: usize,
     /// Worker threads per agent (`None`: the agent's default).
     pub threads: Option<usize>,
+    /// The agents' `busy-poll-us` (`None`: the agent's default, or
+    /// `WEFT_LAB_BUSY_POLL_US` from the environment).
+    pub busy_poll_us: Option<u32>,
     /// The weft binary the agents run.
     pub weft_bin: PathBuf,
     /// Pod networks: one IPv4 and/or one IPv6 (K3s `cluster-cidr`).
@@ -115,6 +118,7 @@ impl LabOptions {
             wg_peer: None,
             transfer_mib: 64,
             threads: None,
+            busy_poll_us: std::env::var("WEFT_LAB_BUSY_POLL_US").ok().and_then(|v| v.parse().ok()),
             offloads_off: std::env::var("WEFT_LAB_OFFLOADS").is_ok_and(|v| v == "off"),
             weft_bin,
             cluster_cidrs: vec!["10.244.0.0/16".parse().expect("a valid network")],
@@ -705,8 +709,7 @@ fn start_agent(lab: &Lab, n: &Node, ds_path: &Path) -> anyhow::Result<()> {
     if lab.opts.offloads_off {
         let _ = writeln!(cfg, "offload-tun: false\noffload-udp-gso: false\noffload-udp-gro: false");
     }
-    // For measurements: the agents' busy polling, as the environment sets it.
-    if let Ok(us) = std::env::var("WEFT_LAB_BUSY_POLL_US") {
+    if let Some(us) = lab.opts.busy_poll_us {
         let _ = writeln!(cfg, "busy-poll-us: {us}");
     }
     std::fs::write(&cfg_path, cfg)?;

@@ -159,8 +159,7 @@ impl Plan {
         let chunk = packet.get(self.payload(i)).ok_or(SegmentError::Malformed)?;
         let len = self.hdr_len + chunk.len();
         let seg = out.get_mut(..len).ok_or(SegmentError::NoRoom)?;
-        seg[self.hdr_len..].copy_from_slice(chunk);
-        let payload_sum = checksum::sum(0, chunk);
+        let payload_sum = checksum::copy_and_sum(0, &mut seg[self.hdr_len..], chunk);
         self.write_header(packet, i, seg, payload_sum)?;
         Ok(len)
     }

@@ -239,6 +239,8 @@ pub struct Settings {
     pub quick: bool,
     /// `--threads`.
     pub threads: Option<usize>,
+    /// `--busy-poll-us`.
+    pub busy_poll_us: Option<u32>,
 }
 
 /// The mode every ratio is taken against.
@@ -395,6 +397,7 @@ pub fn json_report(machine: &Machine, commit: &str, settings: &Settings, outcome
         "reps": settings.reps,
         "quick": settings.quick,
         "threads": settings.threads,
+        "busy_poll_us": settings.busy_poll_us,
         "units": {
             "tcp1_gbps": "Gbit/s received, iperf3 -J",
             "tcp4_gbps": "Gbit/s received, iperf3 -J -P 4",
@@ -566,7 +569,7 @@ mod tests {
     #[test]
     fn json_has_every_mode_and_field() {
         let machine = Machine { cpu: "Test CPU".into(), cores: 2, kernel: "Linux 6.1 x86_64".into() };
-        let settings = Settings { duration_s: 2, reps: 1, quick: true, threads: None };
+        let settings = Settings { duration_s: 2, reps: 1, quick: true, threads: None, busy_poll_us: None };
         let outcomes = vec![
             Outcome::Measured(result("kernel-vxlan", 2.0, true)),
             Outcome::Measured(result("weft-vxlan", 1.0, false)),

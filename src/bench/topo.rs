@@ -65,11 +65,18 @@ impl Topology {
 }
 
 /// Builds `mode`'s topology named `name`; on failure removes what it made.
-pub fn up(mode: Mode, name: &str, weft_bin: &Path, threads: Option<usize>) -> anyhow::Result<Topology> {
+pub fn up(
+    mode: Mode,
+    name: &str,
+    weft_bin: &Path,
+    threads: Option<usize>,
+    busy_poll_us: Option<u32>,
+) -> anyhow::Result<Topology> {
     let mut opts = LabOptions::new(name, weft_bin.to_path_buf());
     opts.nodes = 2;
     opts.pods_per_node = 1;
     opts.threads = threads;
+    opts.busy_poll_us = busy_poll_us;
     let lab = match mode {
         Mode::WeftVxlan | Mode::WeftWireguard | Mode::KernelHostgw => {
             opts.backend = match mode {
