@@ -206,7 +206,8 @@ impl AgentConfig {
             udp_gso: parse_bool("offload-udp-gso", get("offload-udp-gso"), true)?,
             udp_gro: parse_bool("offload-udp-gro", get("offload-udp-gro"), true)?,
         };
-        let busy_poll_us = parse_num("busy-poll-us", get("busy-poll-us"), weft_engine::DEFAULT_BUSY_POLL_US, 0, 10_000)?;
+        let busy_poll_us =
+            parse_num("busy-poll-us", get("busy-poll-us"), weft_engine::DEFAULT_BUSY_POLL_US, 0, 10_000)?;
         let subnet_file = PathBuf::from(get("subnet-file").unwrap_or("/run/flannel/subnet.env"));
         let node_name = match get("node-name") {
             Some(v) => v.to_string(),

@@ -499,7 +499,10 @@ mod tests {
 
     /// The bytes of each write, in order, with its virtio-net header.
     fn writes(pkts: &[Vec<u8>], outs: &[Out]) -> Vec<(Vec<u8>, VnetHdr)> {
-        (0..pkts.len()).filter(|i| !outs[*i].merged).map(|i| (parts(pkts, outs, i).collect::<Vec<_>>().concat(), outs[i].vnet)).collect()
+        (0..pkts.len())
+            .filter(|i| !outs[*i].merged)
+            .map(|i| (parts(pkts, outs, i).collect::<Vec<_>>().concat(), outs[i].vnet))
+            .collect()
     }
 
     fn split(p: &[u8], mss: usize) -> Vec<Vec<u8>> {

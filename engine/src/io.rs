@@ -240,7 +240,9 @@ impl TunQueue {
                 Err(e) => {
                     counters.count_drop(DropCause::Engine(EngineDrop::TunWriteError));
                     if o.vnet.gso_type == GSO_UDP_L4 && e.raw_os_error() == Some(libc::EINVAL) && self.uso() {
-                        tracing::warn!("the TUN refused a joined UDP write (USO); UDP datagrams are written one by one");
+                        tracing::warn!(
+                            "the TUN refused a joined UDP write (USO); UDP datagrams are written one by one"
+                        );
                         self.refuse_uso();
                     }
                 }

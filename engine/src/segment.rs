@@ -167,7 +167,13 @@ impl Plan {
     /// Writes only the headers of segment `i` into `out` (its payload is
     /// sent from where it lies, [`Plan::payload`]), given the one's
     /// complement sum of that payload; returns the headers' length.
-    pub fn write_header(&self, packet: &[u8], i: usize, out: &mut [u8], payload_sum: u64) -> Result<usize, SegmentError> {
+    pub fn write_header(
+        &self,
+        packet: &[u8],
+        i: usize,
+        out: &mut [u8],
+        payload_sum: u64,
+    ) -> Result<usize, SegmentError> {
         if i >= self.count || packet.len() < self.total {
             return Err(SegmentError::Malformed);
         }
@@ -387,7 +393,11 @@ mod tests {
                         let payload = &p[plan.payload(i)];
                         let h = plan.write_header(&p, i, &mut hdr, checksum::sum(0, payload)).unwrap();
                         assert_eq!(h, plan.hdr_len());
-                        assert_eq!([&hdr[..h], payload].concat(), whole[..n], "v6 {v6} udp {udp} mss {mss} segment {i}");
+                        assert_eq!(
+                            [&hdr[..h], payload].concat(),
+                            whole[..n],
+                            "v6 {v6} udp {udp} mss {mss} segment {i}"
+                        );
                     }
                     assert_eq!(plan.write_header(&p, plan.count(), &mut hdr, 0), Err(SegmentError::Malformed));
                 }

@@ -404,6 +404,31 @@ mod tests {
     }
 
     #[test]
+    fn a_gso_send_gathers_headers_and_payloads_from_apart() {
+        // As the VXLAN path sends: each datagram a header slice and a
+        // payload slice lying elsewhere; the last datagram shorter.
+        let rx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let headers: Vec<[u8; 30]> = (0..3u8).map(|i| [0xa0 + i; 30]).collect();
+        let payload: Vec<u8> = (0..2500u32).map(|i| (i % 251) as u8).collect();
+        let pieces = [&payload[..1000], &payload[1000..2000], &payload[2000..]];
+        let mut parts: Vec<&[u8]> = Vec::new();
+        for (h, p) in headers.iter().zip(pieces) {
+            parts.push(&h[..]);
+            parts.push(p);
+        }
+        assert_eq!(send_gso(tx.as_raw_fd(), &parts, rx.local_addr().unwrap(), None, 1030).unwrap(), 2590);
+        let mut store = vec![vec![0u8; 2000]; 4];
+        let mut bufs: Vec<&mut [u8]> = store.iter_mut().map(|b| &mut b[..]).collect();
+        let mut out = [Received { len: 0, from: None, stride: 0, local: None }; 4];
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert_eq!(recv_mmsg(rx.as_raw_fd(), &mut bufs, &mut out).unwrap(), 3);
+        for i in 0..3 {
+            assert_eq!(&bufs[i][..out[i].len], &[&headers[i][..], pieces[i]].concat()[..], "datagram {i}");
+        }
+    }
+
+    #[test]
     fn a_wildcard_socket_learns_the_local_address_and_replies_from_it() {
         // 127.0.0.2 is local through lo's 127.0.0.0/8 without being the
         // address the kernel would pick as source towards 127.0.0.1.
@@ -415,7 +440,7 @@ mod tests {
         client.set_read_timeout(Some(std::time::Duration::from_secs(2))).unwrap();
         client.send_to(b"hello", ("127.0.0.2", port)).unwrap();
         std::thread::sleep(std::time::Duration::from_millis(50));
-        let mut store = vec![0u8; 100];
+        let mut store = [0u8; 100];
         let mut bufs: Vec<&mut [u8]> = vec![&mut store[..]];
         let mut out = [Received { len: 0, from: None, stride: 0, local: None }; 1];
         assert_eq!(recv_mmsg(server.as_raw_fd(), &mut bufs, &mut out).unwrap(), 1);
