@@ -124,7 +124,9 @@ impl Worker {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             }
-            if !events.is_empty() || busy {
+            if self.busy_poll.is_zero() {
+                // No busy polling: no clock to read.
+            } else if !events.is_empty() || busy {
                 last_moved = Instant::now();
             } else if spin {
                 // Whatever else is runnable here (the pod answering) goes first.
