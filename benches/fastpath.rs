@@ -19,46 +19,17 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use weft_engine::coalesce::{coalesce, Out};
 use weft_engine::io::{Batch, Meta};
 use weft_engine::segment::Plan;
+use weft_testkit::AnyPeer;
 use weft_tunnel::checksum;
-use weft_tunnel::vxlan::{Peers, Vtep, Vxlan, HEADROOM};
+use weft_tunnel::vxlan::{Vtep, Vxlan, HEADROOM};
 
 const LOCAL: Vtep = Vtep { addr: IpAddr::V4(Ipv4Addr::new(192, 168, 77, 1)), mac: [0x0a, 0x58, 0x0a, 0xf4, 1, 0] };
 const REMOTE: Vtep = Vtep { addr: IpAddr::V4(Ipv4Addr::new(192, 168, 77, 2)), mac: [0x0a, 0x58, 0x0a, 0xf4, 2, 0] };
 const MSS: usize = 1398;
 
-struct OnePeer;
-
-impl Peers for OnePeer {
-    fn peer_by_underlay(&self, _: IpAddr) -> Option<usize> {
-        Some(0)
-    }
-    fn peer_owns(&self, _: usize, _: IpAddr) -> bool {
-        true
-    }
-}
-
 /// A TCP/IPv4 packet with `payload` bytes and a complete checksum.
 fn tcp(payload: usize) -> Vec<u8> {
-    let total = 40 + payload;
-    let mut p = vec![0u8; total];
-    p[0] = 0x45;
-    p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
-    p[6] = 0x40;
-    p[8] = 64;
-    p[9] = 6;
-    p[12..16].copy_from_slice(&[10, 244, 1, 2]);
-    p[16..20].copy_from_slice(&[10, 244, 2, 2]);
-    p[20..24].copy_from_slice(&[0x9c, 0x40, 0x14, 0x51]);
-    p[32] = 0x50;
-    p[33] = 0x10;
-    for (i, b) in p[40..].iter_mut().enumerate() {
-        *b = (i * 7) as u8;
-    }
-    let pseudo =
-        checksum::pseudo_header([10, 244, 1, 2].into(), [10, 244, 2, 2].into(), 6, (total - 20) as u32).unwrap();
-    let c = !checksum::fold(checksum::sum(pseudo, &p[20..]));
-    p[36..38].copy_from_slice(&c.to_be_bytes());
-    p
+    weft_testkit::tcp_ipv4([10, 244, 1, 2], [10, 244, 2, 2], payload, 0)
 }
 
 fn segmentation(c: &mut Criterion) {
@@ -156,7 +127,7 @@ fn pipeline(c: &mut Criterion) {
         wire.set_len(plan.count());
         let (bufs, metas) = wire.parts_mut();
         for i in 0..plan.count() {
-            let d = rx.decapsulate(LOCAL.addr, &bufs[i][8..8 + metas[i].len], &OnePeer).unwrap();
+            let d = rx.decapsulate(LOCAL.addr, &bufs[i][8..8 + metas[i].len], &AnyPeer).unwrap();
             metas[i] = Meta { start: 8 + d.inner.start, len: d.inner.len(), ..Meta::default() };
         }
         let mut pkts: [&mut [u8]; 64] = std::array::from_fn(|_| &mut [][..]);

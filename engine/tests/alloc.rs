@@ -24,46 +24,15 @@ use weft_engine::coalesce::{coalesce, Out};
 use weft_engine::io::{Batch, Meta};
 use weft_engine::segment::Plan;
 use weft_engine::sys::mmsg::{recv_mmsg, send_mmsg, Received, MAX_MMSG};
-use weft_tunnel::checksum;
-use weft_tunnel::vxlan::{Peers, Vtep, Vxlan, HEADROOM};
+use weft_testkit::AnyPeer;
+use weft_tunnel::vxlan::{Vtep, Vxlan, HEADROOM};
 
 #[global_allocator]
 static GLOBAL: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
 
-struct OnePeer;
-
-impl Peers for OnePeer {
-    fn peer_by_underlay(&self, _: IpAddr) -> Option<usize> {
-        Some(0)
-    }
-    fn peer_owns(&self, _: usize, _: IpAddr) -> bool {
-        true
-    }
-}
-
 /// A TCP/IPv4 super-packet of `payload` bytes with a valid checksum.
 fn super_packet(payload: usize, seq: u32) -> Vec<u8> {
-    let total = 40 + payload;
-    let mut p = vec![0u8; total];
-    p[0] = 0x45;
-    p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
-    p[6] = 0x40;
-    p[8] = 64;
-    p[9] = 6;
-    p[12..16].copy_from_slice(&[10, 244, 1, 2]);
-    p[16..20].copy_from_slice(&[10, 244, 2, 2]);
-    p[20..24].copy_from_slice(&[0x9c, 0x40, 0x14, 0x51]);
-    p[24..28].copy_from_slice(&seq.to_be_bytes());
-    p[32] = 0x50;
-    p[33] = 0x10;
-    for (i, b) in p[40..].iter_mut().enumerate() {
-        *b = i as u8;
-    }
-    let pseudo =
-        checksum::pseudo_header([10, 244, 1, 2].into(), [10, 244, 2, 2].into(), 6, (total - 20) as u32).unwrap();
-    let c = !checksum::fold(checksum::sum(pseudo, &p[20..]));
-    p[36..38].copy_from_slice(&c.to_be_bytes());
-    p
+    weft_testkit::tcp_ipv4([10, 244, 1, 2], [10, 244, 2, 2], payload, seq)
 }
 
 #[test]
@@ -115,7 +84,7 @@ fn the_steady_state_path_allocates_nothing_per_packet() {
         rx_batch.set_len(n);
         let (bufs, metas) = rx_batch.parts_mut();
         for i in 0..n {
-            let d = rx_vxlan.decapsulate(local.addr, &bufs[i][..got[i].len], &OnePeer).unwrap();
+            let d = rx_vxlan.decapsulate(local.addr, &bufs[i][..got[i].len], &AnyPeer).unwrap();
             metas[i] = Meta { start: d.inner.start, len: d.inner.len(), ..Meta::default() };
         }
         let mut pkts: [&mut [u8]; MAX_MMSG] = std::array::from_fn(|_| &mut [][..]);

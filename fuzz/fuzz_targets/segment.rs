@@ -26,33 +26,13 @@ const FIN: u8 = 0x01;
 const PSH: u8 = 0x08;
 const CWR: u8 = 0x80;
 
-/// Makes `p` a TCP packet whose IP length field is its length, where the
-/// fixed IP header is there.
-fn fix_up(p: &mut [u8]) {
-    match p.first().map(|b| b >> 4) {
-        Some(4) if p.len() >= 20 => {
-            let len = p.len().min(u16::MAX as usize) as u16;
-            p[2..4].copy_from_slice(&len.to_be_bytes());
-            p[6] &= 0x80; // DF may stay; MF and the offset go
-            p[7] = 0;
-            p[9] = 6;
-        }
-        Some(6) if p.len() >= 40 => {
-            let len = (p.len() - 40).min(u16::MAX as usize) as u16;
-            p[4..6].copy_from_slice(&len.to_be_bytes());
-            p[6] = 6;
-        }
-        _ => {}
-    }
-}
-
 fuzz_target!(|data: &[u8]| {
     let [m0, m1, s0, s1, ref raw @ ..] = *data else {
         return;
     };
     let mut packet = raw.to_vec();
     if m0 & 0x80 != 0 {
-        fix_up(&mut packet);
+        weft_testkit::fix_up_tcp(&mut packet);
     }
     let packet = &packet[..];
     let mtu = (u16::from_be_bytes([m0, m1]) & 0x3fff) as usize;

@@ -23,24 +23,6 @@ use weft_engine::coalesce::{coalesce, parts, Out, MAX_COALESCED};
 use weft_engine::segment::{Plan, Transport};
 use weft_engine::vnet::{complete_csum, VnetHdr, F_NEEDS_CSUM};
 
-fn fix_up(p: &mut [u8]) {
-    match p.first().map(|b| b >> 4) {
-        Some(4) if p.len() >= 20 => {
-            let len = p.len().min(u16::MAX as usize) as u16;
-            p[2..4].copy_from_slice(&len.to_be_bytes());
-            p[6] &= 0x40;
-            p[7] = 0;
-            p[9] = 6;
-        }
-        Some(6) if p.len() >= 40 => {
-            let len = (p.len() - 40).min(u16::MAX as usize) as u16;
-            p[4..6].copy_from_slice(&len.to_be_bytes());
-            p[6] = 6;
-        }
-        _ => {}
-    }
-}
-
 fuzz_target!(|data: &[u8]| {
     if data.len() < 10 {
         assert!(VnetHdr::parse(data).is_err());
@@ -50,7 +32,7 @@ fuzz_target!(|data: &[u8]| {
     let mut packet = data[10..].to_vec();
     if hdr.gso_size & 0x8000 != 0 {
         hdr.gso_size &= 0x7fff;
-        fix_up(&mut packet);
+        weft_testkit::fix_up_tcp(&mut packet);
     }
     let mss = (hdr.gso_size as usize).max(1);
     let Ok(plan) = Plan::new(&packet, mss) else { return };
