@@ -372,9 +372,7 @@ impl Worker {
     /// check, write to the TUN. Returns whether more may be waiting.
     fn underlay_to_tun(&mut self, f: usize, batch: &mut Batch, out: &mut Batch) -> io::Result<bool> {
         let Some(vxlan) = self.families[f].vxlan.clone() else {
-            let n = self.families[f].io.recv_batch(batch, &self.counters)?;
-            self.wg_receive(f, batch, n, out);
-            return Ok(n == batch.capacity());
+            return self.wg_receive(f, batch, out);
         };
         let gro = self.tun.vnet_hdr();
         if gro {
@@ -455,84 +453,44 @@ impl Worker {
     /// WireGuard receive: find the peer, let boringtun check and decrypt,
     /// enforce the peer's allowed IPs, follow its endpoint, write to the TUN.
     ///
-    /// Decrypted packets land in `out`'s slots, which are coalesced (with
-    /// TUN offloads) and written when `out` is full and at the end.
-    fn wg_receive(&mut self, f: usize, batch: &mut Batch, n: usize, out: &mut Batch) {
-        let Some(device) = self.wg.clone() else { return };
-        let mut cookie = [0u8; 64];
+    /// With `UDP_GRO` the datagrams are opened where `recvmmsg` put them;
+    /// otherwise `batch` receives them. Decrypted packets land in `out`'s
+    /// slots, which are coalesced (with TUN offloads) and written when `out`
+    /// is full and at the end. Returns whether more may be waiting.
+    fn wg_receive(&mut self, f: usize, batch: &mut Batch, out: &mut Batch) -> io::Result<bool> {
+        let Some(device) = self.wg.clone() else {
+            let n = self.families[f].io.recv_batch(batch, &self.counters)?;
+            return Ok(n == batch.capacity());
+        };
         out.set_len(0);
-        for i in 0..n {
-            let (buf, meta) = batch.slot_mut(i);
-            let Some(ip) = meta.addr else { continue };
-            let from = SocketAddr::new(ip, meta.port);
-            // The address the peer sent to: answers leave from it.
-            let local = meta.local;
-            let datagram = &buf[..meta.len];
-            let fd = self.families[f].io.rx.as_raw_fd();
-            let counters = &*self.counters;
-            let reply_to = |d: &[u8]| {
-                let st = send_mmsg(fd, &[(d, from, local)]);
-                add(&counters.syscalls, st.syscalls);
-                add(&counters.udp_tx_packets, st.sent);
-            };
-            let peer = match device.classify(ip, datagram, &mut cookie) {
-                Ok(r) => self.snapshot.wg_peer(r),
-                Err(Some(reply)) => {
-                    reply_to(reply);
-                    self.counters.count_drop(DropCause::Engine(EngineDrop::WgCookie));
-                    continue;
+        let mut rx = WgRx {
+            device: &device,
+            snapshot: &self.snapshot,
+            counters: &self.counters,
+            tun: &mut self.tun,
+            mtu: self.mtu,
+            wg_out: &mut self.wg_out,
+            fd: self.families[f].io.rx.as_raw_fd(),
+            out,
+        };
+        let in_place = self.families[f].io.recv_in_place(MAX_VIEWS, rx.counters, |r, datagram| {
+            let Some(from) = r.from else { return };
+            let local = r.local.map(|l| canonical(SocketAddr::new(l, 0)));
+            rx.open(SocketAddr::new(canonical(from), from.port()), local, datagram);
+        });
+        let more = match in_place {
+            Some(more) => more,
+            None => {
+                let n = self.families[f].io.recv_batch(batch, rx.counters)?;
+                for (datagram, meta) in batch.packets() {
+                    let Some(ip) = meta.addr else { continue };
+                    rx.open(SocketAddr::new(ip, meta.port), meta.local, datagram);
                 }
-                Err(None) => {
-                    self.counters.count_drop(DropCause::Engine(EngineDrop::WgRejected));
-                    continue;
-                }
-            };
-            let Some((peer, wg)) = peer.and_then(|p| Some((p, p.wg.as_ref()?))) else {
-                self.counters.count_drop(DropCause::Engine(EngineDrop::WgUnknownPeer));
-                continue;
-            };
-            if out.len() == out.capacity() {
-                flush_to_tun(&mut self.tun, self.mtu, &self.counters, out);
+                n == batch.capacity()
             }
-            let k = out.len();
-            let (obuf, ometa) = out.slot_mut(k);
-            let obase = obuf.as_ptr() as usize;
-            let mut st = wg.lock();
-            match decrypted(st.tunn.decapsulate(Some(ip), datagram, obuf)) {
-                Decrypted::Reply(reply) => {
-                    st.endpoint = Some(from);
-                    st.local = local;
-                    reply_to(reply);
-                    // Packets queued while the handshake ran go out now.
-                    while let TunnResult::WriteToNetwork(p) = st.tunn.decapsulate(None, &[], &mut self.wg_out) {
-                        reply_to(p);
-                    }
-                }
-                Decrypted::Packet(p, inner_src) => {
-                    // Cryptokey routing: the source must route back to this
-                    // very peer (a longest match), not merely lie inside one
-                    // of its prefixes, which may overlap another peer's.
-                    let owner = self.snapshot.route(inner_src).map(|(o, _)| o);
-                    if !owner.is_some_and(|o| std::ptr::eq(o, peer)) {
-                        self.counters.count_drop(DropCause::Engine(EngineDrop::WgAllowedIps));
-                        continue;
-                    }
-                    st.endpoint = Some(from);
-                    st.local = local;
-                    add(&peer.counters.rx_packets, 1);
-                    add(&peer.counters.rx_bytes, p.len() as u64);
-                    *ometa = Meta { start: p.as_ptr() as usize - obase, len: p.len(), ..Meta::default() };
-                    drop(st);
-                    out.set_len(k + 1);
-                }
-                Decrypted::Nothing => {
-                    st.endpoint = Some(from);
-                    st.local = local;
-                }
-                Decrypted::Refused => self.counters.count_drop(DropCause::Engine(EngineDrop::WgRejected)),
-            }
-        }
-        flush_to_tun(&mut self.tun, self.mtu, &self.counters, out);
+        };
+        flush_to_tun(rx.tun, rx.mtu, rx.counters, rx.out);
+        Ok(more)
     }
 
     /// Writes a TCP super-packet (a sender's TSO frame that crossed a veth
@@ -545,6 +503,90 @@ impl Worker {
         match segment_tcp(packet, self.mtu, &mut self.scratch, &mut write) {
             Ok(_) => add(&counters.sw_segmented, 1),
             Err(_) => write(packet),
+        }
+    }
+}
+
+/// What opening WireGuard datagrams needs of a worker, borrowed apart from
+/// its sockets so that datagrams can be opened where they were received.
+struct WgRx<'a> {
+    device: &'a WgDevice,
+    snapshot: &'a Snapshot,
+    counters: &'a WorkerCounters,
+    tun: &'a mut TunQueue,
+    mtu: usize,
+    wg_out: &'a mut Vec<u8>,
+    /// The receiving socket: cookie replies and handshake answers leave by it.
+    fd: std::os::fd::RawFd,
+    out: &'a mut Batch,
+}
+
+impl WgRx<'_> {
+    /// Opens one datagram from `from`, received on our address `local`.
+    fn open(&mut self, from: SocketAddr, local: Option<IpAddr>, datagram: &[u8]) {
+        let ip = from.ip();
+        let (fd, counters) = (self.fd, self.counters);
+        let reply_to = |d: &[u8]| {
+            let st = send_mmsg(fd, &[(d, from, local)]);
+            add(&counters.syscalls, st.syscalls);
+            add(&counters.udp_tx_packets, st.sent);
+        };
+        let mut cookie = [0u8; 64];
+        let peer = match self.device.classify(ip, datagram, &mut cookie) {
+            Ok(r) => self.snapshot.wg_peer(r),
+            Err(Some(reply)) => {
+                reply_to(reply);
+                counters.count_drop(DropCause::Engine(EngineDrop::WgCookie));
+                return;
+            }
+            Err(None) => {
+                counters.count_drop(DropCause::Engine(EngineDrop::WgRejected));
+                return;
+            }
+        };
+        let Some((peer, wg)) = peer.and_then(|p| Some((p, p.wg.as_ref()?))) else {
+            counters.count_drop(DropCause::Engine(EngineDrop::WgUnknownPeer));
+            return;
+        };
+        if self.out.len() == self.out.capacity() {
+            flush_to_tun(self.tun, self.mtu, counters, self.out);
+        }
+        let k = self.out.len();
+        let (obuf, ometa) = self.out.slot_mut(k);
+        let obase = obuf.as_ptr() as usize;
+        let mut st = wg.lock();
+        match decrypted(st.tunn.decapsulate(Some(ip), datagram, obuf)) {
+            Decrypted::Reply(reply) => {
+                st.endpoint = Some(from);
+                st.local = local;
+                reply_to(reply);
+                // Packets queued while the handshake ran go out now.
+                while let TunnResult::WriteToNetwork(p) = st.tunn.decapsulate(None, &[], self.wg_out) {
+                    reply_to(p);
+                }
+            }
+            Decrypted::Packet(p, inner_src) => {
+                // Cryptokey routing: the source must route back to this
+                // very peer (a longest match), not merely lie inside one
+                // of its prefixes, which may overlap another peer's.
+                let owner = self.snapshot.route(inner_src).map(|(o, _)| o);
+                if !owner.is_some_and(|o| std::ptr::eq(o, peer)) {
+                    counters.count_drop(DropCause::Engine(EngineDrop::WgAllowedIps));
+                    return;
+                }
+                st.endpoint = Some(from);
+                st.local = local;
+                add(&peer.counters.rx_packets, 1);
+                add(&peer.counters.rx_bytes, p.len() as u64);
+                *ometa = Meta { start: p.as_ptr() as usize - obase, len: p.len(), ..Meta::default() };
+                drop(st);
+                self.out.set_len(k + 1);
+            }
+            Decrypted::Nothing => {
+                st.endpoint = Some(from);
+                st.local = local;
+            }
+            Decrypted::Refused => counters.count_drop(DropCause::Engine(EngineDrop::WgRejected)),
         }
     }
 }
