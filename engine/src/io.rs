@@ -446,34 +446,54 @@ impl UdpUnderlay {
             failed |= self.flush_gso(&run[..k], key, counters);
         }
         if failed {
-            tracing::warn!(v6 = self.v6, "UDP_SEGMENT refused by the kernel; sending one datagram per message");
-            self.gso_pool = Vec::new();
+            self.drop_gso_pool();
         }
     }
 
-    /// Sends one run; returns whether the kernel refused `UDP_SEGMENT`
-    /// itself (as opposed to a transient error, counted as a drop).
+    /// Sends one run of whole datagrams; returns whether the kernel refused
+    /// `UDP_SEGMENT` itself (as opposed to a transient error, counted as a drop).
     fn flush_gso(&self, run: &[&[u8]], key: (u16, SocketAddr, usize), counters: &WorkerCounters) -> bool {
-        let sock = &self.gso_pool[key.0 as usize % self.gso_pool.len()];
+        self.send_pool(key.0, key.1, run, key.2 as u16, run.len(), counters)
+    }
+
+    /// Sends `segments` datagrams, the concatenation of `parts` cut every
+    /// `seg` bytes, from the pool socket of `sport` to `dst` in one
+    /// `UDP_SEGMENT` send (one datagram: no segmentation asked). Returns
+    /// whether the kernel refused `UDP_SEGMENT` itself; every failure is
+    /// counted as drops.
+    fn send_pool(
+        &self,
+        sport: u16,
+        dst: SocketAddr,
+        parts: &[&[u8]],
+        seg: u16,
+        segments: usize,
+        counters: &WorkerCounters,
+    ) -> bool {
+        let sock = &self.gso_pool[sport as usize % self.gso_pool.len()];
         add(&counters.syscalls, 1);
-        let r = if run.len() == 1 {
-            sock.send_to(run[0], key.1)
-        } else {
-            send_gso(sock.as_raw_fd(), run, key.1, None, key.2 as u16)
-        };
-        match r {
+        // A segment size of 0 asks for no segmentation: one datagram.
+        let seg = if segments > 1 { seg } else { 0 };
+        match send_gso(sock.as_raw_fd(), parts, dst, None, seg) {
             Ok(_) => {
-                add(&counters.udp_tx_packets, run.len() as u64);
+                add(&counters.udp_tx_packets, segments as u64);
                 false
             }
             Err(e) => {
-                for _ in run {
+                for _ in 0..segments {
                     counters.count_drop(DropCause::Engine(EngineDrop::SendError));
                 }
-                run.len() > 1
+                segments > 1
                     && matches!(e.raw_os_error(), Some(libc::EIO) | Some(libc::EINVAL) | Some(libc::ENOPROTOOPT))
             }
         }
+    }
+
+    /// The kernel refused `UDP_SEGMENT`: later datagrams take the raw
+    /// socket, one per message. Logged once.
+    fn drop_gso_pool(&mut self) {
+        tracing::warn!(v6 = self.v6, "UDP_SEGMENT refused by the kernel; sending one datagram per message");
+        self.gso_pool = Vec::new();
     }
 }
 
@@ -651,26 +671,8 @@ impl UdpUnderlay {
         segments: usize,
         counters: &WorkerCounters,
     ) {
-        if self.gso_pool.is_empty() {
-            return;
-        }
-        let sock = &self.gso_pool[sport as usize % self.gso_pool.len()];
-        add(&counters.syscalls, 1);
-        // A segment size of 0 asks for no segmentation: one datagram.
-        let seg = if segments > 1 { seg } else { 0 };
-        match send_gso(sock.as_raw_fd(), parts, dst, None, seg) {
-            Ok(_) => add(&counters.udp_tx_packets, segments as u64),
-            Err(e) => {
-                for _ in 0..segments {
-                    counters.count_drop(DropCause::Engine(EngineDrop::SendError));
-                }
-                if segments > 1
-                    && matches!(e.raw_os_error(), Some(libc::EIO) | Some(libc::EINVAL) | Some(libc::ENOPROTOOPT))
-                {
-                    tracing::warn!(v6 = self.v6, "UDP_SEGMENT refused by the kernel; sending one datagram per message");
-                    self.gso_pool = Vec::new();
-                }
-            }
+        if !self.gso_pool.is_empty() && self.send_pool(sport, dst, parts, seg, segments, counters) {
+            self.drop_gso_pool();
         }
     }
 }

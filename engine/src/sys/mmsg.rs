@@ -426,6 +426,11 @@ mod tests {
         for i in 0..3 {
             assert_eq!(&bufs[i][..out[i].len], &[&headers[i][..], pieces[i]].concat()[..], "datagram {i}");
         }
+        // A segment size of 0: no segmentation, one datagram of all the parts.
+        send_gso(tx.as_raw_fd(), &parts[..2], rx.local_addr().unwrap(), None, 0).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert_eq!(recv_mmsg(rx.as_raw_fd(), &mut bufs, &mut out).unwrap(), 1);
+        assert_eq!(&bufs[0][..out[0].len], &[&headers[0][..], pieces[0]].concat()[..]);
     }
 
     #[test]
