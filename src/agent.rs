@@ -241,18 +241,21 @@ enum Event {
 }
 
 /// Runs the agent until SIGTERM or SIGINT.
-pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
+pub fn run(mut cfg: AgentConfig) -> anyhow::Result<()> {
     let (tx, rx) = crossbeam_channel::unbounded::<Event>();
     let keeper_stop = Arc::new(AtomicBool::new(false));
+    // Set once the data path is up (the Kubernetes subnet manager then
+    // marks the Node's network available).
+    let data_path_up = Arc::new(AtomicBool::new(false));
     let wireguard = cfg.cluster.backend == Backend::WireguardNative;
     let device = if wireguard { Some(Arc::new(WgDevice::new(keys::load_or_create(&cfg.wg_key_file)?))) } else { None };
     let wg_public = device.as_ref().map(|d| d.public_key());
     let mut keeper = None;
-    let ds = match &cfg.datastore {
-        DatastoreSource::File(path) => StaticDatastore::load(path)?,
+    let (utx, urx) = crossbeam_channel::unbounded();
+    let ds = match cfg.datastore.clone() {
+        DatastoreSource::File(path) => StaticDatastore::load(&path)?,
         DatastoreSource::Etcd { endpoints, prefix } => {
-            let (store, view, held, revision) = lease::start(&cfg, endpoints, prefix, wg_public)?;
-            let (utx, urx) = crossbeam_channel::unbounded();
+            let (store, view, held, revision) = lease::start(&cfg, &endpoints, &prefix, wg_public)?;
             let stop = keeper_stop.clone();
             let first = view.clone();
             keeper = Some(
@@ -260,17 +263,26 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
                     .name("weft-lease".into())
                     .spawn(move || lease::keep(store, first, held, revision, utx, stop))?,
             );
-            let tx = tx.clone();
-            std::thread::spawn(move || {
-                for lease::Update::View(v) in urx {
-                    if tx.send(Event::View(v)).is_err() {
-                        return;
-                    }
-                }
-            });
+            view
+        }
+        DatastoreSource::Kube(src) => {
+            let (kube, view) = crate::kube::start(&mut cfg, &src, wg_public)?;
+            let (stop, up) = (keeper_stop.clone(), data_path_up.clone());
+            keeper =
+                Some(std::thread::Builder::new().name("weft-kube".into()).spawn(move || kube.keep(utx, up, stop))?);
             view
         }
     };
+    {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for lease::Update::View(v) in urx {
+                if tx.send(Event::View(v)).is_err() {
+                    return;
+                }
+            }
+        });
+    }
     let want = desired(&cfg, &ds)?;
     for (key, why) in &want.skipped {
         tracing::warn!(lease = %key, why, "lease skipped");
@@ -384,6 +396,7 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let env = subnet_env(want.network, &want.own_key, want.ipv6_network, mtu, false);
     write_subnet_env(&cfg, &env)?;
     state.ready.store(true, Relaxed);
+    data_path_up.store(true, Relaxed);
     tracing::info!(node = %cfg.node_name, subnet = %want.own_key, backend = cfg.backend(), mtu, peers = want.peers.len(), "agent ready");
 
     let mut signals = signal_hook::iterator::Signals::new([
@@ -406,7 +419,7 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         let view = match (ev, &cfg.datastore) {
             (Event::Stop, _) => break,
             (Event::Reload, DatastoreSource::File(path)) => StaticDatastore::load(path).map_err(anyhow::Error::from),
-            (Event::Reload, DatastoreSource::Etcd { .. }) => continue,
+            (Event::Reload, DatastoreSource::Etcd { .. } | DatastoreSource::Kube(_)) => continue,
             (Event::View(v), _) => Ok(v),
         };
         let applied = view.and_then(|v| plane.apply(&cfg, &v, own_key, &mut routed, &mut peers, &state));

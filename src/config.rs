@@ -14,7 +14,7 @@ use crate::error::ConfigError;
 
 /// The agent's own keys; the cluster-shape keys are [`crate::cluster::KEYS`].
 pub const AGENT_KEYS: &[(&str, &str)] = &[
-    ("node-name", "name of this node (default: the hostname)"),
+    ("node-name", "name of this node (default: NODE_NAME from the environment, else the hostname)"),
     ("vxlan-port", "UDP port of the VXLAN backend (default 8472)"),
     ("vni", "VXLAN network identifier (default 1)"),
     ("tun-name", "name of the TUN device (default weft0)"),
@@ -23,6 +23,15 @@ pub const AGENT_KEYS: &[(&str, &str)] = &[
     ("datastore-file", "static datastore: Flannel's network config and leases in one JSON file"),
     ("etcd-endpoints", "etcd datastore: client URLs, comma separated (instead of datastore-file)"),
     ("etcd-prefix", "etcd key prefix (default /coreos.com/network)"),
+    (
+        "kube-subnet-mgr",
+        "Kubernetes subnet manager: subnets from the Node's podCIDRs, lease as Node annotations (default false)",
+    ),
+    ("kubeconfig", "with kube-subnet-mgr: the API server's kubeconfig (default: the pod's service account)"),
+    (
+        "net-config-path",
+        "with kube-subnet-mgr: Flannel's net-conf.json (default: from cluster-cidr and flannel-backend)",
+    ),
     ("subnet-file", "where subnet.env is written (default /run/flannel/subnet.env)"),
     ("wireguard-key-file", "WireGuard private key, created on first start (default /var/lib/weft/wireguard.key)"),
     ("offload-tun", "TUN offloads: super-packet reads and coalesced writes (default true)"),
@@ -46,6 +55,8 @@ pub enum DatastoreSource {
         /// Key prefix.
         prefix: String,
     },
+    /// The Kubernetes API: the Node objects (Flannel's `--kube-subnet-mgr`).
+    Kube(crate::kube::KubeSource),
 }
 
 /// The agent's configuration, validated.
@@ -177,7 +188,24 @@ impl AgentConfig {
             })?),
             None => Some(SocketAddr::from(([127, 0, 0, 1], 9464))),
         };
+        let kube = parse_bool("kube-subnet-mgr", get("kube-subnet-mgr"), false)?;
+        for key in ["kubeconfig", "net-config-path"] {
+            if let (Some(v), false) = (get(key), kube) {
+                return Err(ConfigError::new(key, v, "only with kube-subnet-mgr: true"));
+            }
+        }
         let datastore = match (get("datastore-file"), get("etcd-endpoints")) {
+            (None, None) if kube => DatastoreSource::Kube(crate::kube::KubeSource {
+                kubeconfig: get("kubeconfig").map(PathBuf::from),
+                net_config: get("net-config-path").map(PathBuf::from),
+            }),
+            (Some(_), _) | (_, Some(_)) if kube => {
+                return Err(ConfigError::new(
+                    "kube-subnet-mgr",
+                    "true",
+                    "one datastore: kube-subnet-mgr, datastore-file or etcd-endpoints, not several",
+                ))
+            }
             (Some(f), None) => DatastoreSource::File(PathBuf::from(f)),
             (None, Some(e)) => {
                 let endpoints: Vec<String> = e.split(',').map(|s| s.trim().to_string()).collect();
@@ -197,7 +225,7 @@ impl AgentConfig {
                 return Err(ConfigError::new(
                     "datastore-file",
                     "",
-                    "the path of a static datastore JSON file, or etcd-endpoints (one is required)",
+                    "the path of a static datastore JSON file, or etcd-endpoints, or kube-subnet-mgr: true (one is required)",
                 ))
             }
         };
@@ -211,6 +239,9 @@ impl AgentConfig {
         let subnet_file = PathBuf::from(get("subnet-file").unwrap_or("/run/flannel/subnet.env"));
         let node_name = match get("node-name") {
             Some(v) => v.to_string(),
+            None if std::env::var("NODE_NAME").is_ok_and(|n| !n.trim().is_empty()) => {
+                std::env::var("NODE_NAME").unwrap_or_default().trim().to_string()
+            }
             None => nix::unistd::gethostname()
                 .ok()
                 .and_then(|h| h.into_string().ok())
@@ -354,6 +385,32 @@ mod tests {
             assert_eq!((e.key.as_str(), e.value.as_str()), ("busy-poll-us", bad));
             assert!(e.accepted.contains("0 to 10000"), "{}", e.accepted);
         }
+    }
+
+    #[test]
+    fn the_kubernetes_subnet_manager_is_one_datastore_among_three() {
+        let c = parse("node-ip: 10.0.0.1\nkube-subnet-mgr: true\nkubeconfig: /etc/rancher/k3s/k3s.yaml\n").unwrap();
+        assert_eq!(
+            c.datastore,
+            DatastoreSource::Kube(crate::kube::KubeSource {
+                kubeconfig: Some("/etc/rancher/k3s/k3s.yaml".into()),
+                net_config: None
+            })
+        );
+        let c = parse("node-ip: 10.0.0.1\nkube-subnet-mgr: true\nnet-config-path: n.json\n").unwrap();
+        assert_eq!(
+            c.datastore,
+            DatastoreSource::Kube(crate::kube::KubeSource { kubeconfig: None, net_config: Some("n.json".into()) })
+        );
+        let e = refused(&format!("{GOOD}kube-subnet-mgr: true\n"));
+        assert_eq!((e.key.as_str(), e.value.as_str()), ("kube-subnet-mgr", "true"));
+        let e = refused(&format!("{GOOD}kubeconfig: k.yaml\n"));
+        assert_eq!(
+            (e.key.as_str(), e.value.as_str(), e.accepted.as_str()),
+            ("kubeconfig", "k.yaml", "only with kube-subnet-mgr: true")
+        );
+        let e = refused("node-ip: 10.0.0.1\nkube-subnet-mgr: yes\n");
+        assert_eq!((e.key.as_str(), e.accepted.as_str()), ("kube-subnet-mgr", "true or false"));
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod datastore;
 pub mod error;
 pub mod etcd;
 pub mod keys;
+pub mod kube;
 pub mod lab;
 pub mod lease;
 pub mod metrics;
