@@ -34,6 +34,9 @@ use crate::cni::SubnetEnv;
 use crate::datastore::{format_mac, subnet_env, Lease, NetworkConfig, StaticDatastore, SubnetKey, VxlanData, WgData};
 use crate::netns::{self, exec, ip};
 
+mod kube;
+pub use kube::KubeLab;
+
 /// Where lab state (datastore, configs, logs, pids) lives.
 pub const STATE_ROOT: &str = "/run/weft/lab";
 /// Underlay MTU of the lab's veths.
@@ -205,6 +208,8 @@ pub struct Lab {
     pub nodes: Vec<Node>,
     /// Its state directory.
     pub dir: PathBuf,
+    /// With `--datastore kube`: the API server stand-in the agents use.
+    pub kube: Option<std::sync::Arc<KubeLab>>,
 }
 
 /// The outcome of one check.
@@ -339,10 +344,11 @@ pub fn up(opts: &LabOptions) -> anyhow::Result<Lab> {
     if netns::exists(&format!("{}-ul", opts.name)) {
         bail!("a lab named {} exists already; remove it with `weft lab down --name {}`", opts.name, opts.name);
     }
-    if !["file", "etcd"].contains(&opts.datastore.as_str()) {
-        bail!("--datastore {}: file or etcd", opts.datastore);
+    if !["file", "etcd", "kube"].contains(&opts.datastore.as_str()) {
+        bail!("--datastore {}: file, etcd or kube", opts.datastore);
     }
-    let mut lab = Lab { opts: opts.clone(), nodes: plan(opts)?, dir: Path::new(STATE_ROOT).join(&opts.name) };
+    let mut lab =
+        Lab { opts: opts.clone(), nodes: plan(opts)?, dir: Path::new(STATE_ROOT).join(&opts.name), kube: None };
     match build(&mut lab) {
         Ok(()) => Ok(lab),
         Err(e) => {
@@ -414,6 +420,16 @@ fn build(lab: &mut Lab) -> anyhow::Result<()> {
             }
             Ok(())
         })?;
+    } else if lab.opts.datastore == "kube" {
+        let kube = kube::start(lab)?;
+        // A kernel Flannel node's lease exists only as the annotations
+        // flanneld writes on its Node.
+        for n in lab.nodes.iter().filter(|n| n.kind != NodeKind::Weft) {
+            if let Some(lease) = ds.leases.get(&n.key) {
+                kube.annotate_as_flannel(&n.ns, lease)?;
+            }
+        }
+        lab.kube = Some(std::sync::Arc::new(kube));
     } else {
         std::fs::write(&ds_path, ds.to_json())?;
     }
@@ -421,6 +437,13 @@ fn build(lab: &mut Lab) -> anyhow::Result<()> {
         start_agent(lab, n, &ds_path)?;
     }
     wait_ready(lab, Duration::from_secs(20))?;
+    if let Some(kube) = lab.kube.clone() {
+        // The agents announced their VTEP MACs and keys: learn them.
+        for n in lab.nodes.iter_mut().filter(|n| n.kind == NodeKind::Weft) {
+            let lease = kube.lease_of(&n.ns, &ds.config)?;
+            learn(n, &lease);
+        }
+    }
     if lab.opts.datastore == "etcd" {
         // The agents chose their subnets; learn them, and their VTEP MACs.
         let leases = lab.with_etcd(|store| Ok(store.leases()?.leases))?;
@@ -431,15 +454,7 @@ fn build(lab: &mut Lab) -> anyhow::Result<()> {
                 .find(|(_, l)| l.public_ips().any(|a| ips.contains(&a)))
                 .with_context(|| format!("no lease in etcd for {}", n.ns))?;
             n.key = *key;
-            if let Ok(d) = lease.vxlan_data(false) {
-                n.mac = d.vtep_mac;
-            }
-            if let Ok(d) = lease.vxlan_data(true) {
-                n.mac6 = d.vtep_mac;
-            }
-            if let Ok(d) = lease.wireguard_data(false) {
-                n.wg_public = Some(d.public_key);
-            }
+            learn(n, lease);
         }
     }
     for n in &lab.nodes {
@@ -458,6 +473,32 @@ fn build(lab: &mut Lab) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What a node's own lease says that the lab did not choose: its VTEP MACs
+/// and WireGuard key.
+fn learn(n: &mut Node, lease: &Lease) {
+    if let Ok(d) = lease.vxlan_data(false) {
+        n.mac = d.vtep_mac;
+    }
+    if let Ok(d) = lease.vxlan_data(true) {
+        n.mac6 = d.vtep_mac;
+    }
+    if let Ok(d) = lease.wireguard_data(false) {
+        n.wg_public = Some(d.public_key);
+    }
+}
+
+/// Gives the underlay bridge its own address (`.254`, or `fd77::fe` in an
+/// IPv6-only lab), where the lab's services (etcd, the API server) listen.
+fn underlay_service_address(lab: &Lab) -> anyhow::Result<()> {
+    let ul = format!("{}-ul", lab.opts.name);
+    if lab.opts.cluster_v4().is_some() {
+        ip(&["-n", &ul, "addr", "replace", "192.168.77.254/24", "dev", "br0"])?;
+    } else {
+        ip(&["-n", &ul, "addr", "replace", "fd77::fe/64", "dev", "br0", "nodad"])?;
+    }
+    ip(&["-n", &ul, "link", "set", "lo", "up"])
+}
+
 /// The lab's etcd client URL: an address of the underlay bridge.
 pub fn etcd_url(lab: &Lab) -> String {
     if lab.opts.cluster_v4().is_some() {
@@ -472,12 +513,7 @@ pub fn etcd_url(lab: &Lab) -> String {
 fn start_etcd(lab: &Lab) -> anyhow::Result<()> {
     let ul = format!("{}-ul", lab.opts.name);
     let url = etcd_url(lab);
-    if lab.opts.cluster_v4().is_some() {
-        ip(&["-n", &ul, "addr", "replace", "192.168.77.254/24", "dev", "br0"])?;
-    } else {
-        ip(&["-n", &ul, "addr", "replace", "fd77::fe/64", "dev", "br0", "nodad"])?;
-    }
-    ip(&["-n", &ul, "link", "set", "lo", "up"])?;
+    underlay_service_address(lab)?;
     let data = lab.dir.join("etcd");
     let log = std::fs::OpenOptions::new().create(true).append(true).open(lab.dir.join("etcd.log"))?;
     let peer = "http://127.0.0.1:2380";
@@ -699,6 +735,10 @@ fn start_agent(lab: &Lab, n: &Node, ds_path: &Path) -> anyhow::Result<()> {
         "etcd" => {
             let _ = writeln!(cfg, "etcd-endpoints: {}", etcd_url(lab));
         }
+        "kube" => {
+            let kubeconfig = lab.dir.join("kubeconfig.yaml");
+            let _ = writeln!(cfg, "kube-subnet-mgr: true\nkubeconfig: {}", kubeconfig.display());
+        }
         _ => {
             let _ = writeln!(cfg, "datastore-file: {}", ds_path.display());
         }
@@ -819,7 +859,7 @@ impl Lab {
     /// Starts a node's agent again with its config and waits until it is ready.
     pub fn restart_agent(&self, n: &Node) -> anyhow::Result<()> {
         start_agent(self, n, &self.dir.join("datastore.json"))?;
-        let one = Lab { opts: self.opts.clone(), nodes: vec![n.clone()], dir: self.dir.clone() };
+        let one = Lab { opts: self.opts.clone(), nodes: vec![n.clone()], dir: self.dir.clone(), kube: self.kube.clone() };
         wait_ready(&one, Duration::from_secs(15))
     }
 

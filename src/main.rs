@@ -53,8 +53,9 @@ struct LabArgs {
     /// Service network(s), K3s style; checked against the pod networks.
     #[arg(long)]
     service_cidr: Option<String>,
-    /// Where leases live: file (a static datastore) or etcd (a server the lab runs).
-    #[arg(long, default_value = "file", value_parser = ["file", "etcd"])]
+    /// Where leases live: file (a static datastore), etcd (a server the lab runs) or kube (Node
+    /// annotations in an API server stand-in the lab runs).
+    #[arg(long, default_value = "file", value_parser = ["file", "etcd", "kube"])]
     datastore: String,
     /// Node subnet size for IPv4.
     #[arg(long, default_value_t = 24)]

@@ -1,0 +1,302 @@
+//! The Kubernetes subnet manager against the API server stand-in
+//! (`weft::apiserver`), on loopback. No real kube-apiserver can be installed
+//! on these machines; the stand-in speaks the API server's HTTP contract for
+//! Nodes (list with resourceVersion, watch streams with bookmarks, `410
+//! Gone`, strategic-merge patches on `nodes/status`, a bearer token over
+//! TLS), and the client on the other side is kube-rs, as in the agent.
+//! The Node objects are shaped as a real cluster returns them
+//! (tests/fixtures/kube/).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use weft::apiserver::ApiServer;
+use weft::config::AgentConfig;
+use weft::datastore::StaticDatastore;
+use weft::kube::{self, KubeSource};
+use weft::lease::Update;
+
+const TOKEN: &str = "test-token";
+
+struct Setup {
+    api: ApiServer,
+    dir: tempdir::Dir,
+}
+
+mod tempdir {
+    /// A directory removed when dropped.
+    pub struct Dir(pub std::path::PathBuf);
+    impl Dir {
+        pub fn new(tag: &str) -> Dir {
+            static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+            let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let p = std::env::temp_dir().join(format!("weft-kube-{}-{tag}-{n}", std::process::id()));
+            std::fs::create_dir_all(&p).unwrap();
+            Dir(p)
+        }
+    }
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+fn setup(tag: &str) -> Setup {
+    let api = ApiServer::start(None, SocketAddr::from(([127, 0, 0, 1], 0)), TOKEN).unwrap();
+    Setup { api, dir: tempdir::Dir::new(tag) }
+}
+
+fn fixture(name: &str) -> Value {
+    let path = format!("{}/tests/fixtures/kube/{name}", env!("CARGO_MANIFEST_DIR"));
+    serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
+}
+
+/// A Node as a kubelet registers it, with the pod CIDR the controller
+/// manager assigned (or none).
+fn bare_node(name: &str, ip: &str, pod_cidr: Option<&str>) -> Value {
+    let mut n = json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}},
+        "spec": {},
+        "status": {
+            "addresses": [{"type": "InternalIP", "address": ip}],
+            "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady"}],
+        },
+    });
+    if let Some(c) = pod_cidr {
+        n["spec"] = json!({"podCIDR": c, "podCIDRs": [c]});
+    }
+    n
+}
+
+impl Setup {
+    fn config(&self, node: &str, ip: &str, token: &str) -> (AgentConfig, KubeSource) {
+        let kc = self.dir.0.join(format!("{node}-{token}.yaml"));
+        std::fs::write(&kc, self.api.kubeconfig_yaml(token)).unwrap();
+        let pairs: BTreeMap<String, String> = [
+            ("node-name", node),
+            ("node-ip", ip),
+            ("cluster-cidr", "10.42.0.0/16"),
+            ("kube-subnet-mgr", "true"),
+            ("kubeconfig", kc.to_str().unwrap()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let cfg = AgentConfig::from_pairs(&pairs).unwrap();
+        let weft::config::DatastoreSource::Kube(src) = cfg.datastore.clone() else { panic!("kube datastore") };
+        (cfg, src)
+    }
+}
+
+/// The keeper running on its thread, with its views.
+struct Running {
+    views: crossbeam_channel::Receiver<Update>,
+    up: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Running {
+    fn start(keeper: kube::Keeper) -> Running {
+        let (tx, views) = crossbeam_channel::unbounded();
+        let up = Arc::new(AtomicBool::new(false));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (u, s) = (up.clone(), stop.clone());
+        let thread = Some(std::thread::spawn(move || keeper.keep(tx, u, s)));
+        Running { views, up, stop, thread }
+    }
+
+    /// Waits for a view that satisfies `ok`.
+    fn wait_view(&self, what: &str, limit: Duration, ok: impl Fn(&StaticDatastore) -> bool) -> StaticDatastore {
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.views.recv_timeout(left) {
+                Ok(Update::View(v)) if ok(&v) => return v,
+                Ok(_) => {}
+                Err(_) => panic!("no view where {what} within {limit:?}"),
+            }
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.stop.store(true, Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn keys(v: &StaticDatastore) -> Vec<String> {
+    v.leases.keys().map(|k| k.to_string()).collect()
+}
+
+fn annotation(api: &ApiServer, node: &str, name: &str) -> Option<String> {
+    api.node(node)?["metadata"]["annotations"][kube::annotation(name)].as_str().map(String::from)
+}
+
+#[test]
+fn the_lease_is_the_pod_cidr_written_as_flannel_annotations_and_kernel_flannel_nodes_are_peers() {
+    let s = setup("a");
+    s.api.create_node(fixture("node-kernel-flannel.json")).unwrap();
+    s.api.create_node(bare_node("n1", "192.168.77.1", Some("10.42.1.0/24"))).unwrap();
+    let (mut cfg, src) = s.config("n1", "192.168.77.1", TOKEN);
+    let (keeper, view) = kube::start(&mut cfg, &src, None).unwrap();
+    let kernel = kube::node_lease(&serde_json::from_value(fixture("node-kernel-flannel.json")).unwrap(), &view.config)
+        .unwrap()
+        .expect("the fixture is a kernel Flannel node");
+    assert!(view.leases.contains_key(&kernel.0), "{:?}", keys(&view));
+    assert!(keys(&view).contains(&"10.42.1.0-24".to_string()), "{:?}", keys(&view));
+    assert_eq!(annotation(&s.api, "n1", kube::KUBE_MANAGED).as_deref(), Some("true"));
+    assert_eq!(annotation(&s.api, "n1", kube::BACKEND_TYPE).as_deref(), Some("vxlan"));
+    assert_eq!(annotation(&s.api, "n1", kube::PUBLIC_IP).as_deref(), Some("192.168.77.1"));
+    let data: Value = serde_json::from_str(&annotation(&s.api, "n1", kube::BACKEND_DATA).unwrap()).unwrap();
+    assert_eq!(data["VNI"], 1);
+    assert!(data["VtepMAC"].as_str().is_some_and(|m| m.len() == 17), "{data}");
+    // Written through the status subresource, as Flannel does.
+    assert!(s.api.requests().iter().any(|r| r.0 == "patch" && r.2 == "status"), "{:?}", s.api.requests());
+    drop(keeper);
+}
+
+#[test]
+fn the_network_is_marked_available_once_the_data_path_is_up() {
+    let s = setup("c");
+    s.api.create_node(bare_node("n1", "192.168.77.1", Some("10.42.1.0/24"))).unwrap();
+    let (mut cfg, src) = s.config("n1", "192.168.77.1", TOKEN);
+    let (keeper, _) = kube::start(&mut cfg, &src, None).unwrap();
+    let r = Running::start(keeper);
+    let condition = || {
+        let n = s.api.node("n1").unwrap();
+        n["status"]["conditions"].as_array().into_iter().flatten().find(|c| c["type"] == "NetworkUnavailable").cloned()
+    };
+    std::thread::sleep(Duration::from_millis(700));
+    assert_eq!(condition(), None, "not before the data path is up");
+    r.up.store(true, Relaxed);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while condition().is_none() {
+        assert!(Instant::now() < deadline, "NetworkUnavailable set within 5 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let c = condition().unwrap();
+    assert_eq!((c["status"].as_str(), c["reason"].as_str()), (Some("False"), Some("FlannelIsUp")));
+    // The kubelet's own condition is kept: conditions merge by type.
+    let n = s.api.node("n1").unwrap();
+    let ready = n["status"]["conditions"].as_array().into_iter().flatten().find(|c| c["type"] == "Ready");
+    assert_eq!(ready.and_then(|c| c["status"].as_str()), Some("True"), "{n}");
+}
+
+#[test]
+fn start_waits_for_the_controller_manager_to_assign_a_pod_cidr() {
+    let s = setup("w");
+    s.api.create_node(bare_node("n1", "192.168.77.1", None)).unwrap();
+    let (mut cfg, src) = s.config("n1", "192.168.77.1", TOKEN);
+    let t = std::thread::spawn(move || kube::start(&mut cfg, &src, None).map(|(_, v)| keys(&v)));
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(!t.is_finished(), "start must wait while no pod CIDR is assigned");
+    assert_eq!(annotation(&s.api, "n1", kube::KUBE_MANAGED), None, "nothing announced without a subnet");
+    s.api.patch_node("n1", json!({"spec": {"podCIDR": "10.42.7.0/24", "podCIDRs": ["10.42.7.0/24"]}}), false).unwrap();
+    let keys = t.join().unwrap().unwrap();
+    assert_eq!(keys, vec!["10.42.7.0-24".to_string()]);
+}
+
+#[test]
+fn a_bad_token_is_refused_at_start_not_waited_on() {
+    let s = setup("t");
+    s.api.create_node(bare_node("n1", "192.168.77.1", Some("10.42.1.0/24"))).unwrap();
+    let (mut cfg, src) = s.config("n1", "192.168.77.1", "wrong-token");
+    let started = Instant::now();
+    let e = kube::start(&mut cfg, &src, None).expect_err("a bad token is refused");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert!(format!("{e:#}").contains("credentials"), "{e:#}");
+}
+
+#[test]
+fn peers_come_and_go_with_the_watch_and_a_410_or_an_outage_is_caught_up() {
+    let s = setup("p");
+    s.api.create_node(bare_node("n1", "192.168.77.1", Some("10.42.1.0/24"))).unwrap();
+    let (mut cfg, src) = s.config("n1", "192.168.77.1", TOKEN);
+    let (keeper, first) = kube::start(&mut cfg, &src, None).unwrap();
+    assert_eq!(keys(&first), vec!["10.42.1.0-24"]);
+    let r = Running::start(keeper);
+    let mut peer = fixture("node-kernel-flannel.json");
+    let peer_name = peer["metadata"]["name"].as_str().unwrap().to_string();
+    s.api.create_node(peer.clone()).unwrap();
+    let kernel_key = {
+        let n = serde_json::from_value(peer.clone()).unwrap();
+        kube::node_lease(&n, &first.config).unwrap().unwrap().0
+    };
+    r.wait_view("the new peer is in", Duration::from_secs(10), |v| v.leases.contains_key(&kernel_key));
+    // Its public address changes: the view follows.
+    let moved = json!({"metadata": {"annotations": {kube::annotation(kube::PUBLIC_IP): "192.168.77.99"}}});
+    s.api.patch_node(&peer_name, moved, true).unwrap();
+    r.wait_view("the peer moved", Duration::from_secs(10), |v| {
+        v.leases.get(&kernel_key).is_some_and(|l| l.public_ip == Some("192.168.77.99".parse().unwrap()))
+    });
+    // An outage with a change the watch misses, then the history before
+    // it compacted: the watcher gets 410 Gone, lists again, catches up.
+    s.api.pause();
+    std::thread::sleep(Duration::from_secs(2));
+    s.api.resume().unwrap();
+    s.api.delete_node(&peer_name).unwrap();
+    s.api.compact();
+    r.wait_view("the deleted peer is gone", Duration::from_secs(15), |v| !v.leases.contains_key(&kernel_key));
+    peer["metadata"]["name"] = json!("k-late");
+    peer["spec"] = json!({"podCIDR": "10.42.9.0/24", "podCIDRs": ["10.42.9.0/24"]});
+    s.api.create_node(peer).unwrap();
+    let v = r.wait_view("a node added after the outage", Duration::from_secs(15), |v| {
+        v.leases.keys().any(|k| k.to_string() == "10.42.9.0-24")
+    });
+    assert!(keys(&v).contains(&"10.42.1.0-24".to_string()), "our own lease stays in the view");
+    // A Node whose annotations lost our lease (restored from a backup, an
+    // operator's edit) gets them back.
+    let wipe = json!({"metadata": {"annotations": {kube::annotation(kube::BACKEND_DATA): null}}});
+    s.api.patch_node("n1", wipe, true).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while annotation(&s.api, "n1", kube::BACKEND_DATA).is_none() {
+        assert!(Instant::now() < deadline, "annotations written back within 10 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn the_cluster_role_covers_every_call_the_agent_makes_and_nothing_more() {
+    let s = setup("r");
+    s.api.create_node(bare_node("n1", "192.168.77.1", Some("10.42.1.0/24"))).unwrap();
+    s.api.create_node(bare_node("n2", "192.168.77.2", Some("10.42.2.0/24"))).unwrap();
+    let (mut cfg, src) = s.config("n1", "192.168.77.1", TOKEN);
+    let (keeper, _) = kube::start(&mut cfg, &src, None).unwrap();
+    let r = Running::start(keeper);
+    r.up.store(true, Relaxed);
+    // Every path the agent has: start, watch, a peer change, the condition,
+    // and writing its annotations back.
+    s.api.patch_node("n2", json!({"metadata": {"labels": {"x": "y"}}}), false).unwrap();
+    let wipe = json!({"metadata": {"annotations": {kube::annotation(kube::PUBLIC_IP): null}}});
+    s.api.patch_node("n1", wipe, true).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let n = s.api.node("n1").unwrap();
+        let cond = n["status"]["conditions"].as_array().into_iter().flatten().any(|c| c["type"] == "NetworkUnavailable");
+        if cond && annotation(&s.api, "n1", kube::PUBLIC_IP).is_some() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the agent did all its calls within 10 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(r);
+    let manifest = std::fs::read_to_string(format!("{}/deploy/weft.yaml", env!("CARGO_MANIFEST_DIR"))).unwrap();
+    let rules = weft::apiserver::cluster_role_rules(&manifest, "weft").unwrap();
+    let made = s.api.requests();
+    for req in &made {
+        assert!(weft::apiserver::allows(&rules, &req.0, &req.1, &req.2), "the ClusterRole refuses {req:?}");
+    }
+    let unused = weft::apiserver::unused(&rules, &made);
+    assert!(unused.is_empty(), "the ClusterRole grants what the agent never uses: {unused:?}");
+}
