@@ -859,7 +859,8 @@ impl Lab {
     /// Starts a node's agent again with its config and waits until it is ready.
     pub fn restart_agent(&self, n: &Node) -> anyhow::Result<()> {
         start_agent(self, n, &self.dir.join("datastore.json"))?;
-        let one = Lab { opts: self.opts.clone(), nodes: vec![n.clone()], dir: self.dir.clone(), kube: self.kube.clone() };
+        let one =
+            Lab { opts: self.opts.clone(), nodes: vec![n.clone()], dir: self.dir.clone(), kube: self.kube.clone() };
         wait_ready(&one, Duration::from_secs(15))
     }
 

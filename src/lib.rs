@@ -4,6 +4,7 @@
 
 pub mod agent;
 pub mod alloc;
+pub mod apiserver;
 pub mod bench;
 pub mod cluster;
 pub mod cni;

@@ -242,12 +242,15 @@ fn peers_come_and_go_with_the_watch_and_a_410_or_an_outage_is_caught_up() {
     });
     // An outage with a change the watch misses, then the history before
     // it compacted: the watcher gets 410 Gone, lists again, catches up.
+    let lists = || s.api.requests().iter().filter(|r| r.0 == "list").count();
+    let lists_before = lists();
     s.api.pause();
-    std::thread::sleep(Duration::from_secs(2));
-    s.api.resume().unwrap();
     s.api.delete_node(&peer_name).unwrap();
     s.api.compact();
+    std::thread::sleep(Duration::from_secs(2));
+    s.api.resume().unwrap();
     r.wait_view("the deleted peer is gone", Duration::from_secs(15), |v| !v.leases.contains_key(&kernel_key));
+    assert!(lists() > lists_before, "the watch from before the compaction got 410 and the watcher listed again");
     peer["metadata"]["name"] = json!("k-late");
     peer["spec"] = json!({"podCIDR": "10.42.9.0/24", "podCIDRs": ["10.42.9.0/24"]});
     s.api.create_node(peer).unwrap();
@@ -283,7 +286,8 @@ fn the_cluster_role_covers_every_call_the_agent_makes_and_nothing_more() {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let n = s.api.node("n1").unwrap();
-        let cond = n["status"]["conditions"].as_array().into_iter().flatten().any(|c| c["type"] == "NetworkUnavailable");
+        let cond =
+            n["status"]["conditions"].as_array().into_iter().flatten().any(|c| c["type"] == "NetworkUnavailable");
         if cond && annotation(&s.api, "n1", kube::PUBLIC_IP).is_some() {
             break;
         }
@@ -299,4 +303,44 @@ fn the_cluster_role_covers_every_call_the_agent_makes_and_nothing_more() {
     }
     let unused = weft::apiserver::unused(&rules, &made);
     assert!(unused.is_empty(), "the ClusterRole grants what the agent never uses: {unused:?}");
+}
+
+#[test]
+fn the_manifest_deploys_what_the_agent_needs_and_no_more() {
+    use serde::Deserialize as _;
+    let text = std::fs::read_to_string(format!("{}/deploy/weft.yaml", env!("CARGO_MANIFEST_DIR"))).unwrap();
+    let docs: Vec<serde_yaml::Value> =
+        serde_yaml::Deserializer::from_str(&text).map(|d| serde_yaml::Value::deserialize(d).unwrap()).collect();
+    let kinds: Vec<&str> = docs.iter().filter_map(|d| d["kind"].as_str()).collect();
+    assert_eq!(kinds, ["ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ConfigMap", "DaemonSet"]);
+    let by_kind = |k: &str| docs.iter().find(|d| d["kind"].as_str() == Some(k)).unwrap();
+    let ds = &by_kind("DaemonSet")["spec"]["template"]["spec"];
+    assert_eq!(ds["serviceAccountName"], by_kind("ServiceAccount")["metadata"]["name"]);
+    assert_eq!(by_kind("ClusterRoleBinding")["subjects"][0]["name"], by_kind("ServiceAccount")["metadata"]["name"]);
+    assert_eq!(by_kind("ClusterRoleBinding")["roleRef"]["name"], by_kind("ClusterRole")["metadata"]["name"]);
+    assert_eq!(ds["hostNetwork"].as_bool(), Some(true));
+    let agent = &ds["containers"][0];
+    assert_eq!(agent["securityContext"]["privileged"].as_bool(), Some(false));
+    let caps: Vec<&str> = agent["securityContext"]["capabilities"]["add"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .filter_map(|c| c.as_str())
+        .collect();
+    assert_eq!(caps, ["NET_ADMIN", "NET_RAW"]);
+    let env: Vec<&str> = agent["env"].as_sequence().unwrap().iter().filter_map(|e| e["name"].as_str()).collect();
+    assert!(env.contains(&"NODE_NAME"), "{env:?}");
+    // The ConfigMap's files: Flannel's net-conf.json, a CNI conflist, and
+    // an agent config this weft accepts.
+    let data = &by_kind("ConfigMap")["data"];
+    let net = weft::datastore::NetworkConfig::parse(data["net-conf.json"].as_str().unwrap().as_bytes()).unwrap();
+    assert_eq!(net.network, Some("10.42.0.0/16".parse().unwrap()));
+    let cni: Value = serde_json::from_str(data["cni-conf.json"].as_str().unwrap()).unwrap();
+    assert_eq!(cni["plugins"][0]["type"], "flannel");
+    let mut pairs = AgentConfig::pairs_from_yaml(data["config.yaml"].as_str().unwrap()).unwrap();
+    pairs.insert("node-ip".into(), "192.168.1.10".into());
+    let cfg = AgentConfig::from_pairs(&pairs).unwrap();
+    assert!(matches!(cfg.datastore, weft::config::DatastoreSource::Kube(KubeSource { kubeconfig: None, .. })));
+    let rules = weft::apiserver::cluster_role_rules(&text, "weft").unwrap();
+    assert_eq!(rules.len(), 2);
 }

@@ -18,7 +18,6 @@ use super::{Lab, Node};
 use crate::apiserver::ApiServer;
 use crate::datastore::{Lease, SubnetKey};
 
-
 /// The API server's port (kube-apiserver's secure port).
 pub const API_PORT: u16 = 6443;
 
