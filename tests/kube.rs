@@ -344,3 +344,47 @@ fn the_manifest_deploys_what_the_agent_needs_and_no_more() {
     let rules = weft::apiserver::cluster_role_rules(&text, "weft").unwrap();
     assert_eq!(rules.len(), 2);
 }
+
+/// The stand-in itself, through kube-rs's client: the parts of the
+/// contract the agent does not exercise on its own.
+#[test]
+fn the_stand_in_speaks_the_patch_types_status_semantics_and_bookmarks() {
+    use ::kube::api::{Api, Patch, PatchParams, WatchEvent, WatchParams};
+    use futures::StreamExt;
+    use k8s_openapi::api::core::v1::Node;
+    let s = setup("s");
+    s.api.create_node(bare_node("n1", "192.168.77.1", Some("10.42.1.0/24"))).unwrap();
+    let kc = s.dir.0.join("kc.yaml");
+    std::fs::write(&kc, s.api.kubeconfig_yaml(TOKEN)).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let kc = ::kube::config::Kubeconfig::read_from(&kc).unwrap();
+        let cfg = ::kube::Config::from_custom_kubeconfig(kc, &Default::default()).await.unwrap();
+        let api: Api<Node> = Api::all(::kube::Client::try_from(cfg).unwrap());
+        let pp = PatchParams::default();
+        // JSON merge patch of the Node: labels change, status does not.
+        let p = json!({"metadata": {"labels": {"a": "b"}}, "status": {"addresses": []}});
+        let n = api.patch("n1", &pp, &Patch::Merge(p)).await.unwrap();
+        assert_eq!(n.metadata.labels.unwrap()["a"], "b");
+        assert_eq!(n.status.unwrap().addresses.unwrap().len(), 1, "a patch of the Node leaves its status");
+        // JSON patch through status: the spec does not change.
+        let ops: json_patch::Patch = serde_json::from_value(json!([
+            {"op": "add", "path": "/metadata/annotations", "value": {"x": "1"}},
+            {"op": "replace", "path": "/spec/podCIDR", "value": "10.42.99.0/24"}
+        ]))
+        .unwrap();
+        let n = api.patch_status("n1", &pp, &Patch::<()>::Json(ops)).await.unwrap();
+        assert_eq!(n.metadata.annotations.unwrap()["x"], "1");
+        assert_eq!(n.spec.unwrap().pod_cidr.as_deref(), Some("10.42.1.0/24"), "a status patch leaves the spec");
+        // A watch with bookmarks gets one while nothing changes.
+        let rv = api.get("n1").await.unwrap().metadata.resource_version.unwrap();
+        let mut w = api.watch(&WatchParams::default().timeout(5), &rv).await.unwrap().boxed();
+        let ev = tokio::time::timeout(Duration::from_secs(4), w.next()).await.expect("an event within 4 s");
+        assert!(matches!(ev, Some(Ok(WatchEvent::Bookmark(_)))), "{ev:?}");
+        // Unknown Nodes are 404, as the real server answers.
+        match api.get("nope").await {
+            Err(::kube::Error::Api(e)) => assert_eq!(e.code, 404),
+            other => panic!("{other:?}"),
+        }
+    });
+}
