@@ -14,6 +14,7 @@ pub mod etcd;
 pub mod keys;
 pub mod lab;
 pub mod lease;
+pub mod masq;
 pub mod metrics;
 pub mod netns;
 pub mod standalone;
