@@ -13,8 +13,10 @@
 //! The lab writes the static datastore, starts one `weft agent` per node,
 //! checks pod-to-pod reachability (ping every pair on different nodes, a
 //! SHA-256-verified TCP transfer both ways between the first and the last
-//! node) and reads every agent's counters. Everything it creates carries the
-//! lab's name as prefix, so [`down`] removes it all, also after a crash.
+//! node), checks masquerade against a server in `<name>-inet` (a namespace
+//! outside the cluster on the underlay bridge) and reads every agent's
+//! counters. Everything it creates carries the lab's name as prefix, so
+//! [`down`] removes it all, also after a crash.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
