@@ -6,7 +6,7 @@
 //! subnets into it, writes `subnet.env`, and serves metrics. SIGHUP re-reads
 //! the datastore and applies only the difference (routes and peers of
 //! unchanged nodes are left alone, so their traffic never stops); SIGTERM
-//! removes the routes and the device and exits.
+//! removes the routes, the device and the masquerade table, and exits.
 //!
 //! What to change is computed in pure code ([`desired`], [`route_changes`]);
 //! the netlink calls that apply it are a thin layer after.
@@ -212,6 +212,19 @@ pub fn routes_for(backend: &str, d: &Desired, tun: u32, local: &[LocalAddr]) -> 
     Ok(routes)
 }
 
+/// The families whose pod traffic this node masquerades (pure): IPv4 with
+/// `ip-masq` (default on), IPv6 when `flannel-ipv6-masq` is on too; none
+/// with the backend `none` (no Flannel data plane, as in K3s). Each with the
+/// datastore's network and this node's subnet of that family.
+pub fn masq_nets(cfg: &AgentConfig, d: &Desired) -> Vec<crate::masq::MasqNet> {
+    if !cfg.ip_masq || cfg.cluster.backend == Backend::None {
+        return Vec::new();
+    }
+    let v4 = d.network.zip(d.own_key.v4.map(IpNet::V4));
+    let v6 = d.ipv6_network.zip(d.own_key.v6.map(IpNet::V6)).filter(|_| cfg.cluster.ipv6_masq);
+    v4.into_iter().chain(v6).map(|(cluster, subnet)| crate::masq::MasqNet { cluster, subnet }).collect()
+}
+
 /// This node's interface addresses.
 pub fn local_addrs() -> anyhow::Result<Vec<LocalAddr>> {
     let mut out = Vec::new();
@@ -389,11 +402,20 @@ pub fn run(mut cfg: AgentConfig) -> anyhow::Result<()> {
             nl.add_address(tun, addr).context("addressing the TUN device")?;
         }
     }
+    // One transaction either way: it installs weft's table, replacing the
+    // one a killed run left, or removes such a stale table when off.
+    let masq_rules = crate::masq::plan(&masq_nets(&cfg, &want));
+    match crate::masq::apply(&masq_rules) {
+        Ok(()) if masq_rules.is_empty() => {}
+        Ok(()) => tracing::info!(rules = masq_rules.len(), table = crate::masq::TABLE, "masquerade installed"),
+        Err(e) if masq_rules.is_empty() => tracing::debug!(error = %e, "no stale masquerade table removed"),
+        Err(e) => return Err(e).context("installing the masquerade rules (config key `ip-masq`)"),
+    }
     let mut routed = routes_for(cfg.backend(), &want, tun, &local)?;
     for r in &routed {
         nl.replace_route(r).with_context(|| format!("adding the route to {}", r.dst))?;
     }
-    let env = subnet_env(want.network, &want.own_key, want.ipv6_network, mtu, false);
+    let env = subnet_env(want.network, &want.own_key, want.ipv6_network, mtu, !masq_rules.is_empty());
     write_subnet_env(&cfg, &env)?;
     state.ready.store(true, Relaxed);
     data_path_up.store(true, Relaxed);
@@ -433,6 +455,11 @@ pub fn run(mut cfg: AgentConfig) -> anyhow::Result<()> {
     for r in &routed {
         if let Err(e) = nl.delete_route(r) {
             tracing::warn!(route = %r.dst, error = %e, "removing route");
+        }
+    }
+    if !masq_rules.is_empty() {
+        if let Err(e) = crate::masq::remove() {
+            tracing::warn!(error = %e, "removing the masquerade table");
         }
     }
     if let Some(engine) = engine {
@@ -661,6 +688,32 @@ mod tests {
         let c = cfg_with("192.168.77.1", &[("cluster-cidr", "10.42.0.0/16")]);
         let e = desired(&c, &ds("")).unwrap_err().to_string();
         assert!(e.contains("cluster-cidr") && e.contains("10.244.0.0/16"), "{e}");
+    }
+
+    #[test]
+    fn masquerade_follows_ip_masq_and_flannel_ipv6_masq() {
+        let json = r#"{"config":{"Network":"10.244.0.0/16","IPv6Network":"fd00::/56","EnableIPv6":true,"Backend":{"Type":"vxlan"}},"subnets":{
+            "10.244.1.0-24&fd00:0:0:1::-64":{"PublicIP":"192.168.77.1","PublicIPv6":"fd77::1","BackendType":"vxlan",
+                "BackendData":{"VNI":1,"VtepMAC":"0a:58:0a:f4:01:00"},"BackendV6Data":{"VNI":1,"VtepMAC":"0a:58:0a:f4:01:06"}}}}"#;
+        let ds = StaticDatastore::parse(json.as_bytes()).unwrap();
+        let dual = [("cluster-cidr", "10.244.0.0/16,fd00::/56"), ("service-cidr", "10.96.0.0/16,fd01::/112")];
+        let c = cfg_with("192.168.77.1,fd77::1", &dual);
+        let nets = masq_nets(&c, &desired(&c, &ds).unwrap());
+        assert_eq!(
+            nets,
+            vec![crate::masq::MasqNet {
+                cluster: "10.244.0.0/16".parse().unwrap(),
+                subnet: "10.244.1.0/24".parse().unwrap()
+            }],
+            "IPv4 by default, IPv6 only when asked"
+        );
+        let c = cfg_with("192.168.77.1,fd77::1", &[dual[0], dual[1], ("flannel-ipv6-masq", "true")]);
+        let nets = masq_nets(&c, &desired(&c, &ds).unwrap());
+        assert_eq!(nets.len(), 2);
+        assert_eq!(nets[1].subnet, "fd00:0:0:1::/64".parse::<IpNet>().unwrap());
+        let c =
+            cfg_with("192.168.77.1,fd77::1", &[dual[0], dual[1], ("flannel-ipv6-masq", "true"), ("ip-masq", "false")]);
+        assert!(masq_nets(&c, &desired(&c, &ds).unwrap()).is_empty(), "ip-masq: false turns both off");
     }
 
     #[test]

@@ -38,6 +38,7 @@ pub const AGENT_KEYS: &[(&str, &str)] = &[
     ("offload-udp-gso", "UDP_SEGMENT sends on the underlay (default true)"),
     ("offload-udp-gro", "UDP_GRO receives on the underlay (default true)"),
     ("busy-poll-us", "microseconds a worker keeps polling after its last packet before it sleeps (default 0: off)"),
+    ("ip-masq", "masquerade IPv4 pod traffic leaving the cluster, in nftables table inet weft (default true)"),
 ];
 
 /// Backends this build runs.
@@ -89,6 +90,9 @@ pub struct AgentConfig {
     pub offloads: weft_engine::Offloads,
     /// `busy-poll-us`.
     pub busy_poll_us: u32,
+    /// `ip-masq`: masquerade pod traffic leaving the cluster (IPv6 too
+    /// with `flannel-ipv6-masq`).
+    pub ip_masq: bool,
 }
 
 impl AgentConfig {
@@ -236,6 +240,7 @@ impl AgentConfig {
         };
         let busy_poll_us =
             parse_num("busy-poll-us", get("busy-poll-us"), weft_engine::DEFAULT_BUSY_POLL_US, 0, 10_000)?;
+        let ip_masq = parse_bool("ip-masq", get("ip-masq"), true)?;
         let subnet_file = PathBuf::from(get("subnet-file").unwrap_or("/run/flannel/subnet.env"));
         let node_name = match get("node-name") {
             Some(v) => v.to_string(),
@@ -261,6 +266,7 @@ impl AgentConfig {
             wg_key_file: PathBuf::from(get("wireguard-key-file").unwrap_or("/var/lib/weft/wireguard.key")),
             offloads,
             busy_poll_us,
+            ip_masq,
         })
     }
 }
@@ -418,6 +424,17 @@ mod tests {
         assert_eq!(parse(GOOD).unwrap().busy_poll_us, weft_engine::DEFAULT_BUSY_POLL_US);
         assert_eq!(parse(&format!("{GOOD}busy-poll-us: 0\n")).unwrap().busy_poll_us, 0);
         assert_eq!(parse(&format!("{GOOD}busy-poll-us: 250\n")).unwrap().busy_poll_us, 250);
+    }
+
+    #[test]
+    fn ip_masq_defaults_on_and_refuses_other_values() {
+        assert!(parse(GOOD).unwrap().ip_masq);
+        assert!(!parse(&format!("{GOOD}ip-masq: false\n")).unwrap().ip_masq);
+        assert!(parse(&format!("{GOOD}ip-masq: true\n")).unwrap().ip_masq);
+        for bad in ["yes", "0", "off"] {
+            let e = refused(&format!("{GOOD}ip-masq: {bad}\n"));
+            assert_eq!((e.key.as_str(), e.value.as_str(), e.accepted.as_str()), ("ip-masq", bad, "true or false"));
+        }
     }
 
     #[test]

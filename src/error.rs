@@ -53,3 +53,27 @@ pub enum DatastoreError {
         accepted: String,
     },
 }
+
+/// Why weft's nftables table could not be installed or removed.
+#[derive(Debug, thiserror::Error)]
+pub enum MasqError {
+    /// `nft` refused the transaction; nothing of it was applied.
+    #[error("nft refused the transaction for table inet weft: {}", .stderr.trim())]
+    Refused {
+        /// What `nft` said.
+        stderr: String,
+    },
+    /// `nft` (Debian package `nftables`) could not be run, or answered
+    /// something unreadable.
+    #[error("running nft (Debian package nftables) for table inet weft: {0}")]
+    Nft(nftables::helper::NftablesError),
+}
+
+impl From<nftables::helper::NftablesError> for MasqError {
+    fn from(e: nftables::helper::NftablesError) -> Self {
+        match e {
+            nftables::helper::NftablesError::NftFailed { stderr, .. } => MasqError::Refused { stderr },
+            other => MasqError::Nft(other),
+        }
+    }
+}

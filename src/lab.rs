@@ -13,8 +13,10 @@
 //! The lab writes the static datastore, starts one `weft agent` per node,
 //! checks pod-to-pod reachability (ping every pair on different nodes, a
 //! SHA-256-verified TCP transfer both ways between the first and the last
-//! node) and reads every agent's counters. Everything it creates carries the
-//! lab's name as prefix, so [`down`] removes it all, also after a crash.
+//! node), checks masquerade against a server in `<name>-inet` (a namespace
+//! outside the cluster on the underlay bridge) and reads every agent's
+//! counters. Everything it creates carries the lab's name as prefix, so
+//! [`down`] removes it all, also after a crash.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -51,6 +53,15 @@ const TRANSFER_STALL: Duration = Duration::from_secs(60);
 pub const ETCD_PORT: u16 = 2379;
 /// Port the TCP check listens on inside the receiving pod.
 const TRANSFER_PORT: u16 = 5201;
+/// Port of the masquerade checks' TCP server (in the internet namespace
+/// or in a pod), which answers with the peer address it saw.
+const SOURCE_PORT: u16 = 5202;
+/// The internet namespace's IPv4 address: outside the node range and every
+/// pod network (TEST-NET-3), on the underlay bridge.
+pub const INTERNET_V4: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
+/// The internet namespace's IPv6 address (documentation range), when the
+/// lab has an IPv6 underlay.
+pub const INTERNET_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x77, 0, 0, 0, 0, 1);
 /// Where Debian's containernetworking-plugins live.
 pub const CNI_PATH: &str = "/usr/lib/cni";
 
@@ -107,6 +118,10 @@ pub struct LabOptions {
     pub node_mask_v4: u8,
     /// See `node_mask_v4`.
     pub node_mask_v6: u8,
+    /// The agents' `ip-masq` (default true).
+    pub ip_masq: bool,
+    /// The agents' `flannel-ipv6-masq` when the lab has IPv6 (default true).
+    pub ipv6_masq: bool,
 }
 
 impl LabOptions {
@@ -129,7 +144,15 @@ impl LabOptions {
             datastore: "file".into(),
             node_mask_v4: 24,
             node_mask_v6: 64,
+            ip_masq: true,
+            ipv6_masq: true,
         }
+    }
+
+    /// Whether the weft nodes masquerade pod traffic of a family leaving
+    /// the cluster (never with the backend `none`).
+    pub fn masquerades(&self, v6: bool) -> bool {
+        self.ip_masq && self.backend != "none" && (!v6 || (self.ipv6_masq && self.cluster_v6().is_some()))
     }
 
     fn cluster_v4(&self) -> Option<Ipv4Net> {
@@ -390,6 +413,7 @@ pub(crate) fn build_underlay(lab: &Lab) -> anyhow::Result<()> {
 
 fn build(lab: &mut Lab) -> anyhow::Result<()> {
     build_underlay(lab)?;
+    build_internet(lab)?;
     if lab.opts.backend == "wireguard-native" {
         // Each node's key, made as the agent would make it; the static
         // datastore announces the public halves (with etcd, the agents'
@@ -497,6 +521,45 @@ fn underlay_service_address(lab: &Lab) -> anyhow::Result<()> {
         ip(&["-n", &ul, "addr", "replace", "fd77::fe/64", "dev", "br0", "nodad"])?;
     }
     ip(&["-n", &ul, "link", "set", "lo", "up"])
+}
+
+/// The namespace standing for the world outside the cluster.
+pub fn internet_ns(lab: &Lab) -> String {
+    format!("{}-inet", lab.opts.name)
+}
+
+/// The internet namespace's addresses, IPv4 first: one per underlay family.
+pub fn internet_ips(lab: &Lab) -> Vec<IpAddr> {
+    let v4 = lab.opts.cluster_v4().map(|_| IpAddr::V4(INTERNET_V4));
+    let v6 = lab.opts.cluster_v6().map(|_| IpAddr::V6(INTERNET_V6));
+    v4.into_iter().chain(v6).collect()
+}
+
+/// The internet namespace `<name>-inet`, on the underlay bridge with
+/// addresses outside the node range; every node and it reach each other
+/// on-link. It is outside the cluster: traffic from pods must reach it
+/// masqueraded.
+fn build_internet(lab: &Lab) -> anyhow::Result<()> {
+    let (ul, inet) = (format!("{}-ul", lab.opts.name), internet_ns(lab));
+    ip(&["netns", "add", &inet])?;
+    ip(&["-n", &ul, "link", "add", "inet", "type", "veth", "peer", "name", "eth0", "netns", &inet])?;
+    ip(&["-n", &ul, "link", "set", "inet", "master", "br0", "up"])?;
+    ip(&["-n", &inet, "link", "set", "lo", "up"])?;
+    ip(&["-n", &inet, "link", "set", "eth0", "mtu", &UNDERLAY_MTU.to_string(), "up"])?;
+    for a in internet_ips(lab) {
+        let (own, nodes) = match a {
+            IpAddr::V4(a) => (format!("{a}/24"), "192.168.77.0/24"),
+            IpAddr::V6(a) => (format!("{a}/64"), "fd77::/64"),
+        };
+        let nodad: &[&str] = if a.is_ipv6() { &["nodad"] } else { &[] };
+        ip(&[&["-n", &inet, "addr", "add", &own, "dev", "eth0"][..], nodad].concat())?;
+        ip(&["-n", &inet, "route", "add", nodes, "dev", "eth0"])?;
+        let outside = IpNet::new(a, if a.is_ipv6() { 64 } else { 24 })?.trunc().to_string();
+        for n in &lab.nodes {
+            ip(&["-n", &n.ns, "route", "add", &outside, "dev", "eth0"])?;
+        }
+    }
+    Ok(())
 }
 
 /// The lab's etcd client URL: an address of the underlay bridge.
@@ -752,6 +815,12 @@ fn start_agent(lab: &Lab, n: &Node, ds_path: &Path) -> anyhow::Result<()> {
     if let Some(us) = lab.opts.busy_poll_us {
         let _ = writeln!(cfg, "busy-poll-us: {us}");
     }
+    if !o.ip_masq {
+        let _ = writeln!(cfg, "ip-masq: false");
+    }
+    if o.ipv6_masq && o.cluster_v6().is_some() && o.backend != "none" {
+        let _ = writeln!(cfg, "flannel-ipv6-masq: true");
+    }
     std::fs::write(&cfg_path, cfg)?;
     let log = std::fs::File::create(lab.dir.join(format!("n{}.log", n.index)))?;
     let cfg_s = cfg_path.display().to_string();
@@ -903,12 +972,53 @@ impl Lab {
             let bytes = self.opts.transfer_mib << 20;
             checks.push(transfer_check(first, last, v6, bytes));
             checks.push(transfer_check(last, first, v6, bytes));
+            checks.extend(self.masquerade_checks(v6));
         }
         if self.opts.backend == "wireguard-native" {
             checks.push(self.underlay_check());
         }
         for n in self.weft_nodes() {
             checks.push(self.counter_check(n));
+        }
+        checks
+    }
+
+    /// The masquerade rows of family `v6`: a pod of every weft node reaches
+    /// the internet namespace, whose server must see the node's underlay
+    /// address; and a pod of the last node reaches a pod of the first,
+    /// which must see the true pod address.
+    pub fn masquerade_checks(&self, v6: bool) -> Vec<Check> {
+        let mut checks = Vec::new();
+        let inet = internet_ips(self).into_iter().find(|a| a.is_ipv6() == v6);
+        if let (true, Some(inet)) = (self.opts.masquerades(v6), inet) {
+            for n in self.weft_nodes() {
+                let pod = &n.pods[0];
+                let Some(from) = pod.ip(v6) else { continue };
+                let name = format!("masquerade {from} -> internet {inet}");
+                let want = n.ips().into_iter().find(|a| a.is_ipv6() == v6);
+                checks.push(match source_seen(&pod.ns, &internet_ns(self), inet) {
+                    Ok(seen) if Some(seen) == want => {
+                        Check { name, passed: true, detail: format!("server saw {seen}, the address of {}", n.ns) }
+                    }
+                    Ok(seen) => Check {
+                        name,
+                        passed: false,
+                        detail: format!("server saw {seen}, not {} of {}", fmt_opt(want), n.ns),
+                    },
+                    Err(e) => Check { name, passed: false, detail: format!("{e:#}") },
+                });
+            }
+        }
+        let (a, b) = (&self.nodes[self.nodes.len() - 1].pods[0], &self.nodes[0].pods[0]);
+        if let (Some(from), Some(to)) = (a.ip(v6), b.ip(v6)) {
+            let name = format!("true source {from} -> {to}");
+            checks.push(match source_seen(&a.ns, &b.ns, to) {
+                Ok(seen) if seen == from => {
+                    Check { name, passed: true, detail: format!("pod saw {seen}: not masqueraded") }
+                }
+                Ok(seen) => Check { name, passed: false, detail: format!("pod saw {seen}, not the pod's {from}") },
+                Err(e) => Check { name, passed: false, detail: format!("{e:#}") },
+            });
         }
         checks
     }
@@ -1040,6 +1150,61 @@ impl Lab {
         }
         out
     }
+}
+
+fn fmt_opt(a: Option<IpAddr>) -> String {
+    a.map(|a| a.to_string()).unwrap_or_else(|| "(none)".into())
+}
+
+/// Connects from namespace `client` to a one-shot TCP server in namespace
+/// `server` at `to`; returns the peer address the server saw (which it
+/// also sends back, and the client must agree).
+pub fn source_seen(client: &str, server: &str, to: IpAddr) -> anyhow::Result<IpAddr> {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let listener = netns::spawn_in_netns(server, move || -> anyhow::Result<IpAddr> {
+        let any: IpAddr = if to.is_ipv6() { Ipv6Addr::UNSPECIFIED.into() } else { Ipv4Addr::UNSPECIFIED.into() };
+        let l = TcpListener::bind((any, SOURCE_PORT)).context("binding the source check's server")?;
+        l.set_nonblocking(true)?;
+        let _ = ready_tx.send(());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let (mut s, peer) = loop {
+            match l.accept() {
+                Ok(a) => break a,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                Err(e) => return Err(e).context("no connection reached the source check's server"),
+            }
+        };
+        let seen = peer.ip().to_canonical();
+        s.set_nonblocking(false)?;
+        s.write_all(seen.to_string().as_bytes())?;
+        Ok(seen)
+    })?;
+    ready_rx.recv_timeout(Duration::from_secs(5)).context("the source check's server did not start")?;
+    let dst = SocketAddr::new(to, SOURCE_PORT);
+    let told = netns::in_netns(client, move || -> anyhow::Result<String> {
+        let mut last = None;
+        // A few tries: the first SYN may wait for neighbour resolution.
+        for _ in 0..3 {
+            match TcpStream::connect_timeout(&dst, Duration::from_secs(3)) {
+                Ok(mut s) => {
+                    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+                    let mut out = String::new();
+                    s.read_to_string(&mut out)?;
+                    return Ok(out);
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(anyhow::anyhow!("connecting to {dst}: {}", last.map(|e| e.to_string()).unwrap_or_default()))
+    })?;
+    let seen = listener.join().map_err(|_| anyhow::anyhow!("the source check's server panicked"))??;
+    let told = told?;
+    if told.trim() != seen.to_string() {
+        bail!("the server saw {seen} but told the client `{told}`");
+    }
+    Ok(seen)
 }
 
 fn ping_check(a: &Pod, b: &Pod, v6: bool) -> Check {

@@ -16,6 +16,7 @@ pub mod keys;
 pub mod kube;
 pub mod lab;
 pub mod lease;
+pub mod masq;
 pub mod metrics;
 pub mod netns;
 pub mod standalone;

@@ -81,6 +81,12 @@ struct LabArgs {
     /// Size of the TCP check, in MiB.
     #[arg(long, default_value_t = 64)]
     transfer_mib: usize,
+    /// The agents' `ip-masq`: masquerade pod traffic leaving the cluster.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    ip_masq: bool,
+    /// The agents' `flannel-ipv6-masq`, when the lab has IPv6.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    flannel_ipv6_masq: bool,
 }
 
 #[derive(Subcommand)]
@@ -194,6 +200,8 @@ fn run_lab(l: LabArgs) -> anyhow::Result<ExitCode> {
             .collect::<anyhow::Result<_>>()?;
     }
     opts.datastore = l.datastore;
+    opts.ip_masq = l.ip_masq;
+    opts.ipv6_masq = l.flannel_ipv6_masq;
 
     // Ctrl-C or SIGTERM: remove everything, then leave.
     let name = opts.name.clone();

@@ -397,7 +397,7 @@ fn sigterm_removes_routes_and_the_device() {
     let env = std::fs::read_to_string(lab.dir.join("n1-subnet.env")).unwrap();
     assert_eq!(
         env,
-        "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.1.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n"
+        "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.1.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n"
     );
 }
 
@@ -486,7 +486,7 @@ fn dual_stack_vxlan_lab_carries_both_families_both_ways() {
     assert_eq!(
         env,
         "FLANNEL_NETWORK=10.42.0.0/16\nFLANNEL_SUBNET=10.42.2.1/24\nFLANNEL_IPV6_NETWORK=2001:cafe:42::/56\n\
-         FLANNEL_IPV6_SUBNET=2001:cafe:42:2::1/64\nFLANNEL_MTU=1430\nFLANNEL_IPMASQ=false\n"
+         FLANNEL_IPV6_SUBNET=2001:cafe:42:2::1/64\nFLANNEL_MTU=1430\nFLANNEL_IPMASQ=true\n"
     );
 }
 
