@@ -250,8 +250,8 @@ pub fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let mut keeper = None;
     let ds = match &cfg.datastore {
         DatastoreSource::File(path) => StaticDatastore::load(path)?,
-        DatastoreSource::Etcd { endpoints, prefix } => {
-            let (store, view, held, revision) = lease::start(&cfg, endpoints, prefix, wg_public)?;
+        DatastoreSource::Etcd { endpoints, prefix, security } => {
+            let (store, view, held, revision) = lease::start(&cfg, endpoints, prefix, security, wg_public)?;
             let (utx, urx) = crossbeam_channel::unbounded();
             let stop = keeper_stop.clone();
             let first = view.clone();

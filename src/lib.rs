@@ -11,6 +11,8 @@ pub mod config;
 pub mod datastore;
 pub mod error;
 pub mod etcd;
+pub mod etcd_certs;
+pub mod etcd_tls;
 pub mod keys;
 pub mod lab;
 pub mod lease;

@@ -56,6 +56,12 @@ struct LabArgs {
     /// Where leases live: file (a static datastore) or etcd (a server the lab runs).
     #[arg(long, default_value = "file", value_parser = ["file", "etcd"])]
     datastore: String,
+    /// With --datastore etcd: etcd over TLS with client certificates (made for the lab).
+    #[arg(long)]
+    etcd_tls: bool,
+    /// With --datastore etcd: etcd with user root, a password and authentication on.
+    #[arg(long)]
+    etcd_auth: bool,
     /// Node subnet size for IPv4.
     #[arg(long, default_value_t = 24)]
     node_cidr_mask_size_ipv4: u8,
@@ -193,6 +199,8 @@ fn run_lab(l: LabArgs) -> anyhow::Result<ExitCode> {
             .collect::<anyhow::Result<_>>()?;
     }
     opts.datastore = l.datastore;
+    opts.etcd_tls = l.etcd_tls;
+    opts.etcd_auth = l.etcd_auth;
 
     // Ctrl-C or SIGTERM: remove everything, then leave.
     let name = opts.name.clone();
