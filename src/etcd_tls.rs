@@ -177,11 +177,16 @@ impl EtcdSecurity {
 
 /// The TLS files, read and checked.
 pub struct TlsMaterial {
-    /// The CA file's bytes and certificates.
-    ca: Option<(Vec<u8>, Vec<CertificateDer<'static>>)>,
-    /// The client certificate file and key file: bytes and parsed.
-    identity: Option<((Vec<u8>, Vec<CertificateDer<'static>>), (Vec<u8>, PrivateKeyDer<'static>))>,
+    /// The CA file.
+    ca: Option<Certs>,
+    /// The client certificate file and key file.
+    identity: Option<(Certs, Key)>,
 }
+
+/// A certificate file's bytes (for the gRPC client) and certificates.
+type Certs = (Vec<u8>, Vec<CertificateDer<'static>>);
+/// A key file's bytes and key.
+type Key = (Vec<u8>, PrivateKeyDer<'static>);
 
 impl std::fmt::Debug for TlsMaterial {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -345,7 +350,7 @@ fn host_port(endpoint: &str) -> Option<(&str, u16)> {
 }
 
 /// The certificates of a PEM file, with the file's bytes.
-fn read_certificates(file: TlsFile, path: &Path) -> Result<(Vec<u8>, Vec<CertificateDer<'static>>), TlsFileError> {
+fn read_certificates(file: TlsFile, path: &Path) -> Result<Certs, TlsFileError> {
     let err = |reason| TlsFileError { file, path: path.to_path_buf(), reason };
     let bytes = std::fs::read(path).map_err(|e| err(PemReason::Unreadable(e)))?;
     let certs = CertificateDer::pem_slice_iter(&bytes)
@@ -362,7 +367,7 @@ fn read_certificates(file: TlsFile, path: &Path) -> Result<(Vec<u8>, Vec<Certifi
 }
 
 /// The private key of `etcd-keyfile`, with the file's bytes.
-fn read_private_key(path: &Path) -> Result<(Vec<u8>, PrivateKeyDer<'static>), TlsFileError> {
+fn read_private_key(path: &Path) -> Result<Key, TlsFileError> {
     let err = |reason| TlsFileError { file: TlsFile::Key, path: path.to_path_buf(), reason };
     let bytes = std::fs::read(path).map_err(|e| err(PemReason::Unreadable(e)))?;
     match PrivateKeyDer::from_pem_slice(&bytes) {
