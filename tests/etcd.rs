@@ -374,3 +374,29 @@ fn tls_etcd_takes_its_certificates_and_refuses_others_without_calling_it_an_outa
         EtcdStore::connect_with(&etcd.endpoints(), DEFAULT_PREFIX, TIMEOUT, &security(&certs, &certs)).unwrap_err();
     assert!(matches!(err, StoreError::Unavailable { .. }), "{err:?}");
 }
+
+#[test]
+fn a_user_survives_token_expiry_and_a_wrong_password_is_an_auth_refusal() {
+    // Tokens that live one second: the store must authenticate again by
+    // itself, as it would every 5 minutes with etcd's default.
+    let etcd = EtcdServer::start_with_flags(&["--auth-token-ttl=1"]);
+    etcd.enable_auth("pw-for-test");
+    let user =
+        |pw: &str| EtcdSecurity { username: Some("root".into()), password: Some(pw.into()), ..EtcdSecurity::default() };
+    let store = EtcdStore::connect_with(&etcd.endpoints(), DEFAULT_PREFIX, TIMEOUT, &user("pw-for-test")).unwrap();
+    let k = key("10.244.1.0-24");
+    let id = store.create_lease(&k, &lease([192, 168, 77, 1], 1), DAY).unwrap().unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(store.leases().unwrap().leases.contains_key(&k), "listing after the token expired");
+    assert!(store.renew(id).unwrap() > Duration::from_secs(3600), "renewal after the token expired");
+
+    match EtcdStore::connect_with(&etcd.endpoints(), DEFAULT_PREFIX, TIMEOUT, &user("wrong")) {
+        Err(StoreError::Auth { user, .. }) => assert_eq!(user, "root"),
+        other => panic!("wrong password: {other:?}"),
+    }
+    // No user at all: etcd says no, which is not an outage.
+    match EtcdStore::connect(&etcd.endpoints(), DEFAULT_PREFIX, TIMEOUT) {
+        Err(StoreError::Refused { .. }) => {}
+        other => panic!("no user: {other:?}"),
+    }
+}
