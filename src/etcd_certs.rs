@@ -53,19 +53,24 @@ pub struct EtcdCerts {
 }
 
 impl EtcdCerts {
+    /// Where [`EtcdCerts::make`] puts the files in `dir`.
+    pub fn in_dir(dir: &Path) -> EtcdCerts {
+        EtcdCerts {
+            ca: dir.join("ca.pem"),
+            server_cert: dir.join("server.pem"),
+            server_key: dir.join("server-key.pem"),
+            client_cert: dir.join("client.pem"),
+            client_key: dir.join("client-key.pem"),
+        }
+    }
+
     /// Makes a CA named `ca_name`, a server certificate for `server_ip`
     /// (and 127.0.0.1, so that tools on the same host reach it too) and a
     /// client certificate, and writes them into `dir` (created if needed).
     pub fn make(dir: &Path, ca_name: &str, server_ip: IpAddr) -> Result<EtcdCerts, CertError> {
         std::fs::create_dir_all(dir).map_err(|source| CertError::Write { path: dir.to_path_buf(), source })?;
         let ca = make_ca(ca_name)?;
-        let certs = EtcdCerts {
-            ca: dir.join("ca.pem"),
-            server_cert: dir.join("server.pem"),
-            server_key: dir.join("server-key.pem"),
-            client_cert: dir.join("client.pem"),
-            client_key: dir.join("client-key.pem"),
-        };
+        let certs = EtcdCerts::in_dir(dir);
         write(&certs.ca, ca.pem().as_bytes(), 0o644)?;
 
         let mut sans = vec![server_ip.to_string()];

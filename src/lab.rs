@@ -500,14 +500,7 @@ fn etcd_ip(lab: &Lab) -> IpAddr {
 
 /// The lab's etcd certificates (with `etcd_tls`), in `<lab dir>/etcd-tls`.
 pub fn etcd_certs(lab: &Lab) -> crate::etcd_certs::EtcdCerts {
-    let d = lab.dir.join("etcd-tls");
-    crate::etcd_certs::EtcdCerts {
-        ca: d.join("ca.pem"),
-        server_cert: d.join("server.pem"),
-        server_key: d.join("server-key.pem"),
-        client_cert: d.join("client.pem"),
-        client_key: d.join("client-key.pem"),
-    }
+    crate::etcd_certs::EtcdCerts::in_dir(&lab.dir.join("etcd-tls"))
 }
 
 /// The user the lab's etcd knows with `etcd_auth`.
@@ -600,8 +593,8 @@ fn start_etcd(lab: &Lab) -> anyhow::Result<()> {
         let c = etcd_certs(lab);
         // Made once per lab: a restarted etcd keeps its certificates.
         if !c.ca.exists() {
-            let dir = c.ca.parent().unwrap_or(&lab.dir);
-            crate::etcd_certs::EtcdCerts::make(dir, &format!("{} lab CA", lab.opts.name), etcd_ip(lab))?;
+            let dir = lab.dir.join("etcd-tls");
+            crate::etcd_certs::EtcdCerts::make(&dir, &format!("{} lab CA", lab.opts.name), etcd_ip(lab))?;
         }
         tls.push(format!("--cert-file={}", c.server_cert.display()));
         tls.push(format!("--key-file={}", c.server_key.display()));
