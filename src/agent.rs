@@ -267,8 +267,8 @@ pub fn run(mut cfg: AgentConfig) -> anyhow::Result<()> {
     let (utx, urx) = crossbeam_channel::unbounded();
     let ds = match cfg.datastore.clone() {
         DatastoreSource::File(path) => StaticDatastore::load(&path)?,
-        DatastoreSource::Etcd { endpoints, prefix } => {
-            let (store, view, held, revision) = lease::start(&cfg, &endpoints, &prefix, wg_public)?;
+        DatastoreSource::Etcd { endpoints, prefix, security } => {
+            let (store, view, held, revision) = lease::start(&cfg, &endpoints, &prefix, &security, wg_public)?;
             let stop = keeper_stop.clone();
             let first = view.clone();
             keeper = Some(

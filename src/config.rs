@@ -11,6 +11,7 @@ use std::path::PathBuf;
 
 use crate::cluster::{Backend, ClusterConfig};
 use crate::error::ConfigError;
+use crate::etcd_tls::EtcdSecurity;
 
 /// The agent's own keys; the cluster-shape keys are [`crate::cluster::KEYS`].
 pub const AGENT_KEYS: &[(&str, &str)] = &[
@@ -32,6 +33,11 @@ pub const AGENT_KEYS: &[(&str, &str)] = &[
         "net-config-path",
         "with kube-subnet-mgr: Flannel's net-conf.json (default: from cluster-cidr and flannel-backend)",
     ),
+    ("etcd-cafile", "etcd over https://: PEM file of the CA that signed etcd's server certificate"),
+    ("etcd-certfile", "etcd over https://: PEM file of the client certificate (with etcd-keyfile)"),
+    ("etcd-keyfile", "etcd over https://: PEM file of the client certificate's private key"),
+    ("etcd-username", "etcd user (with etcd-password)"),
+    ("etcd-password", "password of etcd-username"),
     ("subnet-file", "where subnet.env is written (default /run/flannel/subnet.env)"),
     ("wireguard-key-file", "WireGuard private key, created on first start (default /var/lib/weft/wireguard.key)"),
     ("offload-tun", "TUN offloads: super-packet reads and coalesced writes (default true)"),
@@ -55,6 +61,8 @@ pub enum DatastoreSource {
         endpoints: Vec<String>,
         /// Key prefix.
         prefix: String,
+        /// TLS files and user (`etcd-cafile`, ..., `etcd-password`).
+        security: EtcdSecurity,
     },
     /// The Kubernetes API: the Node objects (Flannel's `--kube-subnet-mgr`).
     Kube(crate::kube::KubeSource),
@@ -192,6 +200,11 @@ impl AgentConfig {
             })?),
             None => Some(SocketAddr::from(([127, 0, 0, 1], 9464))),
         };
+        if get("etcd-endpoints").is_none() {
+            if let Some(k) = ETCD_ACCESS_KEYS.iter().find(|k| get(k).is_some()) {
+                return Err(ConfigError::new(k, shown(k, get(k)), "only with etcd-endpoints"));
+            }
+        }
         let kube = parse_bool("kube-subnet-mgr", get("kube-subnet-mgr"), false)?;
         for key in ["kubeconfig", "net-config-path"] {
             if let (Some(v), false) = (get(key), kube) {
@@ -213,14 +226,21 @@ impl AgentConfig {
             (Some(f), None) => DatastoreSource::File(PathBuf::from(f)),
             (None, Some(e)) => {
                 let endpoints: Vec<String> = e.split(',').map(|s| s.trim().to_string()).collect();
-                if endpoints.iter().any(|u| !u.starts_with("http://") || u.len() <= "http://".len()) {
-                    return Err(ConfigError::new("etcd-endpoints", e, "http:// client URLs, comma separated"));
+                let scheme = |s: &str| endpoints.iter().all(|u| u.starts_with(s) && u.len() > s.len());
+                let https = scheme("https://");
+                if !https && !scheme("http://") {
+                    return Err(ConfigError::new(
+                        "etcd-endpoints",
+                        e,
+                        "http:// or https:// client URLs, comma separated, all of one scheme",
+                    ));
                 }
                 let prefix = get("etcd-prefix").unwrap_or("/coreos.com/network").trim_end_matches('/').to_string();
                 if !prefix.starts_with('/') {
                     return Err(ConfigError::new("etcd-prefix", &prefix, "a key prefix starting with '/'"));
                 }
-                DatastoreSource::Etcd { endpoints, prefix }
+                let security = etcd_security(&get, https)?;
+                DatastoreSource::Etcd { endpoints, prefix, security }
             }
             (Some(_), Some(e)) => {
                 return Err(ConfigError::new("etcd-endpoints", e, "either datastore-file or etcd-endpoints, not both"))
@@ -271,6 +291,78 @@ impl AgentConfig {
     }
 }
 
+/// The keys of etcd's TLS files and user, Flannel's names.
+const ETCD_ACCESS_KEYS: &[&str] = &["etcd-cafile", "etcd-certfile", "etcd-keyfile", "etcd-username", "etcd-password"];
+
+/// A value as it may appear in a refusal: never the password.
+fn shown(key: &str, v: Option<&str>) -> String {
+    match (key, v) {
+        ("etcd-password", Some(_)) => "(hidden)".into(),
+        (_, v) => v.unwrap_or("").to_string(),
+    }
+}
+
+/// The etcd TLS files and user, checked against each other and against the
+/// endpoints' scheme; the files are read and must hold what they are for.
+fn etcd_security<'a>(get: &impl Fn(&str) -> Option<&'a str>, https: bool) -> Result<EtcdSecurity, ConfigError> {
+    let path = |k: &str| get(k).map(PathBuf::from);
+    let sec = EtcdSecurity {
+        ca_file: path("etcd-cafile"),
+        cert_file: path("etcd-certfile"),
+        key_file: path("etcd-keyfile"),
+        username: get("etcd-username").map(str::to_string),
+        password: get("etcd-password").map(str::to_string),
+    };
+    if !https {
+        if let Some(k) = ["etcd-cafile", "etcd-certfile", "etcd-keyfile"].into_iter().find(|k| get(k).is_some()) {
+            return Err(ConfigError::new(k, shown(k, get(k)), "TLS files only with https:// etcd-endpoints"));
+        }
+    }
+    if https && sec.ca_file.is_none() {
+        return Err(ConfigError::new(
+            "etcd-cafile",
+            "",
+            "the PEM file of the CA that signed etcd's server certificate (required with https:// etcd-endpoints)",
+        ));
+    }
+    match (&sec.cert_file, &sec.key_file) {
+        (Some(_), None) => {
+            return Err(ConfigError::new("etcd-keyfile", "", "the private key of etcd-certfile (required with it)"))
+        }
+        (None, Some(_)) => {
+            return Err(ConfigError::new(
+                "etcd-certfile",
+                "",
+                "the client certificate of etcd-keyfile (required with it)",
+            ))
+        }
+        _ => {}
+    }
+    match (&sec.username, &sec.password) {
+        (Some(_), None) => {
+            return Err(ConfigError::new("etcd-password", "", "the password of etcd-username (required with it)"))
+        }
+        (None, Some(_)) => {
+            return Err(ConfigError::new(
+                "etcd-username",
+                "",
+                "the user whose password etcd-password is (required with it)",
+            ))
+        }
+        _ => {}
+    }
+    if let Err(e) = sec.load() {
+        return Err(tls_file_refused(&e));
+    }
+    Ok(sec)
+}
+
+/// A refused TLS file as a config refusal: its key, its path, what it must
+/// hold and what is wrong with it.
+pub fn tls_file_refused(e: &crate::etcd_tls::TlsFileError) -> ConfigError {
+    ConfigError::new(e.file.key(), e.path.display(), format!("{}; this one: {}", e.file.wanted(), e.reason))
+}
+
 fn parse_num<T>(key: &str, v: Option<&str>, default: T, min: T, max: T) -> Result<T, ConfigError>
 where
     T: std::str::FromStr + PartialOrd + std::fmt::Display + Copy,
@@ -298,6 +390,7 @@ fn yaml_text(v: &serde_yaml::Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     fn parse(yaml: &str) -> Result<AgentConfig, ConfigError> {
         AgentConfig::from_pairs(&AgentConfig::pairs_from_yaml(yaml)?)
@@ -335,7 +428,11 @@ mod tests {
         assert_eq!(c.subnet_file, PathBuf::from("s.env"));
         assert_eq!(
             c.datastore,
-            DatastoreSource::Etcd { endpoints: vec!["http://127.0.0.1:2379".into()], prefix: "/weft/network".into() }
+            DatastoreSource::Etcd {
+                endpoints: vec!["http://127.0.0.1:2379".into()],
+                prefix: "/weft/network".into(),
+                security: EtcdSecurity::default(),
+            }
         );
     }
 
@@ -455,5 +552,132 @@ mod tests {
         assert_eq!(refused("- a\n- b\n").key, "(file)");
         assert_eq!(refused("node-ip: {a: 1}\n").key, "node-ip");
         assert_eq!(refused("{{{").key, "(file)");
+    }
+
+    /// A temporary directory with the lab's kind of certificates, removed on drop.
+    struct Certs {
+        dir: PathBuf,
+        certs: crate::etcd_certs::EtcdCerts,
+    }
+
+    impl Drop for Certs {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    fn certs(tag: &str) -> Certs {
+        let dir = std::env::temp_dir().join(format!("weft-config-{}-{tag}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let certs = crate::etcd_certs::EtcdCerts::make(&dir, "test CA", IpAddr::from([127, 0, 0, 1])).unwrap();
+        Certs { dir, certs }
+    }
+
+    const ETCD_TLS: &str = "node-ip: 10.0.0.1\netcd-endpoints: https://127.0.0.1:2379,https://127.0.0.2:2379\n";
+
+    fn tls_yaml(c: &Certs) -> String {
+        format!(
+            "{ETCD_TLS}etcd-cafile: {}\netcd-certfile: {}\netcd-keyfile: {}\n",
+            c.certs.ca.display(),
+            c.certs.client_cert.display(),
+            c.certs.client_key.display()
+        )
+    }
+
+    #[test]
+    fn etcd_tls_files_and_user_are_read() {
+        let c = certs("good");
+        let cfg = parse(&format!("{}etcd-username: root\netcd-password: pw\n", tls_yaml(&c))).unwrap();
+        let DatastoreSource::Etcd { endpoints, security, .. } = cfg.datastore else { panic!("etcd") };
+        assert_eq!(endpoints, ["https://127.0.0.1:2379", "https://127.0.0.2:2379"]);
+        assert_eq!(security.ca_file.as_ref(), Some(&c.certs.ca));
+        assert_eq!(security.cert_file.as_ref(), Some(&c.certs.client_cert));
+        assert_eq!(security.key_file.as_ref(), Some(&c.certs.client_key));
+        assert_eq!((security.username.as_deref(), security.password.as_deref()), (Some("root"), Some("pw")));
+        // Server TLS only, without a client certificate.
+        let cfg = parse(&format!("{ETCD_TLS}etcd-cafile: {}\n", c.certs.ca.display())).unwrap();
+        let DatastoreSource::Etcd { security, .. } = cfg.datastore else { panic!("etcd") };
+        assert_eq!((security.cert_file, security.key_file), (None, None));
+        // A user over plain http.
+        let cfg = parse("node-ip: 10.0.0.1\netcd-endpoints: http://h:2379\netcd-username: u\netcd-password: p\n");
+        assert!(cfg.is_ok(), "{cfg:?}");
+    }
+
+    #[test]
+    fn etcd_tls_and_user_combinations_are_refused() {
+        let c = certs("combos");
+        let (ca, cert, key) = (c.certs.ca.display(), c.certs.client_cert.display(), c.certs.client_key.display());
+        let e = refused("node-ip: 10.0.0.1\netcd-endpoints: http://a:2379,https://b:2379\n");
+        assert_eq!((e.key.as_str(), e.value.as_str()), ("etcd-endpoints", "http://a:2379,https://b:2379"));
+        assert!(e.accepted.contains("all of one scheme"), "{e}");
+        let e = refused("node-ip: 10.0.0.1\netcd-endpoints: https://\n");
+        assert_eq!(e.key, "etcd-endpoints");
+        let e = refused(ETCD_TLS);
+        assert_eq!((e.key.as_str(), e.value.as_str()), ("etcd-cafile", ""));
+        assert!(e.accepted.contains("required with https://"), "{e}");
+        let e = refused(&format!("{ETCD_TLS}etcd-cafile: {ca}\netcd-certfile: {cert}\n"));
+        assert_eq!((e.key.as_str(), e.value.as_str()), ("etcd-keyfile", ""));
+        assert!(e.accepted.contains("etcd-certfile"), "{e}");
+        let e = refused(&format!("{ETCD_TLS}etcd-cafile: {ca}\netcd-keyfile: {key}\n"));
+        assert_eq!((e.key.as_str(), e.value.as_str()), ("etcd-certfile", ""));
+        assert!(e.accepted.contains("etcd-keyfile"), "{e}");
+        let http = "node-ip: 10.0.0.1\netcd-endpoints: http://127.0.0.1:2379\n";
+        let e = refused(&format!("{http}etcd-cafile: {ca}\n"));
+        assert_eq!((e.key.as_str(), e.value.as_str()), ("etcd-cafile", ca.to_string().as_str()));
+        assert!(e.accepted.contains("only with https://"), "{e}");
+        let e = refused(&format!("{http}etcd-certfile: {cert}\netcd-keyfile: {key}\n"));
+        assert_eq!(e.key, "etcd-certfile");
+        assert!(e.accepted.contains("only with https://"), "{e}");
+        let e = refused(&format!("{http}etcd-username: root\n"));
+        assert_eq!((e.key.as_str(), e.value.as_str()), ("etcd-password", ""));
+        assert!(e.accepted.contains("etcd-username"), "{e}");
+        let e = refused(&format!("{http}etcd-password: s3cret\n"));
+        assert_eq!((e.key.as_str(), e.value.as_str()), ("etcd-username", ""));
+        let e = refused(&format!("{GOOD}etcd-password: s3cret\n"));
+        assert_eq!((e.key.as_str(), e.value.as_str()), ("etcd-password", "(hidden)"), "never echoed");
+        assert!(e.accepted.contains("only with etcd-endpoints"), "{e}");
+        let e = refused(&format!("{GOOD}etcd-cafile: {ca}\n"));
+        assert_eq!(e.key, "etcd-cafile");
+        assert!(e.accepted.contains("only with etcd-endpoints"), "{e}");
+    }
+
+    #[test]
+    fn bad_etcd_tls_files_are_refused_with_the_reason() {
+        let c = certs("files");
+        let dir = &c.dir;
+        let missing = dir.join("missing.pem");
+        let not_pem = dir.join("not.pem");
+        std::fs::write(&not_pem, "just some text\n").unwrap();
+        let broken = dir.join("broken.pem");
+        std::fs::write(&broken, "-----BEGIN CERTIFICATE-----\n!!!not base64!!!\n-----END CERTIFICATE-----\n").unwrap();
+        let garbage_der = dir.join("garbage-der.pem");
+        std::fs::write(&garbage_der, "-----BEGIN CERTIFICATE-----\nAAECAwQF\n-----END CERTIFICATE-----\n").unwrap();
+        let (ca, cert, key) = (&c.certs.ca, &c.certs.client_cert, &c.certs.client_key);
+        let yaml = |ca: &Path, cert: &Path, key: &Path| {
+            format!(
+                "{ETCD_TLS}etcd-cafile: {}\netcd-certfile: {}\netcd-keyfile: {}\n",
+                ca.display(),
+                cert.display(),
+                key.display()
+            )
+        };
+        let cases: &[(&str, String, PathBuf, &str)] = &[
+            ("etcd-cafile", yaml(&missing, cert, key), missing.clone(), "unreadable"),
+            ("etcd-cafile", yaml(&not_pem, cert, key), not_pem.clone(), "not PEM"),
+            ("etcd-cafile", yaml(&broken, cert, key), broken.clone(), "not PEM"),
+            ("etcd-cafile", yaml(key, cert, key), key.clone(), "no certificate"),
+            ("etcd-cafile", yaml(&garbage_der, cert, key), garbage_der.clone(), "refused by the TLS library"),
+            ("etcd-certfile", yaml(ca, &missing, key), missing.clone(), "unreadable"),
+            ("etcd-certfile", yaml(ca, key, key), key.clone(), "no certificate"),
+            ("etcd-keyfile", yaml(ca, cert, &not_pem), not_pem.clone(), "not PEM"),
+            ("etcd-keyfile", yaml(ca, cert, cert), cert.clone(), "no private key"),
+            ("etcd-keyfile", yaml(ca, cert, dir), dir.clone(), "unreadable"),
+        ];
+        for (k, text, path, why) in cases {
+            let e = refused(text);
+            assert_eq!((e.key.as_str(), e.value.as_str()), (*k, path.display().to_string().as_str()), "{e}");
+            assert!(e.accepted.contains(why), "{k} {}: wanted {why:?} in {e}", path.display());
+            assert!(e.accepted.contains("PEM file holding"), "says what it must hold: {e}");
+        }
     }
 }

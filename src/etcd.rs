@@ -17,9 +17,12 @@
 //! caller lists again.
 //!
 //! This module refuses to decide anything: it does not pick subnets, does not
-//! renew leases by itself and does not retry. It speaks plain `http://` only
-//! (no TLS, no authentication). Values that do not parse are reported next to
-//! the good ones, never dropped silently and never a reason to panic.
+//! renew leases by itself and does not retry. It speaks `http://`, or
+//! `https://` with the TLS files and the user of an [`EtcdSecurity`]
+//! ([`EtcdStore::connect_with`]); a TLS handshake refused or a wrong
+//! password is [`StoreError::Tls`] or [`StoreError::Auth`], never
+//! "unavailable". Values that do not parse are reported next to the good
+//! ones, never dropped silently and never a reason to panic.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -34,6 +37,7 @@ use tokio::runtime::Runtime;
 
 use crate::datastore::{Lease, NetworkConfig, SubnetKey};
 use crate::error::DatastoreError;
+use crate::etcd_tls::{EtcdSecurity, HandshakeError, TlsFileError};
 
 /// Flannel's default key prefix.
 pub const DEFAULT_PREFIX: &str = "/coreos.com/network";
@@ -53,6 +57,23 @@ pub enum StoreError {
         /// The endpoints given.
         endpoints: Vec<String>,
         /// The client's complaint.
+        source: etcd_client::Error,
+    },
+    /// A TLS file (`etcd-cafile`, `etcd-certfile`, `etcd-keyfile`) was
+    /// refused.
+    #[error(transparent)]
+    TlsFile(#[from] TlsFileError),
+    /// The TLS handshake with etcd was refused, by this side or by etcd:
+    /// the files do not fit this etcd, trying again will not help.
+    #[error("{0}")]
+    Tls(#[source] HandshakeError),
+    /// etcd refused the user and password (or has no authentication
+    /// enabled for them).
+    #[error("etcd refused authentication as user `{user}`: {source}")]
+    Auth {
+        /// The user.
+        user: String,
+        /// etcd's answer.
         source: etcd_client::Error,
     },
     /// The runtime that drives the client could not be started.
@@ -182,13 +203,45 @@ impl EtcdStore {
     /// etcd answers. `prefix` is Flannel's (`/coreos.com/network`);
     /// `timeout` bounds this call and every later one.
     pub fn connect(endpoints: &[String], prefix: &str, timeout: Duration) -> Result<Self, StoreError> {
+        Self::connect_with(endpoints, prefix, timeout, &EtcdSecurity::default())
+    }
+
+    /// [`EtcdStore::connect`] with TLS files and a user. With TLS, one trial
+    /// handshake per endpoint comes first, so that certificates that do not
+    /// fit are [`StoreError::Tls`]; a refused user is [`StoreError::Auth`].
+    pub fn connect_with(
+        endpoints: &[String],
+        prefix: &str,
+        timeout: Duration,
+        security: &EtcdSecurity,
+    ) -> Result<Self, StoreError> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("weft-etcd")
             .enable_all()
             .build()
             .map_err(StoreError::Runtime)?;
-        let options = ConnectOptions::new().with_connect_timeout(timeout).with_keep_alive(KEEPALIVE_INTERVAL, timeout);
+        let mut options =
+            ConnectOptions::new().with_connect_timeout(timeout).with_keep_alive(KEEPALIVE_INTERVAL, timeout);
+        if let Some(tls) = security.load()? {
+            let config = tls.rustls_config(security)?;
+            for e in endpoints.iter().filter(|e| e.starts_with("https://")) {
+                match rt.block_on(crate::etcd_tls::handshake(e, config.clone(), timeout)) {
+                    Ok(()) => {}
+                    Err(e @ (HandshakeError::Refused { .. } | HandshakeError::BadEndpoint(_))) => {
+                        return Err(StoreError::Tls(e))
+                    }
+                    // etcd down: the connection below says so, as without TLS.
+                    Err(HandshakeError::Unreachable { .. } | HandshakeError::Timeout { .. }) => {}
+                }
+            }
+            options = options.with_tls(tls.tonic_options());
+        }
+        if let (Some(user), Some(password)) = (&security.username, &security.password) {
+            // Tokens expire (etcd's --auth-token-ttl, 5 min by default):
+            // the client authenticates again when etcd says so.
+            options = options.with_user(user.clone(), password.clone()).with_auto_token_refresh(true);
+        }
         let client = rt
             .block_on(async { tokio::time::timeout(timeout, Client::connect(endpoints, Some(options))).await })
             .map_err(|_| StoreError::Unavailable { op: "connect", cause: Unreachable::Timeout(timeout) })?
@@ -196,7 +249,12 @@ impl EtcdStore {
                 etcd_client::Error::InvalidArgs(_) | etcd_client::Error::InvalidUri(_) => {
                     StoreError::Endpoint { endpoints: endpoints.to_vec(), source }
                 }
-                other => classify("connect", other),
+                other => match (classify("connect", other), &security.username) {
+                    // With a user, connecting authenticates: etcd's "no" is
+                    // about the user or the password.
+                    (StoreError::Refused { source, .. }, Some(user)) => StoreError::Auth { user: user.clone(), source },
+                    (e, _) => e,
+                },
             })?;
         let store = EtcdStore { rt: Arc::new(rt), client, prefix: prefix.trim_end_matches('/').to_string(), timeout };
         // The channel connects lazily: ask for something cheap so that a
@@ -516,6 +574,18 @@ fn classify(op: &'static str, e: etcd_client::Error) -> StoreError {
     const UNKNOWN: i32 = 2;
     const DEADLINE_EXCEEDED: i32 = 4;
     const UNAVAILABLE: i32 = 14;
+    // A TLS verdict (a certificate that expired or was replaced) is an
+    // answer, not an outage.
+    // (etcd_client::Error has no `source`: look inside by hand.)
+    let inner: Option<&(dyn std::error::Error + 'static)> = match &e {
+        etcd_client::Error::TransportError(t) => Some(t),
+        etcd_client::Error::GRpcStatus(s) => Some(s),
+        etcd_client::Error::IoError(i) => Some(i),
+        _ => None,
+    };
+    if inner.and_then(crate::etcd_tls::tls_error).is_some() {
+        return StoreError::Refused { op, source: e };
+    }
     let unreachable = match &e {
         etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
         etcd_client::Error::GRpcStatus(s) => match i32::from(s.code()) {

@@ -122,6 +122,14 @@ pub struct LabOptions {
     pub ip_masq: bool,
     /// The agents' `flannel-ipv6-masq` when the lab has IPv6 (default true).
     pub ipv6_masq: bool,
+    /// With `datastore: etcd`: etcd speaks TLS only and requires client
+    /// certificates (a CA, server and client certificates made for the lab);
+    /// every agent gets `etcd-cafile`, `etcd-certfile`, `etcd-keyfile`.
+    pub etcd_tls: bool,
+    /// With `datastore: etcd`: etcd has user `root` with a password and
+    /// authentication enabled; every agent gets `etcd-username`,
+    /// `etcd-password`.
+    pub etcd_auth: bool,
 }
 
 impl LabOptions {
@@ -146,6 +154,8 @@ impl LabOptions {
             node_mask_v6: 64,
             ip_masq: true,
             ipv6_masq: true,
+            etcd_tls: false,
+            etcd_auth: false,
         }
     }
 
@@ -370,6 +380,9 @@ pub fn up(opts: &LabOptions) -> anyhow::Result<Lab> {
     if !["file", "etcd", "kube"].contains(&opts.datastore.as_str()) {
         bail!("--datastore {}: file, etcd or kube", opts.datastore);
     }
+    if (opts.etcd_tls || opts.etcd_auth) && opts.datastore != "etcd" {
+        bail!("--etcd-tls and --etcd-auth need --datastore etcd");
+    }
     let mut lab =
         Lab { opts: opts.clone(), nodes: plan(opts)?, dir: Path::new(STATE_ROOT).join(&opts.name), kube: None };
     match build(&mut lab) {
@@ -428,6 +441,9 @@ fn build(lab: &mut Lab) -> anyhow::Result<()> {
     let ds_path = lab.dir.join("datastore.json");
     if lab.opts.datastore == "etcd" {
         start_etcd(lab)?;
+        if lab.opts.etcd_auth {
+            enable_etcd_auth(lab)?;
+        }
         // The operator's part: the network config, and the leases of the
         // kernel Flannel nodes written as flanneld writes them.
         let config = ds.config.clone();
@@ -564,11 +580,102 @@ fn build_internet(lab: &Lab) -> anyhow::Result<()> {
 
 /// The lab's etcd client URL: an address of the underlay bridge.
 pub fn etcd_url(lab: &Lab) -> String {
+    let scheme = if lab.opts.etcd_tls { "https" } else { "http" };
+    format!("{scheme}://{}", etcd_authority(lab))
+}
+
+/// `host:port` of the lab's etcd.
+fn etcd_authority(lab: &Lab) -> String {
     if lab.opts.cluster_v4().is_some() {
-        format!("http://192.168.77.254:{ETCD_PORT}")
+        format!("192.168.77.254:{ETCD_PORT}")
     } else {
-        format!("http://[fd77::fe]:{ETCD_PORT}")
+        format!("[fd77::fe]:{ETCD_PORT}")
     }
+}
+
+/// The address etcd's server certificate is made for.
+fn etcd_ip(lab: &Lab) -> IpAddr {
+    if lab.opts.cluster_v4().is_some() {
+        IpAddr::from([192, 168, 77, 254])
+    } else {
+        IpAddr::from([0xfd77, 0, 0, 0, 0, 0, 0, 0xfe])
+    }
+}
+
+/// The lab's etcd certificates (with `etcd_tls`), in `<lab dir>/etcd-tls`.
+pub fn etcd_certs(lab: &Lab) -> crate::etcd_certs::EtcdCerts {
+    crate::etcd_certs::EtcdCerts::in_dir(&lab.dir.join("etcd-tls"))
+}
+
+/// The user the lab's etcd knows with `etcd_auth`.
+pub const ETCD_USER: &str = "root";
+
+/// Where the lab keeps its etcd password (mode 0600).
+fn etcd_password_path(lab: &Lab) -> PathBuf {
+    lab.dir.join("etcd-password")
+}
+
+/// What a client of the lab's etcd needs: the lab's TLS files, and the user
+/// once authentication is on.
+pub fn etcd_security(lab: &Lab) -> crate::etcd_tls::EtcdSecurity {
+    let mut sec = crate::etcd_tls::EtcdSecurity::default();
+    if lab.opts.etcd_tls {
+        let c = etcd_certs(lab);
+        sec.ca_file = Some(c.ca);
+        sec.cert_file = Some(c.client_cert);
+        sec.key_file = Some(c.client_key);
+    }
+    if let Ok(pw) = std::fs::read_to_string(etcd_password_path(lab)) {
+        sec.username = Some(ETCD_USER.into());
+        sec.password = Some(pw.trim().to_string());
+    }
+    sec
+}
+
+/// Creates user `root` with a fresh password and turns authentication on,
+/// with Debian's `etcdctl` in the underlay namespace. The password file
+/// appears only once etcd requires it, so that clients before then connect
+/// without a user.
+fn enable_etcd_auth(lab: &Lab) -> anyhow::Result<()> {
+    let mut pw = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut pw))
+        .context("reading /dev/urandom")?;
+    let pw: String = pw.iter().map(|b| format!("{b:02x}")).collect();
+    let ul = format!("{}-ul", lab.opts.name);
+    let url = etcd_url(lab);
+    let mut base = vec!["netns".to_string(), "exec".into(), ul, "etcdctl".into(), format!("--endpoints={url}")];
+    if lab.opts.etcd_tls {
+        let c = etcd_certs(lab);
+        base.push(format!("--cacert={}", c.ca.display()));
+        base.push(format!("--cert={}", c.client_cert.display()));
+        base.push(format!("--key={}", c.client_key.display()));
+    }
+    let etcdctl = |args: &[&str]| -> anyhow::Result<()> {
+        let out = Command::new("ip")
+            .args(&base)
+            .args(args)
+            .env("ETCDCTL_API", "3")
+            .stdin(Stdio::null())
+            .output()
+            .context("running etcdctl (Debian package etcd-client)")?;
+        if !out.status.success() {
+            bail!("etcdctl {}: {}", args[..2].join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(())
+    };
+    etcdctl(&["user", "add", &format!("{ETCD_USER}:{pw}")])?;
+    etcdctl(&["user", "grant-role", ETCD_USER, "root"])?;
+    etcdctl(&["auth", "enable"])?;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(etcd_password_path(lab))
+        .context("writing the etcd password file")?;
+    std::io::Write::write_all(&mut f, pw.as_bytes())?;
+    Ok(())
 }
 
 /// Runs etcd in the underlay namespace, reachable from every node; its
@@ -580,12 +687,26 @@ fn start_etcd(lab: &Lab) -> anyhow::Result<()> {
     let data = lab.dir.join("etcd");
     let log = std::fs::OpenOptions::new().create(true).append(true).open(lab.dir.join("etcd.log"))?;
     let peer = "http://127.0.0.1:2380";
+    let mut tls = Vec::new();
+    if lab.opts.etcd_tls {
+        let c = etcd_certs(lab);
+        // Made once per lab: a restarted etcd keeps its certificates.
+        if !c.ca.exists() {
+            let dir = lab.dir.join("etcd-tls");
+            crate::etcd_certs::EtcdCerts::make(&dir, &format!("{} lab CA", lab.opts.name), etcd_ip(lab))?;
+        }
+        tls.push(format!("--cert-file={}", c.server_cert.display()));
+        tls.push(format!("--key-file={}", c.server_key.display()));
+        tls.push(format!("--trusted-ca-file={}", c.ca.display()));
+        tls.push("--client-cert-auth".into());
+    }
     use std::os::unix::process::CommandExt;
     let child = Command::new("ip")
         .args(["netns", "exec", &ul, "etcd", "--name", "lab", "--data-dir", &data.display().to_string()])
         .args(["--listen-client-urls", &url, "--advertise-client-urls", &url])
         .args(["--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer])
         .args(["--initial-cluster", &format!("lab={peer}")])
+        .args(&tls)
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
@@ -797,6 +918,17 @@ fn start_agent(lab: &Lab, n: &Node, ds_path: &Path) -> anyhow::Result<()> {
     match o.datastore.as_str() {
         "etcd" => {
             let _ = writeln!(cfg, "etcd-endpoints: {}", etcd_url(lab));
+            let sec = etcd_security(lab);
+            for (key, path) in
+                [("etcd-cafile", &sec.ca_file), ("etcd-certfile", &sec.cert_file), ("etcd-keyfile", &sec.key_file)]
+            {
+                if let Some(p) = path {
+                    let _ = writeln!(cfg, "{key}: {}", p.display());
+                }
+            }
+            if let (Some(u), Some(pw)) = (&sec.username, &sec.password) {
+                let _ = writeln!(cfg, "etcd-username: {u}\netcd-password: {pw}");
+            }
         }
         "kube" => {
             let kubeconfig = lab.dir.join("kubeconfig.yaml");
@@ -822,6 +954,11 @@ fn start_agent(lab: &Lab, n: &Node, ds_path: &Path) -> anyhow::Result<()> {
         let _ = writeln!(cfg, "flannel-ipv6-masq: true");
     }
     std::fs::write(&cfg_path, cfg)?;
+    if lab.opts.etcd_auth {
+        // It holds the etcd password.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&cfg_path, std::fs::Permissions::from_mode(0o600))?;
+    }
     let log = std::fs::File::create(lab.dir.join(format!("n{}.log", n.index)))?;
     let cfg_s = cfg_path.display().to_string();
     let bin = lab.opts.weft_bin.display().to_string();
@@ -898,8 +1035,14 @@ impl Lab {
         f: impl FnOnce(&crate::etcd::EtcdStore) -> anyhow::Result<T> + Send + 'static,
     ) -> anyhow::Result<T> {
         let url = etcd_url(self);
+        let sec = etcd_security(self);
         netns::in_netns(&format!("{}-ul", self.opts.name), move || {
-            let store = crate::etcd::EtcdStore::connect(&[url], crate::etcd::DEFAULT_PREFIX, Duration::from_secs(2))?;
+            let store = crate::etcd::EtcdStore::connect_with(
+                &[url],
+                crate::etcd::DEFAULT_PREFIX,
+                Duration::from_secs(2),
+                &sec,
+            )?;
             f(&store)
         })?
     }

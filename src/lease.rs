@@ -25,7 +25,9 @@ use crate::alloc;
 use crate::cluster::Backend;
 use crate::config::AgentConfig;
 use crate::datastore::{Lease, NetworkConfig, StaticDatastore, SubnetKey, VxlanData, WgData};
+use crate::error::ConfigError;
 use crate::etcd::{EtcdStore, LeaseEvent, StoreError};
+use crate::etcd_tls::{EtcdSecurity, HandshakeError, TlsFile};
 
 /// Lifetime of a subnet lease (Flannel's).
 pub const LEASE_TTL: Duration = Duration::from_secs(24 * 3600);
@@ -147,9 +149,16 @@ pub fn start(
     cfg: &AgentConfig,
     endpoints: &[String],
     prefix: &str,
+    security: &EtcdSecurity,
     wg_public: Option<[u8; 32]>,
 ) -> anyhow::Result<(Arc<EtcdStore>, StaticDatastore, Held, i64)> {
-    let store = Arc::new(EtcdStore::connect(endpoints, prefix, ETCD_TIMEOUT).context("connecting to etcd")?);
+    let store = match EtcdStore::connect_with(endpoints, prefix, ETCD_TIMEOUT, security) {
+        Ok(s) => Arc::new(s),
+        Err(e) => match refused_access(&e, security) {
+            Some(refusal) => return Err(refusal.into()),
+            None => return Err(e).context("connecting to etcd"),
+        },
+    };
     let config = match store.network_config() {
         Ok(c) => c,
         Err(StoreError::NoConfig { .. }) => {
@@ -167,6 +176,32 @@ pub fn start(
     let mut leases = listing.leases;
     leases.insert(held.key, held.lease.clone());
     Ok((store, StaticDatastore { config, leases }, held, listing.revision))
+}
+
+/// A refusal of the TLS files or the user, as the config key at fault, its
+/// value and the reason; `None` for other errors.
+fn refused_access(e: &StoreError, security: &EtcdSecurity) -> Option<ConfigError> {
+    let shown = |p: &Option<std::path::PathBuf>| p.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
+    match e {
+        StoreError::TlsFile(f) => Some(crate::config::tls_file_refused(f)),
+        StoreError::Tls(HandshakeError::Refused { endpoint, file: TlsFile::Ca, source }) => Some(ConfigError::new(
+            "etcd-cafile",
+            shown(&security.ca_file),
+            format!("the CA that signed the server certificate of {endpoint}; TLS refused it: {source}"),
+        )),
+        StoreError::Tls(HandshakeError::Refused { endpoint, file, source }) => Some(ConfigError::new(
+            file.key(),
+            shown(&security.cert_file),
+            format!("a client certificate signed by a CA that {endpoint} trusts; etcd refused it: {source}"),
+        )),
+        StoreError::Tls(other) => Some(ConfigError::new("etcd-endpoints", "", other)),
+        StoreError::Auth { user, source } => Some(ConfigError::new(
+            "etcd-username",
+            user,
+            format!("a user etcd knows, with its password in etcd-password; etcd said: {source}"),
+        )),
+        _ => None,
+    }
 }
 
 /// Takes a lease for `value`: reclaims the one with our address, or creates one.

@@ -12,6 +12,8 @@ pub mod config;
 pub mod datastore;
 pub mod error;
 pub mod etcd;
+pub mod etcd_certs;
+pub mod etcd_tls;
 pub mod keys;
 pub mod kube;
 pub mod lab;

@@ -57,6 +57,12 @@ struct LabArgs {
     /// annotations in an API server stand-in the lab runs).
     #[arg(long, default_value = "file", value_parser = ["file", "etcd", "kube"])]
     datastore: String,
+    /// With --datastore etcd: etcd over TLS with client certificates (made for the lab).
+    #[arg(long)]
+    etcd_tls: bool,
+    /// With --datastore etcd: etcd with user root, a password and authentication on.
+    #[arg(long)]
+    etcd_auth: bool,
     /// Node subnet size for IPv4.
     #[arg(long, default_value_t = 24)]
     node_cidr_mask_size_ipv4: u8,
@@ -202,6 +208,8 @@ fn run_lab(l: LabArgs) -> anyhow::Result<ExitCode> {
     opts.datastore = l.datastore;
     opts.ip_masq = l.ip_masq;
     opts.ipv6_masq = l.flannel_ipv6_masq;
+    opts.etcd_tls = l.etcd_tls;
+    opts.etcd_auth = l.etcd_auth;
 
     // Ctrl-C or SIGTERM: remove everything, then leave.
     let name = opts.name.clone();

@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 use common_etcd::EtcdServer;
 use weft::datastore::{Lease, NetworkConfig, SubnetKey};
 use weft::etcd::{EtcdStore, LeaseEvent, StoreError, Unreachable, DEFAULT_PREFIX};
+use weft::etcd_certs::EtcdCerts;
+use weft::etcd_tls::{EtcdSecurity, HandshakeError, TlsFile};
 
 const TIMEOUT: Duration = Duration::from_secs(2);
 const DAY: Duration = Duration::from_secs(24 * 3600);
@@ -294,4 +296,107 @@ fn a_hung_etcd_times_out_and_recovers() {
     store.renew(id).unwrap();
     store.delete_lease(&k).unwrap();
     assert_eq!(collect(&mut watch, 1), vec![LeaseEvent::Delete(k)]);
+}
+
+/// A temporary directory for certificates, removed on drop.
+struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        let d = std::env::temp_dir().join(format!("weft-etcd-certs-{}-{tag}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        TempDir(d)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn security(ca: &EtcdCerts, client: &EtcdCerts) -> EtcdSecurity {
+    EtcdSecurity {
+        ca_file: Some(ca.ca.clone()),
+        cert_file: Some(client.client_cert.clone()),
+        key_file: Some(client.client_key.clone()),
+        ..EtcdSecurity::default()
+    }
+}
+
+#[test]
+fn tls_etcd_takes_its_certificates_and_refuses_others_without_calling_it_an_outage() {
+    let dir = TempDir::new("tls");
+    let certs = EtcdCerts::make(&dir.0.join("lab"), "weft test CA", Ipv4Addr::LOCALHOST.into()).unwrap();
+    let stranger = EtcdCerts::make(&dir.0.join("other"), "another CA", Ipv4Addr::LOCALHOST.into()).unwrap();
+    let mut etcd = EtcdServer::start_tls(&certs);
+    assert!(etcd.endpoint.starts_with("https://"));
+
+    let store = EtcdStore::connect_with(&etcd.endpoints(), DEFAULT_PREFIX, TIMEOUT, &security(&certs, &certs))
+        .expect("the right CA and client certificate");
+    let k = key("10.244.1.0-24");
+    assert!(store.create_lease(&k, &lease([192, 168, 77, 1], 1), DAY).unwrap().is_some());
+    assert!(store.leases().unwrap().leases.contains_key(&k));
+
+    let refused = |sec: &EtcdSecurity| {
+        let started = Instant::now();
+        let e = EtcdStore::connect_with(&etcd.endpoints(), DEFAULT_PREFIX, TIMEOUT, sec).unwrap_err();
+        assert!(started.elapsed() < TIMEOUT + Duration::from_millis(500), "refused at once: {:?}", started.elapsed());
+        e
+    };
+    // etcd's certificate is not signed by the CA given.
+    match refused(&security(&stranger, &certs)) {
+        StoreError::Tls(HandshakeError::Refused { file: TlsFile::Ca, source, .. }) => {
+            assert!(source.to_string().contains("certificate"), "{source}");
+        }
+        other => panic!("wrong CA: {other:?}"),
+    }
+    // A client certificate from another CA, and none at all.
+    match refused(&security(&certs, &stranger)) {
+        StoreError::Tls(HandshakeError::Refused { file: TlsFile::Cert, .. }) => {}
+        other => panic!("foreign client certificate: {other:?}"),
+    }
+    let server_only = EtcdSecurity { ca_file: Some(certs.ca.clone()), ..EtcdSecurity::default() };
+    match refused(&server_only) {
+        StoreError::Tls(HandshakeError::Refused { file: TlsFile::Cert, .. }) => {}
+        other => panic!("no client certificate: {other:?}"),
+    }
+    // Plain HTTP is not served.
+    let plain = etcd.endpoint.replacen("https://", "http://", 1);
+    assert!(EtcdStore::connect(&[plain], DEFAULT_PREFIX, TIMEOUT).is_err());
+
+    // With the right files, a dead etcd is still an outage, not a refusal.
+    etcd.stop();
+    let err = store.leases().unwrap_err();
+    assert!(matches!(err, StoreError::Unavailable { .. }), "{err:?}");
+    let err =
+        EtcdStore::connect_with(&etcd.endpoints(), DEFAULT_PREFIX, TIMEOUT, &security(&certs, &certs)).unwrap_err();
+    assert!(matches!(err, StoreError::Unavailable { .. }), "{err:?}");
+}
+
+#[test]
+fn a_user_survives_token_expiry_and_a_wrong_password_is_an_auth_refusal() {
+    // Tokens that live one second: the store must authenticate again by
+    // itself, as it would every 5 minutes with etcd's default.
+    let etcd = EtcdServer::start_with_flags(&["--auth-token-ttl=1"]);
+    etcd.enable_auth("pw-for-test");
+    let user =
+        |pw: &str| EtcdSecurity { username: Some("root".into()), password: Some(pw.into()), ..EtcdSecurity::default() };
+    let store = EtcdStore::connect_with(&etcd.endpoints(), DEFAULT_PREFIX, TIMEOUT, &user("pw-for-test")).unwrap();
+    let k = key("10.244.1.0-24");
+    let id = store.create_lease(&k, &lease([192, 168, 77, 1], 1), DAY).unwrap().unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(store.leases().unwrap().leases.contains_key(&k), "listing after the token expired");
+    assert!(store.renew(id).unwrap() > Duration::from_secs(3600), "renewal after the token expired");
+
+    match EtcdStore::connect_with(&etcd.endpoints(), DEFAULT_PREFIX, TIMEOUT, &user("wrong")) {
+        Err(StoreError::Auth { user, .. }) => assert_eq!(user, "root"),
+        other => panic!("wrong password: {other:?}"),
+    }
+    // No user at all: etcd says no, which is not an outage.
+    match EtcdStore::connect(&etcd.endpoints(), DEFAULT_PREFIX, TIMEOUT) {
+        Err(StoreError::Refused { .. }) => {}
+        other => panic!("no user: {other:?}"),
+    }
 }

@@ -52,6 +52,13 @@ fn three_nodes_of_the_kubernetes_subnet_manager_pass_the_usual_checks() {
     let (lab, _g) = kube_lab("k", 3);
     let kube = lab.kube.clone().expect("the lab runs the API server stand-in");
     for n in &lab.nodes {
+        let available = |node: &serde_json::Value| {
+            let c = node["status"]["conditions"].as_array().into_iter().flatten();
+            c.into_iter().any(|c| c["type"] == "NetworkUnavailable" && c["status"] == "False")
+        };
+        wait_for("the agent marks its Node's network available", Duration::from_secs(10), || {
+            available(&kube.api.node(&n.ns).unwrap())
+        });
         let node = kube.api.node(&n.ns).unwrap();
         let a = &node["metadata"]["annotations"];
         assert_eq!(a["flannel.alpha.coreos.com/kube-subnet-manager"], "true", "{node}");

@@ -33,18 +33,36 @@ pub struct EtcdServer {
     child: Option<Child>,
     /// The temporary directory holding the data directory and the log.
     dir: PathBuf,
-    /// The client URL, `http://127.0.0.1:<port>`.
+    /// The client URL, `http://127.0.0.1:<port>` (`https://` with TLS).
     pub endpoint: String,
+    /// Where `/health` answers over plain HTTP: the client port, or with
+    /// TLS a separate metrics port.
+    health: SocketAddr,
 }
 
 impl EtcdServer {
     /// Starts a single-member etcd and waits until it reports healthy.
     /// Panics (with the end of etcd's log) if it does not.
     pub fn start() -> EtcdServer {
+        Self::start_with(None, &[])
+    }
+
+    /// Starts etcd with extra command-line flags (`--auth-token-ttl=1`).
+    pub fn start_with_flags(flags: &[&str]) -> EtcdServer {
+        Self::start_with(None, flags)
+    }
+
+    /// Starts etcd serving `https://` only with `certs`' server certificate,
+    /// and requiring client certificates signed by `certs`' CA.
+    pub fn start_tls(certs: &weft::etcd_certs::EtcdCerts) -> EtcdServer {
+        Self::start_with(Some(certs.clone()), &[])
+    }
+
+    fn start_with(tls: Option<weft::etcd_certs::EtcdCerts>, flags: &[&str]) -> EtcdServer {
         assert!(Path::new(ETCD_BIN).exists(), "{ETCD_BIN} is missing: install the Debian package etcd-server");
         let mut last_log = String::new();
         for _ in 0..START_ATTEMPTS {
-            let mut server = Self::spawn();
+            let mut server = Self::spawn(tls.clone(), flags);
             if server.wait_healthy() {
                 return server;
             }
@@ -126,6 +144,17 @@ impl EtcdServer {
         });
     }
 
+    /// Creates user `root` with `password` and turns authentication on.
+    pub fn enable_auth(&self, password: &str) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
+        rt.block_on(async {
+            let mut c = etcd_client::Client::connect(self.endpoints(), None).await.expect("connect to enable auth");
+            c.user_add("root", password, None).await.expect("user add root");
+            c.user_grant_role("root", "root").await.expect("grant root the root role");
+            c.auth_enable().await.expect("auth enable");
+        });
+    }
+
     /// The last lines of etcd's log.
     pub fn log_tail(&self) -> String {
         let log = std::fs::read_to_string(self.dir.join("etcd.log")).unwrap_or_default();
@@ -133,7 +162,7 @@ impl EtcdServer {
         lines[lines.len().saturating_sub(30)..].join("\n")
     }
 
-    fn spawn() -> EtcdServer {
+    fn spawn(tls: Option<weft::etcd_certs::EtcdCerts>, flags: &[&str]) -> EtcdServer {
         static N: AtomicUsize = AtomicUsize::new(0);
         let dir = std::env::temp_dir().join(format!(
             "weft-etcd-{}-{}",
@@ -142,10 +171,23 @@ impl EtcdServer {
         ));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("create etcd test directory");
-        let client = format!("http://127.0.0.1:{}", free_port());
+        let client_port = free_port();
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let client = format!("{scheme}://127.0.0.1:{client_port}");
         let peer = format!("http://127.0.0.1:{}", free_port());
+        let health_port = if tls.is_some() { free_port() } else { client_port };
+        let health = SocketAddr::from((Ipv4Addr::LOCALHOST, health_port));
+        let mut extra: Vec<String> = flags.iter().map(|f| f.to_string()).collect();
+        if let Some(c) = &tls {
+            extra.push(format!("--cert-file={}", c.server_cert.display()));
+            extra.push(format!("--key-file={}", c.server_key.display()));
+            extra.push(format!("--trusted-ca-file={}", c.ca.display()));
+            extra.push("--client-cert-auth".into());
+            extra.push(format!("--listen-metrics-urls=http://{health}"));
+        }
         let log = std::fs::File::create(dir.join("etcd.log")).expect("create etcd log");
         let child = Command::new(ETCD_BIN)
+            .args(&extra)
             .arg("--name=weft-test")
             .arg(format!("--data-dir={}", dir.join("data").display()))
             .arg(format!("--listen-client-urls={client}"))
@@ -159,12 +201,12 @@ impl EtcdServer {
             .stderr(log)
             .spawn()
             .unwrap_or_else(|e| panic!("starting {ETCD_BIN}: {e}"));
-        EtcdServer { child: Some(child), dir, endpoint: client }
+        EtcdServer { child: Some(child), dir, endpoint: client, health }
     }
 
     /// Polls `/health` until etcd says it is healthy, it exits, or time is up.
     fn wait_healthy(&mut self) -> bool {
-        let addr: SocketAddr = self.endpoint.trim_start_matches("http://").parse().expect("endpoint address");
+        let addr = self.health;
         let until = Instant::now() + HEALTHY_WITHIN;
         while Instant::now() < until {
             match self.child.as_mut().map(|c| c.try_wait()) {
