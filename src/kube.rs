@@ -184,9 +184,9 @@ pub fn lease_annotations(lease: &Lease) -> BTreeMap<String, String> {
     }
     if let Some(ip) = lease.public_ipv6 {
         a.insert(annotation(PUBLIC_IPV6), ip.to_string());
-        if let Some(d) = &lease.backend_v6_data {
-            a.insert(annotation(BACKEND_V6_DATA), d.to_string());
-        }
+    }
+    if let Some(d) = &lease.backend_v6_data {
+        a.insert(annotation(BACKEND_V6_DATA), d.to_string());
     }
     a
 }
