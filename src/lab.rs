@@ -978,11 +978,16 @@ fn start_agent(lab: &Lab, n: &Node, ds_path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Whether an HTTP response's status is 200.
+pub fn http_ok(response: &str) -> bool {
+    response.lines().next().and_then(|l| l.split_whitespace().nth(1)) == Some("200")
+}
+
 fn wait_ready(lab: &Lab, limit: Duration) -> anyhow::Result<()> {
     let start = Instant::now();
     for n in lab.nodes.iter().filter(|n| n.kind == NodeKind::Weft) {
         loop {
-            if matches!(lab.http_get(n, "/readyz"), Ok(r) if r.starts_with("HTTP/1.0 200")) {
+            if matches!(lab.http_get(n, "/readyz"), Ok(r) if http_ok(&r)) {
                 break;
             }
             if start.elapsed() > limit {

@@ -1,12 +1,12 @@
-//! `/metrics` (Prometheus text), `/healthz` and `/readyz` over plain HTTP/1.0.
+//! `/metrics` (Prometheus text), `/healthz` and `/readyz` over HTTP/1.
 //!
-//! A tiny server on its own thread: one request per connection, a handful of
-//! fixed paths, bounded request size and time. It reads counters; it never
-//! blocks the data plane.
+//! hyper on a thread of its own: every connection is served concurrently, so
+//! a client that connects and sends nothing (or reads slowly) never holds up
+//! `/healthz`; one that sends no request within [`HEADER_TIMEOUT`] is
+//! dropped. It reads counters; it never blocks the data plane.
 
 use std::fmt::Write as _;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -120,44 +120,102 @@ impl MetricsState {
     }
 }
 
-/// Longest request accepted, in bytes: a request line and a few headers.
-const MAX_REQUEST: usize = 4096;
+/// How long a client may take to send its request headers: a client that
+/// connects and says nothing is dropped after this, and meanwhile every
+/// other client is served (each connection is its own task).
+const HEADER_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Binds `addr` and serves on a background thread.
+/// Binds `addr` and serves on a background thread (hyper, HTTP/1, one task
+/// per connection on a single-threaded runtime).
 pub fn serve(addr: SocketAddr, state: Arc<MetricsState>) -> std::io::Result<()> {
-    let listener = TcpListener::bind(addr)?;
+    let listener = std::net::TcpListener::bind(addr)?;
+    listener.set_nonblocking(true)?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     std::thread::Builder::new().name("weft-metrics".into()).spawn(move || {
-        for conn in listener.incoming().flatten() {
-            let _ = handle(conn, &state);
-        }
+        rt.block_on(async move {
+            let Ok(listener) = tokio::net::TcpListener::from_std(listener) else { return };
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                let state = state.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                        let (status, body) = respond(&state, req.uri().path());
+                        let resp = hyper::Response::builder()
+                            .status(status)
+                            .header("content-type", "text/plain; version=0.0.4")
+                            .body(http_body_util::Full::new(bytes::Bytes::from(body)));
+                        async move { resp }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .timer(hyper_util::rt::TokioTimer::new())
+                        .header_read_timeout(HEADER_TIMEOUT)
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
     })?;
     Ok(())
 }
 
-fn handle(mut conn: TcpStream, state: &MetricsState) -> std::io::Result<()> {
-    conn.set_read_timeout(Some(Duration::from_secs(2)))?;
-    conn.set_write_timeout(Some(Duration::from_secs(2)))?;
-    let mut buf = [0u8; MAX_REQUEST];
-    let mut n = 0;
-    while n < buf.len() && !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
-        match conn.read(&mut buf[n..])? {
-            0 => break,
-            k => n += k,
-        }
+/// The status and body for `path` (pure).
+fn respond(state: &MetricsState, path: &str) -> (u16, String) {
+    match path {
+        "/metrics" => (200, state.render()),
+        "/healthz" if state.healthy() => (200, "ok\n".to_string()),
+        "/healthz" => (503, "a worker has stopped\n".to_string()),
+        "/readyz" if state.ready.load(Relaxed) && state.healthy() => (200, "ready\n".to_string()),
+        "/readyz" => (503, "not ready\n".to_string()),
+        _ => (404, "try /metrics, /healthz or /readyz\n".to_string()),
     }
-    let request = String::from_utf8_lossy(&buf[..n]);
-    let path = request.split_whitespace().nth(1).unwrap_or("");
-    let (status, body) = match path {
-        "/metrics" => ("200 OK", state.render()),
-        "/healthz" if state.healthy() => ("200 OK", "ok\n".to_string()),
-        "/healthz" => ("503 Service Unavailable", "a worker has stopped\n".to_string()),
-        "/readyz" if state.ready.load(Relaxed) && state.healthy() => ("200 OK", "ready\n".to_string()),
-        "/readyz" => ("503 Service Unavailable", "not ready\n".to_string()),
-        _ => ("404 Not Found", "try /metrics, /healthz or /readyz\n".to_string()),
-    };
-    write!(
-        conn,
-        "HTTP/1.0 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    use std::time::Instant;
+
+    fn get(addr: SocketAddr, path: &str) -> String {
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+        write!(s, "GET {path} HTTP/1.0\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    }
+
+    #[test]
+    fn a_silent_client_does_not_hold_up_healthz() {
+        let state = Arc::new(MetricsState {
+            workers: Vec::new(),
+            snapshot: Mutex::new(Arc::new(Snapshot::default())),
+            ready: AtomicBool::new(true),
+        });
+        let addr = {
+            let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            probe.local_addr().unwrap()
+        };
+        serve(addr, state).unwrap();
+        // One client connects and sends nothing; another half a request.
+        let _silent = TcpStream::connect(addr).unwrap();
+        let mut half = TcpStream::connect(addr).unwrap();
+        half.write_all(b"GET /metr").unwrap();
+        let started = Instant::now();
+        let r = get(addr, "/healthz");
+        assert!(r.lines().next().is_some_and(|l| l.contains(" 200 ")), "{r}");
+        assert!(r.ends_with("ok\n"), "{r}");
+        assert!(started.elapsed() < Duration::from_millis(900), "served at once: {:?}", started.elapsed());
+        let r = get(addr, "/readyz");
+        assert!(r.lines().next().is_some_and(|l| l.contains(" 200 ")), "{r}");
+        let r = get(addr, "/nope");
+        assert!(r.lines().next().is_some_and(|l| l.contains(" 404 ")), "{r}");
+        assert!(get(addr, "/metrics").contains("weft_workers 0"));
+        // The silent one is dropped after the header timeout.
+        let mut silent = TcpStream::connect(addr).unwrap();
+        silent.set_read_timeout(Some(HEADER_TIMEOUT * 3)).unwrap();
+        let mut buf = [0u8; 64];
+        assert!(silent.read(&mut buf).is_ok(), "closed by the server, not left hanging until the read times out");
+    }
 }
