@@ -51,7 +51,7 @@ pub fn load_or_create(path: &Path) -> anyhow::Result<[u8; 32]> {
 /// 32 random bytes from the kernel (clamped by x25519 when used).
 fn generate() -> anyhow::Result<[u8; 32]> {
     let mut key = [0u8; 32];
-    std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut key)).context("reading /dev/urandom")?;
+    getrandom::fill(&mut key).map_err(|e| anyhow::anyhow!("the kernel's random source: {e}"))?;
     Ok(key)
 }
 

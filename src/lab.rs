@@ -638,10 +638,8 @@ pub fn etcd_security(lab: &Lab) -> crate::etcd_tls::EtcdSecurity {
 /// without a user.
 fn enable_etcd_auth(lab: &Lab) -> anyhow::Result<()> {
     let mut pw = [0u8; 16];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut pw))
-        .context("reading /dev/urandom")?;
-    let pw: String = pw.iter().map(|b| format!("{b:02x}")).collect();
+    getrandom::fill(&mut pw).map_err(|e| anyhow::anyhow!("the kernel's random source: {e}"))?;
+    let pw = hex::encode(pw);
     let ul = format!("{}-ul", lab.opts.name);
     let url = etcd_url(lab);
     let mut base = vec!["netns".to_string(), "exec".into(), ul, "etcdctl".into(), format!("--endpoints={url}")];
@@ -978,11 +976,16 @@ fn start_agent(lab: &Lab, n: &Node, ds_path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Whether an HTTP response's status is 200.
+pub fn http_ok(response: &str) -> bool {
+    response.lines().next().and_then(|l| l.split_whitespace().nth(1)) == Some("200")
+}
+
 fn wait_ready(lab: &Lab, limit: Duration) -> anyhow::Result<()> {
     let start = Instant::now();
     for n in lab.nodes.iter().filter(|n| n.kind == NodeKind::Weft) {
         loop {
-            if matches!(lab.http_get(n, "/readyz"), Ok(r) if r.starts_with("HTTP/1.0 200")) {
+            if matches!(lab.http_get(n, "/readyz"), Ok(r) if http_ok(&r)) {
                 break;
             }
             if start.elapsed() > limit {
@@ -1393,11 +1396,11 @@ pub fn transfer_check(a: &Pod, b: &Pod, v6: bool, bytes: usize) -> Check {
             Check {
                 name,
                 passed: true,
-                detail: format!("sha256 {}… at both ends, {gbps:.2} Gbit/s", &hex(&sent)[..16]),
+                detail: format!("sha256 {}… at both ends, {gbps:.2} Gbit/s", &hex::encode(sent)[..16]),
             }
         }
         Ok((sent, got, _)) => {
-            Check { name, passed: false, detail: format!("sha256 sent {} got {}", hex(&sent), hex(&got)) }
+            Check { name, passed: false, detail: format!("sha256 sent {} got {}", hex::encode(sent), hex::encode(got)) }
         }
         Err(e) => Check { name, passed: false, detail: format!("{e:#}") },
     }
@@ -1468,18 +1471,15 @@ fn transfer(a: &Pod, b: &Pod, to: IpAddr, bytes: usize) -> anyhow::Result<(Diges
     Ok((sent, got, secs))
 }
 
-/// The frames of a classic little-endian pcap file.
-fn pcap_frames(pcap: &[u8]) -> anyhow::Result<Vec<&[u8]>> {
-    if pcap.len() < 24 || pcap[..4] != [0xd4, 0xc3, 0xb2, 0xa1] {
-        bail!("not a little-endian pcap file");
+/// The Ethernet frames of a classic pcap file (tcpdump's `-w`).
+pub fn pcap_frames(pcap: &[u8]) -> anyhow::Result<Vec<Vec<u8>>> {
+    let mut reader = pcap_file::pcap::PcapReader::new(pcap).context("not a pcap file")?;
+    if reader.header().datalink != pcap_file::DataLink::ETHERNET {
+        bail!("pcap link type {:?}, not Ethernet", reader.header().datalink);
     }
     let mut out = Vec::new();
-    let mut off = 24;
-    while off + 16 <= pcap.len() {
-        let caplen = u32::from_le_bytes([pcap[off + 8], pcap[off + 9], pcap[off + 10], pcap[off + 11]]) as usize;
-        let frame = pcap.get(off + 16..off + 16 + caplen).context("truncated pcap")?;
-        out.push(frame);
-        off += 16 + caplen;
+    while let Some(p) = reader.next_packet() {
+        out.push(p.context("truncated pcap")?.data.into_owned());
     }
     Ok(out)
 }
@@ -1493,10 +1493,6 @@ fn udp_ports(frame: &[u8]) -> Option<(u16, u16)> {
         _ => return None,
     };
     Some((u16::from_be_bytes([*l4.first()?, *l4.get(1)?]), u16::from_be_bytes([*l4.get(2)?, *l4.get(3)?])))
-}
-
-fn hex(d: &[u8]) -> String {
-    d.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn read_pid(path: &Path) -> Option<nix::unistd::Pid> {

@@ -1,12 +1,11 @@
-//! `/metrics` (Prometheus text), `/healthz` and `/readyz` over plain HTTP/1.0.
+//! `/metrics` (Prometheus text), `/healthz` and `/readyz` over HTTP/1.
 //!
-//! A tiny server on its own thread: one request per connection, a handful of
-//! fixed paths, bounded request size and time. It reads counters; it never
-//! blocks the data plane.
+//! hyper on a thread of its own: every connection is served concurrently, so
+//! a client that connects and sends nothing (or reads slowly) never holds up
+//! `/healthz`; one that sends no request within [`HEADER_TIMEOUT`] is
+//! dropped. It reads counters; it never blocks the data plane.
 
-use std::fmt::Write as _;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -30,11 +29,22 @@ impl MetricsState {
         self.workers.iter().all(|w| !w.stopped.load(Relaxed))
     }
 
-    /// The Prometheus text exposition.
+    /// The exposition, in the OpenMetrics text format (which Prometheus
+    /// reads), written by prometheus-client: names, help, types and label
+    /// escaping are the crate's.
     pub fn render(&self) -> String {
+        let mut registry = prometheus_client::registry::Registry::default();
+        registry.register_collector(Box::new(self.sample()));
         let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
+        out
+    }
+
+    /// Every value, read once.
+    fn sample(&self) -> Sample {
         let sum = |f: fn(&WorkerCounters) -> u64| self.workers.iter().map(|w| f(w)).sum::<u64>();
-        let totals: [(&str, &str, u64); 11] = [
+        let totals = vec![
             (
                 "tun_rx_packets",
                 "Packets read from the TUN device (pod to tunnel).",
@@ -70,94 +80,203 @@ impl MetricsState {
         // Pod bytes moved through the TUN, both directions.
         let moved = sum(|w| w.tun_rx_bytes.load(Relaxed) + w.tun_tx_bytes.load(Relaxed));
         let syscalls = sum(|w| w.syscalls.load(Relaxed));
-        let per_mb = if moved == 0 { 0.0 } else { syscalls as f64 / (moved as f64 / 1e6) };
-        let _ = writeln!(
-            out,
-            "# HELP weft_syscalls_per_mb Packet-path syscalls per MB of pod traffic moved (TUN bytes read plus written), since start.\n# TYPE weft_syscalls_per_mb gauge\nweft_syscalls_per_mb {per_mb:.1}"
-        );
-        for (name, help, v) in totals {
-            let _ = writeln!(
-                out,
-                "# HELP weft_{name}_total {help}\n# TYPE weft_{name}_total counter\nweft_{name}_total {v}"
-            );
-        }
-        let _ = writeln!(out, "# HELP weft_drops_total Packets dropped, by reason.\n# TYPE weft_drops_total counter");
-        for cause in DropCause::all() {
-            let v: u64 = self.workers.iter().map(|w| w.drops(cause)).sum();
-            let _ = writeln!(out, "weft_drops_total{{reason=\"{}\"}} {v}", cause.label());
-        }
+        let syscalls_per_mb = if moved == 0 { 0.0 } else { syscalls as f64 / (moved as f64 / 1e6) };
+        let drops = DropCause::all().map(|c| (c.label(), self.workers.iter().map(|w| w.drops(c)).sum())).collect();
         let snapshot = self.snapshot.lock().map(|s| s.clone()).unwrap_or_default();
-        let per_peer: [(&str, &str); 4] = [
-            ("peer_tx_packets", "Packets sent to a remote node."),
-            ("peer_tx_bytes", "Inner bytes sent to a remote node."),
-            ("peer_rx_packets", "Packets received from a remote node."),
-            ("peer_rx_bytes", "Inner bytes received from a remote node."),
-        ];
-        for (i, (name, help)) in per_peer.iter().enumerate() {
-            let _ = writeln!(out, "# HELP weft_{name}_total {help}\n# TYPE weft_{name}_total counter");
-            for p in snapshot.peers() {
+        let peers = snapshot
+            .peers()
+            .iter()
+            .map(|p| {
                 let c = &p.counters;
-                let v = [&c.tx_packets, &c.tx_bytes, &c.rx_packets, &c.rx_bytes][i].load(Relaxed);
-                let _ = writeln!(
-                    out,
-                    "weft_{name}_total{{node=\"{}\",public_ip=\"{}\"}} {v}",
-                    p.name,
-                    p.underlay_addrs().map(|a| a.to_string()).collect::<Vec<_>>().join(",")
-                );
-            }
-        }
-        let _ = writeln!(
-            out,
-            "# HELP weft_peers Remote nodes known.\n# TYPE weft_peers gauge\nweft_peers {}",
-            snapshot.peers().len()
-        );
-        let _ = writeln!(
-            out,
-            "# HELP weft_workers Worker threads.\n# TYPE weft_workers gauge\nweft_workers {}",
-            self.workers.len()
-        );
-        out
+                let ips = p.underlay_addrs().map(|a| a.to_string()).collect::<Vec<_>>().join(",");
+                let v = [&c.tx_packets, &c.tx_bytes, &c.rx_packets, &c.rx_bytes].map(|a| a.load(Relaxed));
+                (p.name.to_string(), ips, v)
+            })
+            .collect();
+        Sample { totals, syscalls_per_mb, drops, peers, workers: self.workers.len() as i64 }
     }
 }
 
-/// Longest request accepted, in bytes: a request line and a few headers.
-const MAX_REQUEST: usize = 4096;
+/// One scrape's values, encoded by [`Collector::encode`].
+#[derive(Debug)]
+struct Sample {
+    totals: Vec<(&'static str, &'static str, u64)>,
+    syscalls_per_mb: f64,
+    drops: Vec<(&'static str, u64)>,
+    /// Name, underlay addresses, and tx/rx packets and bytes.
+    peers: Vec<(String, String, [u64; 4])>,
+    workers: i64,
+}
 
-/// Binds `addr` and serves on a background thread.
-pub fn serve(addr: SocketAddr, state: Arc<MetricsState>) -> std::io::Result<()> {
-    let listener = TcpListener::bind(addr)?;
-    std::thread::Builder::new().name("weft-metrics".into()).spawn(move || {
-        for conn in listener.incoming().flatten() {
-            let _ = handle(conn, &state);
+impl prometheus_client::collector::Collector for Sample {
+    fn encode(&self, mut enc: prometheus_client::encoding::DescriptorEncoder) -> std::fmt::Result {
+        use prometheus_client::encoding::EncodeMetric;
+        use prometheus_client::metrics::counter::ConstCounter;
+        use prometheus_client::metrics::gauge::ConstGauge;
+        let gauge = ConstGauge::new(self.syscalls_per_mb);
+        gauge.encode(enc.encode_descriptor(
+            "weft_syscalls_per_mb",
+            "Packet-path syscalls per MB of pod traffic moved (TUN bytes read plus written), since start.",
+            None,
+            gauge.metric_type(),
+        )?)?;
+        for (name, help, v) in &self.totals {
+            let c = ConstCounter::new(*v);
+            c.encode(enc.encode_descriptor(&format!("weft_{name}"), help, None, c.metric_type())?)?;
         }
+        let mut family = enc.encode_descriptor(
+            "weft_drops",
+            "Packets dropped, by reason.",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for (reason, v) in &self.drops {
+            ConstCounter::new(*v).encode(family.encode_family(&[("reason", *reason)])?)?;
+        }
+        let per_peer = [
+            ("weft_peer_tx_packets", "Packets sent to a remote node."),
+            ("weft_peer_tx_bytes", "Inner bytes sent to a remote node."),
+            ("weft_peer_rx_packets", "Packets received from a remote node."),
+            ("weft_peer_rx_bytes", "Inner bytes received from a remote node."),
+        ];
+        for (i, (name, help)) in per_peer.iter().enumerate() {
+            let mut family =
+                enc.encode_descriptor(name, help, None, prometheus_client::metrics::MetricType::Counter)?;
+            for (node, ips, v) in &self.peers {
+                let labels = [("node", node.as_str()), ("public_ip", ips.as_str())];
+                ConstCounter::new(v[i]).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        let g = ConstGauge::new(self.peers.len() as i64);
+        g.encode(enc.encode_descriptor("weft_peers", "Remote nodes known.", None, g.metric_type())?)?;
+        let g = ConstGauge::new(self.workers);
+        g.encode(enc.encode_descriptor("weft_workers", "Worker threads.", None, g.metric_type())?)?;
+        Ok(())
+    }
+}
+
+/// The OpenMetrics text format prometheus-client writes.
+const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// How long a client may take to send its request headers: a client that
+/// connects and says nothing is dropped after this, and meanwhile every
+/// other client is served (each connection is its own task).
+const HEADER_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Binds `addr` and serves on a background thread (hyper, HTTP/1, one task
+/// per connection on a single-threaded runtime).
+pub fn serve(addr: SocketAddr, state: Arc<MetricsState>) -> std::io::Result<()> {
+    let listener = std::net::TcpListener::bind(addr)?;
+    listener.set_nonblocking(true)?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    std::thread::Builder::new().name("weft-metrics".into()).spawn(move || {
+        rt.block_on(async move {
+            let Ok(listener) = tokio::net::TcpListener::from_std(listener) else { return };
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                let state = state.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                        let path = req.uri().path();
+                        let (status, body) = respond(&state, path);
+                        let ct = if path == "/metrics" { CONTENT_TYPE } else { "text/plain; charset=utf-8" };
+                        let resp = hyper::Response::builder()
+                            .status(status)
+                            .header("content-type", ct)
+                            .body(http_body_util::Full::new(bytes::Bytes::from(body)));
+                        async move { resp }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .timer(hyper_util::rt::TokioTimer::new())
+                        .header_read_timeout(HEADER_TIMEOUT)
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
     })?;
     Ok(())
 }
 
-fn handle(mut conn: TcpStream, state: &MetricsState) -> std::io::Result<()> {
-    conn.set_read_timeout(Some(Duration::from_secs(2)))?;
-    conn.set_write_timeout(Some(Duration::from_secs(2)))?;
-    let mut buf = [0u8; MAX_REQUEST];
-    let mut n = 0;
-    while n < buf.len() && !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
-        match conn.read(&mut buf[n..])? {
-            0 => break,
-            k => n += k,
-        }
+/// The status and body for `path` (pure).
+fn respond(state: &MetricsState, path: &str) -> (u16, String) {
+    match path {
+        "/metrics" => (200, state.render()),
+        "/healthz" if state.healthy() => (200, "ok\n".to_string()),
+        "/healthz" => (503, "a worker has stopped\n".to_string()),
+        "/readyz" if state.ready.load(Relaxed) && state.healthy() => (200, "ready\n".to_string()),
+        "/readyz" => (503, "not ready\n".to_string()),
+        _ => (404, "try /metrics, /healthz or /readyz\n".to_string()),
     }
-    let request = String::from_utf8_lossy(&buf[..n]);
-    let path = request.split_whitespace().nth(1).unwrap_or("");
-    let (status, body) = match path {
-        "/metrics" => ("200 OK", state.render()),
-        "/healthz" if state.healthy() => ("200 OK", "ok\n".to_string()),
-        "/healthz" => ("503 Service Unavailable", "a worker has stopped\n".to_string()),
-        "/readyz" if state.ready.load(Relaxed) && state.healthy() => ("200 OK", "ready\n".to_string()),
-        "/readyz" => ("503 Service Unavailable", "not ready\n".to_string()),
-        _ => ("404 Not Found", "try /metrics, /healthz or /readyz\n".to_string()),
-    };
-    write!(
-        conn,
-        "HTTP/1.0 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    use std::time::Instant;
+
+    fn get(addr: SocketAddr, path: &str) -> String {
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+        write!(s, "GET {path} HTTP/1.0\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    }
+
+    #[test]
+    fn label_values_are_escaped_and_every_family_is_typed() {
+        let sample = Sample {
+            totals: vec![("tun_rx_packets", "Packets.", 7)],
+            syscalls_per_mb: 1.5,
+            drops: vec![("short", 3)],
+            peers: vec![("evil\"node\n".to_string(), "192.0.2.1".to_string(), [1, 2, 3, 4])],
+            workers: 2,
+        };
+        let mut registry = prometheus_client::registry::Registry::default();
+        registry.register_collector(Box::new(sample));
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &registry).unwrap();
+        assert!(out.contains("weft_tun_rx_packets_total 7"), "{out}");
+        assert!(out.contains("# TYPE weft_tun_rx_packets counter"), "{out}");
+        assert!(out.contains(r#"weft_drops_total{reason="short"} 3"#), "{out}");
+        assert!(out.contains(r#"weft_peer_rx_bytes_total{node="evil\"node\n",public_ip="192.0.2.1"} 4"#), "{out}");
+        assert!(out.contains("weft_workers 2") && out.contains("weft_peers 1"), "{out}");
+        assert!(out.trim_end().ends_with("# EOF"), "{out}");
+    }
+
+    #[test]
+    fn a_silent_client_does_not_hold_up_healthz() {
+        let state = Arc::new(MetricsState {
+            workers: Vec::new(),
+            snapshot: Mutex::new(Arc::new(Snapshot::default())),
+            ready: AtomicBool::new(true),
+        });
+        let addr = {
+            let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            probe.local_addr().unwrap()
+        };
+        serve(addr, state).unwrap();
+        // One client connects and sends nothing; another half a request.
+        let _silent = TcpStream::connect(addr).unwrap();
+        let mut half = TcpStream::connect(addr).unwrap();
+        half.write_all(b"GET /metr").unwrap();
+        let started = Instant::now();
+        let r = get(addr, "/healthz");
+        assert!(r.lines().next().is_some_and(|l| l.contains(" 200 ")), "{r}");
+        assert!(r.ends_with("ok\n"), "{r}");
+        assert!(started.elapsed() < Duration::from_millis(900), "served at once: {:?}", started.elapsed());
+        let r = get(addr, "/readyz");
+        assert!(r.lines().next().is_some_and(|l| l.contains(" 200 ")), "{r}");
+        let r = get(addr, "/nope");
+        assert!(r.lines().next().is_some_and(|l| l.contains(" 404 ")), "{r}");
+        assert!(get(addr, "/metrics").contains("weft_workers 0"));
+        // The silent one is dropped after the header timeout.
+        let mut silent = TcpStream::connect(addr).unwrap();
+        silent.set_read_timeout(Some(HEADER_TIMEOUT * 3)).unwrap();
+        let mut buf = [0u8; 64];
+        assert!(silent.read(&mut buf).is_ok(), "closed by the server, not left hanging until the read times out");
+    }
 }

@@ -90,25 +90,13 @@ impl Key {
 
     /// 64 lowercase hex digits, as the protocol writes keys.
     pub fn to_hex(&self) -> String {
-        const DIGITS: &[u8; 16] = b"0123456789abcdef";
-        let mut s = String::with_capacity(64);
-        for b in self.0 {
-            s.push(DIGITS[usize::from(b >> 4)] as char);
-            s.push(DIGITS[usize::from(b & 0xf)] as char);
-        }
-        s
+        hex::encode(self.0)
     }
 
     /// Exactly 64 hex digits, either case (wireguard-go accepts both).
     pub fn from_hex(s: &str) -> Option<Key> {
-        let s = s.as_bytes();
-        if s.len() != 64 {
-            return None;
-        }
         let mut key = [0u8; 32];
-        for (i, pair) in s.chunks_exact(2).enumerate() {
-            key[i] = (hex_digit(pair[0])? << 4) | hex_digit(pair[1])?;
-        }
+        hex::decode_to_slice(s, &mut key).ok()?;
         Some(Key(key))
     }
 
@@ -805,15 +793,6 @@ fn echo(s: &str) -> String {
     match s.char_indices().nth(ECHO_CHARS) {
         Some((i, _)) => format!("{}...", &s[..i]),
         None => s.to_string(),
-    }
-}
-
-fn hex_digit(c: u8) -> Option<u8> {
-    match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        b'A'..=b'F' => Some(c - b'A' + 10),
-        _ => None,
     }
 }
 

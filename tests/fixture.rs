@@ -25,25 +25,12 @@ impl Peers for CaptureNodes {
     }
 }
 
-/// The frames of a classic little-endian pcap file.
-fn frames(pcap: &[u8]) -> Vec<&[u8]> {
-    assert_eq!(&pcap[..4], &[0xd4, 0xc3, 0xb2, 0xa1], "little-endian pcap");
-    assert_eq!(u32::from_le_bytes(pcap[20..24].try_into().unwrap()), 1, "Ethernet link type");
-    let mut out = Vec::new();
-    let mut off = 24;
-    while off + 16 <= pcap.len() {
-        let caplen = u32::from_le_bytes(pcap[off + 8..off + 12].try_into().unwrap()) as usize;
-        out.push(&pcap[off + 16..off + 16 + caplen]);
-        off += 16 + caplen;
-    }
-    out
-}
 
 #[test]
 fn kernel_flannel_capture_round_trips() {
     let pcap = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/kernel-vxlan-8472.pcap")).unwrap();
     let (mut seen, mut partial) = (0, 0);
-    for frame in frames(&pcap) {
+    for frame in weft::lab::pcap_frames(&pcap).unwrap() {
         // Outer Ethernet, IPv4 without options, UDP to 8472.
         assert_eq!(&frame[12..14], &[0x08, 0x00]);
         let ip = &frame[14..];
