@@ -3,7 +3,7 @@
 //! every restart so peers keep working. A key file that others may read is
 //! refused at start, as `wg` warns about world-accessible keys.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 

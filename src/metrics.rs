@@ -90,14 +90,31 @@ impl MetricsState {
                 let c = &p.counters;
                 let ips = p.underlay_addrs().map(|a| a.to_string()).collect::<Vec<_>>().join(",");
                 let v = [&c.tx_packets, &c.tx_bytes, &c.rx_packets, &c.rx_bytes].map(|a| a.load(Relaxed));
-                (p.name.to_string(), ips, v)
+                (escape_label(&p.name), escape_label(&ips), v)
             })
             .collect();
         Sample { totals, syscalls_per_mb, drops, peers, workers: self.workers.len() as i64 }
     }
 }
 
-/// One scrape's values, encoded by [`Collector::encode`].
+/// A label value as the exposition format wants it: prometheus-client 0.24
+/// writes label values as given, so backslash, double quote and line feed
+/// are escaped here (node names come from the datastore).
+fn escape_label(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for c in v.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// One scrape's values, encoded by [`Collector::encode`]; label values
+/// already escaped.
 #[derive(Debug)]
 struct Sample {
     totals: Vec<(&'static str, &'static str, u64)>,
@@ -232,7 +249,7 @@ mod tests {
             totals: vec![("tun_rx_packets", "Packets.", 7)],
             syscalls_per_mb: 1.5,
             drops: vec![("short", 3)],
-            peers: vec![("evil\"node\n".to_string(), "192.0.2.1".to_string(), [1, 2, 3, 4])],
+            peers: vec![(escape_label("evil\"node\n\\"), escape_label("192.0.2.1"), [1, 2, 3, 4])],
             workers: 2,
         };
         let mut registry = prometheus_client::registry::Registry::default();
@@ -242,7 +259,7 @@ mod tests {
         assert!(out.contains("weft_tun_rx_packets_total 7"), "{out}");
         assert!(out.contains("# TYPE weft_tun_rx_packets counter"), "{out}");
         assert!(out.contains(r#"weft_drops_total{reason="short"} 3"#), "{out}");
-        assert!(out.contains(r#"weft_peer_rx_bytes_total{node="evil\"node\n",public_ip="192.0.2.1"} 4"#), "{out}");
+        assert!(out.contains(r#"weft_peer_rx_bytes_total{node="evil\"node\n\\",public_ip="192.0.2.1"} 4"#), "{out}");
         assert!(out.contains("weft_workers 2") && out.contains("weft_peers 1"), "{out}");
         assert!(out.trim_end().ends_with("# EOF"), "{out}");
     }

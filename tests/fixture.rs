@@ -25,7 +25,6 @@ impl Peers for CaptureNodes {
     }
 }
 
-
 #[test]
 fn kernel_flannel_capture_round_trips() {
     let pcap = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/kernel-vxlan-8472.pcap")).unwrap();
