@@ -7,7 +7,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{assert_all_passed, options, up};
+use common::{assert_all_passed, options, route_exists, up, wait_for};
 use weft::datastore::SubnetKey;
 use weft::etcd::{EtcdStore, StoreError};
 use weft::etcd_tls::{EtcdSecurity, HandshakeError, TlsFile};
@@ -25,18 +25,6 @@ fn etcd_lab(tag: &str, nodes: usize) -> (Lab, common::Guard) {
 fn subnet_of(lab: &Lab, n: &Node) -> SubnetKey {
     let env = std::fs::read_to_string(lab.dir.join(format!("n{}-subnet.env", n.index))).unwrap();
     weft::lease::previous_subnet(&env).expect("subnet.env names a subnet")
-}
-
-fn route_exists(ns: &str, prefix: &str) -> bool {
-    !netns::run("ip", &["-n", ns, "route", "show", prefix]).unwrap().trim().is_empty()
-}
-
-fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !ok() {
-        assert!(Instant::now() < deadline, "{what} within {limit:?}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 #[test]

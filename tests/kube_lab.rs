@@ -8,10 +8,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{assert_all_passed, options, up};
+use common::{assert_all_passed, options, route_exists, up, wait_for};
 use serde_json::json;
 use weft::lab::{self, Lab};
-use weft::netns;
 
 fn kube_lab(tag: &str, nodes: usize) -> (Lab, common::Guard) {
     let mut o = options(tag);
@@ -19,18 +18,6 @@ fn kube_lab(tag: &str, nodes: usize) -> (Lab, common::Guard) {
     o.nodes = nodes;
     o.transfer_mib = 8;
     up(&o)
-}
-
-fn route_exists(ns: &str, prefix: &str) -> bool {
-    !netns::run("ip", &["-n", ns, "route", "show", prefix]).unwrap().trim().is_empty()
-}
-
-fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !ok() {
-        assert!(Instant::now() < deadline, "{what} within {limit:?}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// A Node a kernel flanneld runs on, with its pod CIDR and annotations.

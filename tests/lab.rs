@@ -7,7 +7,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{assert_all_passed, options, up};
+use common::{assert_all_passed, options, route_exists, up};
 use weft::lab::{self, Lab, Node};
 use weft::netns;
 use weft_tunnel::checksum;
@@ -325,10 +325,6 @@ fn spoofed_vxlan_never_reaches_a_pod_and_is_counted() {
     send_from(&n2.ns, node_ip(n2), n1, crafted(1, vtep(n2), vtep(n1), n2_pod, v4(pod), 7777, b"legitimate"));
     let got = listener.join().unwrap();
     assert_eq!(got, vec!["legitimate".to_string()], "only the legitimate packet reaches the pod");
-}
-
-fn route_exists(ns: &str, prefix: &str) -> bool {
-    !netns::run("ip", &["-n", ns, "route", "show", prefix]).unwrap().trim().is_empty()
 }
 
 #[test]

@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use weft::lab::{self, Lab, LabOptions};
 
@@ -51,5 +52,19 @@ pub fn up(opts: &LabOptions) -> (Lab, Guard) {
 pub fn assert_all_passed(lab: &Lab, checks: &[lab::Check]) {
     if !checks.iter().all(|c| c.passed) {
         panic!("{}\n{}", lab::table(checks), lab.agent_logs());
+    }
+}
+
+/// Whether namespace `ns` has a route to `prefix`.
+pub fn route_exists(ns: &str, prefix: &str) -> bool {
+    !weft::netns::run("ip", &["-n", ns, "route", "show", prefix]).unwrap().trim().is_empty()
+}
+
+/// Waits until `ok`, failing with `what` after `limit`.
+pub fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !ok() {
+        assert!(Instant::now() < deadline, "{what} within {limit:?}");
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
