@@ -2,6 +2,8 @@
 //! Flannel. This crate holds the agent (configuration, datastore, control
 //! loop, metrics) and the lab; packets are moved by `weft-engine`.
 
+#![forbid(unsafe_code)]
+
 pub mod agent;
 pub mod alloc;
 pub mod apiserver;

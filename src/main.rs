@@ -1,6 +1,8 @@
 //! The `weft` command: `weft agent` runs a node's data plane, `weft lab`
 //! builds a namespace cluster on this machine and checks it.
 
+#![forbid(unsafe_code)]
+
 use std::collections::BTreeMap;
 use std::process::ExitCode;
 

@@ -6,12 +6,17 @@
 //! datastore. Kernel state other than the TUN itself (addresses, routes, MTU)
 //! is set through [`sys::netlink`] by the caller.
 
+// Only the syscall layer (`sys`) may hold `unsafe`, each block with its
+// `// SAFETY:` comment.
+#![deny(unsafe_code)]
+
 pub mod coalesce;
 pub mod counters;
 pub mod io;
 pub mod route;
 pub mod segment;
 pub mod snapshot;
+#[allow(unsafe_code)]
 pub mod sys;
 pub mod vnet;
 pub mod wg;

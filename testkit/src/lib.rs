@@ -3,6 +3,8 @@
 //! and the fix-up that turns fuzz input into a plausible TCP packet. Only
 //! ever a dev-dependency.
 
+#![forbid(unsafe_code)]
+
 use std::net::IpAddr;
 
 use weft_tunnel::checksum;

@@ -5,6 +5,8 @@
 //! does the I/O. Untrusted input is parsed with `new_checked`-style checks and
 //! refused with a [`DropReason`] that the caller counts.
 
+#![forbid(unsafe_code)]
+
 pub mod checksum;
 pub mod error;
 pub mod flow;
