@@ -465,7 +465,7 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
         Ok(b) => b.to_bytes(),
         Err(_) => return error(400, "could not read the body"),
     };
-    let parse = |b: &Bytes| serde_json::from_slice::<Value>(b).map_err(|e| error(400, &format!("bad JSON: {e}")));
+    let parse = |b: &Bytes| serde_json::from_slice::<Value>(b).map_err(|e| format!("bad JSON: {e}"));
     let answer = |r: Result<Value, (u16, String)>, ok: StatusCode| match r {
         Ok(v) => full(ok, v),
         Err((code, msg)) => error(code, &msg),
@@ -482,7 +482,7 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
         }
         "create" => match parse(&body) {
             Ok(v) => answer(shared.create(v), StatusCode::CREATED),
-            Err(r) => r,
+            Err(m) => error(400, &m),
         },
         "delete" => answer(shared.delete(name.as_deref().unwrap_or("")), StatusCode::OK),
         "update" => match parse(&body) {
@@ -490,7 +490,7 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
                 shared.patch(name.as_deref().unwrap_or(""), PatchKind::Merge, &v, !sub.is_empty()),
                 StatusCode::OK,
             ),
-            Err(r) => r,
+            Err(m) => error(400, &m),
         },
         _ => {
             let kind = match content_type.split(';').next().unwrap_or("").trim() {
@@ -501,7 +501,7 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
             };
             match parse(&body) {
                 Ok(p) => answer(shared.patch(name.as_deref().unwrap_or(""), kind, &p, !sub.is_empty()), StatusCode::OK),
-                Err(r) => r,
+                Err(m) => error(400, &m),
             }
         }
     }
