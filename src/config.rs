@@ -325,31 +325,15 @@ fn etcd_security<'a>(get: &impl Fn(&str) -> Option<&'a str>, https: bool) -> Res
             "the PEM file of the CA that signed etcd's server certificate (required with https:// etcd-endpoints)",
         ));
     }
-    match (&sec.cert_file, &sec.key_file) {
-        (Some(_), None) => {
-            return Err(ConfigError::new("etcd-keyfile", "", "the private key of etcd-certfile (required with it)"))
-        }
-        (None, Some(_)) => {
-            return Err(ConfigError::new(
-                "etcd-certfile",
-                "",
-                "the client certificate of etcd-keyfile (required with it)",
-            ))
-        }
-        _ => {}
-    }
-    match (&sec.username, &sec.password) {
-        (Some(_), None) => {
-            return Err(ConfigError::new("etcd-password", "", "the password of etcd-username (required with it)"))
-        }
-        (None, Some(_)) => {
-            return Err(ConfigError::new(
-                "etcd-username",
-                "",
-                "the user whose password etcd-password is (required with it)",
-            ))
-        }
-        _ => {}
+    // Keys that need each other: the one missing is named, with what it is.
+    let pairs = [
+        (sec.cert_file.is_some(), sec.key_file.is_some(), "etcd-keyfile", "the private key of etcd-certfile"),
+        (sec.key_file.is_some(), sec.cert_file.is_some(), "etcd-certfile", "the client certificate of etcd-keyfile"),
+        (sec.username.is_some(), sec.password.is_some(), "etcd-password", "the password of etcd-username"),
+        (sec.password.is_some(), sec.username.is_some(), "etcd-username", "the user whose password etcd-password is"),
+    ];
+    if let Some((_, _, key, what)) = pairs.iter().find(|(given, other, _, _)| *given && !*other) {
+        return Err(ConfigError::new(key, "", format!("{what} (required with it)")));
     }
     if let Err(e) = sec.load() {
         return Err(tls_file_refused(&e));

@@ -7,12 +7,15 @@
 //! The Node objects are shaped as a real cluster returns them
 //! (tests/fixtures/kube/).
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::wait_for;
 use serde_json::{json, Value};
 use weft::apiserver::ApiServer;
 use weft::config::AgentConfig;
@@ -180,11 +183,7 @@ fn the_network_is_marked_available_once_the_data_path_is_up() {
     std::thread::sleep(Duration::from_millis(700));
     assert_eq!(condition(), None, "not before the data path is up");
     r.up.store(true, Relaxed);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while condition().is_none() {
-        assert!(Instant::now() < deadline, "NetworkUnavailable set within 5 s");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for("NetworkUnavailable set", Duration::from_secs(5), || condition().is_some());
     let c = condition().unwrap();
     assert_eq!((c["status"].as_str(), c["reason"].as_str()), (Some("False"), Some("FlannelIsUp")));
     // The kubelet's own condition is kept: conditions merge by type.
@@ -262,11 +261,9 @@ fn peers_come_and_go_with_the_watch_and_a_410_or_an_outage_is_caught_up() {
     // operator's edit) gets them back.
     let wipe = json!({"metadata": {"annotations": {kube::annotation(kube::BACKEND_DATA): null}}});
     s.api.patch_node("n1", wipe, true).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while annotation(&s.api, "n1", kube::BACKEND_DATA).is_none() {
-        assert!(Instant::now() < deadline, "annotations written back within 10 s");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for("annotations written back", Duration::from_secs(10), || {
+        annotation(&s.api, "n1", kube::BACKEND_DATA).is_some()
+    });
 }
 
 #[test]
@@ -283,17 +280,12 @@ fn the_cluster_role_covers_every_call_the_agent_makes_and_nothing_more() {
     s.api.patch_node("n2", json!({"metadata": {"labels": {"x": "y"}}}), false).unwrap();
     let wipe = json!({"metadata": {"annotations": {kube::annotation(kube::PUBLIC_IP): null}}});
     s.api.patch_node("n1", wipe, true).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    wait_for("the agent did all its calls", Duration::from_secs(10), || {
         let n = s.api.node("n1").unwrap();
         let cond =
             n["status"]["conditions"].as_array().into_iter().flatten().any(|c| c["type"] == "NetworkUnavailable");
-        if cond && annotation(&s.api, "n1", kube::PUBLIC_IP).is_some() {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the agent did all its calls within 10 s");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+        cond && annotation(&s.api, "n1", kube::PUBLIC_IP).is_some()
+    });
     drop(r);
     let manifest = std::fs::read_to_string(format!("{}/deploy/weft.yaml", env!("CARGO_MANIFEST_DIR"))).unwrap();
     let rules = weft::apiserver::cluster_role_rules(&manifest, "weft").unwrap();
