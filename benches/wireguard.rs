@@ -1,18 +1,20 @@
-//! Per-packet cost of the WireGuard data path: encrypting an inner packet for
-//! a peer (boringtun's ChaCha20-Poly1305 behind the peer's lock) and
-//! receiving one (peer lookup by receiver index, then decryption), over
-//! inner IPv4 packets of 64, 512 and 1400 bytes, reported per packet and per
-//! byte. Run with `cargo bench --bench wireguard` (add `-- --quick`).
+//! Per-packet cost of the WireGuard data path, weft's core beside
+//! boringtun's in one run: sealing an inner packet for a peer (counters
+//! taken under the peer's lock, ChaCha20-Poly1305 without it) and opening
+//! one (session by receiver index, decryption, replay window), over inner
+//! IPv4 packets of 64, 512 and 1400 bytes, per packet and per byte. Run
+//! with `cargo bench --bench wireguard` (add `-- --quick`).
 
 use std::hint::black_box;
-use std::net::IpAddr;
-use std::sync::Arc;
+use std::time::Instant;
 
-use boringtun::noise::TunnResult;
+use boringtun::noise::{Tunn, TunnResult};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use weft_engine::wg::{decrypted, Decrypted, WgDevice, WgIndex, WgPeer};
+use weft_engine::wg::{WgDevice, WgPeer};
+use weft_tunnel::wireguard::{Message, RESPONSE_LEN};
 
 const SIZES: [usize; 3] = [64, 512, 1400];
+const MTU: usize = 1420;
 
 /// An IPv4 packet of `len` bytes from 10.244.1.2 to 10.244.2.2.
 fn inner(len: usize) -> Vec<u8> {
@@ -26,38 +28,65 @@ fn inner(len: usize) -> Vec<u8> {
     p
 }
 
-/// Two peers with a completed handshake: (sender's view of B, B's view of A, B).
-fn pair() -> (WgPeer, Arc<WgPeer>, WgDevice) {
+/// Two weft peers with a completed handshake: (A's view of B, B's view of A).
+fn pair() -> (WgPeer, WgPeer) {
     let (a, b) = (WgDevice::new([1; 32]), WgDevice::new([2; 32]));
     let a_peer = WgPeer::new(&a, b.public_key(), None, None, 1, None);
-    let b_peer = Arc::new(WgPeer::new(&b, a.public_key(), None, None, 2, None));
-    let src: IpAddr = "192.168.77.1".parse().expect("a valid address");
+    let b_peer = WgPeer::new(&b, a.public_key(), None, None, 2, None);
+    let now = Instant::now();
     let mut out = vec![0u8; 2048];
-    let init = match a_peer.lock().tunn.encapsulate(&inner(64), &mut out) {
-        TunnResult::WriteToNetwork(p) => p.to_vec(),
-        _ => unreachable!("a first packet starts a handshake"),
-    };
-    let resp = match b_peer.lock().tunn.decapsulate(Some(src), &init, &mut out) {
-        TunnResult::WriteToNetwork(p) => p.to_vec(),
-        _ => unreachable!("an initiation is answered"),
-    };
-    let mut g = a_peer.lock();
-    let _ = g.tunn.decapsulate(None, &resp, &mut out);
-    while let TunnResult::WriteToNetwork(_) = g.tunn.decapsulate(None, &[], &mut out) {}
-    drop(g);
-    (a_peer, b_peer, b)
+    let mut sa = a_peer.lock();
+    sa.tunnel.stage(now, &inner(64));
+    let n = sa.tunnel.poll_transmit(now, MTU, &mut out).expect("an initiation");
+    let Ok(Message::Initiation(init)) = Message::parse(&out[..n]) else { unreachable!("an initiation") };
+    let half = b.identity().open_initiation(init).expect("the initiation opens");
+    let mut resp = [0u8; RESPONSE_LEN];
+    b_peer.lock().tunnel.consume_initiation(now, &half, &mut resp).expect("it is answered");
+    sa.tunnel.consume_response(now, &resp).expect("the response is taken");
+    let n = sa.tunnel.poll_transmit(now, MTU, &mut out).expect("the staged packet");
+    let Ok(Message::Data(d)) = Message::parse(&out[..n]) else { unreachable!("data") };
+    b_peer.lock().tunnel.decapsulate(now, &d, &mut vec![0u8; 2048]).expect("it confirms B's session");
+    drop(sa);
+    (a_peer, b_peer)
 }
 
-fn encapsulate(c: &mut Criterion) {
-    let (a_peer, _, _) = pair();
+fn boringtun_pair() -> (Tunn, Tunn) {
+    use boringtun::x25519::{PublicKey, StaticSecret};
+    let (ka, kb) = (StaticSecret::from([1; 32]), StaticSecret::from([2; 32]));
+    let (pa, pb) = (PublicKey::from(&ka), PublicKey::from(&kb));
+    let mut a = Tunn::new(ka, pb, None, None, 1, None);
+    let mut b = Tunn::new(kb, pa, None, None, 2, None);
+    let mut out = vec![0u8; 2048];
+    let TunnResult::WriteToNetwork(init) = a.encapsulate(&inner(64), &mut out) else { unreachable!() };
+    let init = init.to_vec();
+    let TunnResult::WriteToNetwork(resp) = b.decapsulate(None, &init, &mut out) else { unreachable!() };
+    let resp = resp.to_vec();
+    let _ = a.decapsulate(None, &resp, &mut out);
+    while let TunnResult::WriteToNetwork(d) = a.decapsulate(None, &[], &mut out) {
+        let d = d.to_vec();
+        let _ = b.decapsulate(None, &d, &mut vec![0u8; 2048]);
+    }
+    (a, b)
+}
+
+fn seal(c: &mut Criterion) {
+    let (a_peer, _) = pair();
+    let (mut bt, _) = boringtun_pair();
     let mut out = vec![0u8; 2048];
     for per_byte in [false, true] {
-        let mut g = c.benchmark_group(if per_byte { "wg_encapsulate_bytes" } else { "wg_encapsulate" });
+        let mut g = c.benchmark_group(if per_byte { "wg_seal_bytes" } else { "wg_seal" });
         for size in SIZES {
             let packet = inner(size);
             g.throughput(if per_byte { Throughput::Bytes(size as u64) } else { Throughput::Elements(1) });
-            g.bench_with_input(BenchmarkId::from_parameter(size), &packet, |bench, packet| {
-                bench.iter(|| match a_peer.lock().tunn.encapsulate(black_box(packet), &mut out) {
+            g.bench_with_input(BenchmarkId::new("weft", size), &packet, |bench, packet| {
+                bench.iter(|| {
+                    let grant = a_peer.lock().tunnel.send_grant(Instant::now(), 1, packet.len() as u64);
+                    let g = grant.expect("the session is up");
+                    g.keypair.seal(g.first, black_box(packet), MTU, &mut out)
+                })
+            });
+            g.bench_with_input(BenchmarkId::new("boringtun", size), &packet, |bench, packet| {
+                bench.iter(|| match bt.encapsulate(black_box(packet), &mut out) {
                     TunnResult::WriteToNetwork(p) => p.len(),
                     _ => 0,
                 })
@@ -67,31 +96,40 @@ fn encapsulate(c: &mut Criterion) {
     }
 }
 
-fn decapsulate(c: &mut Criterion) {
-    let (a_peer, b_peer, b) = pair();
-    let index = WgIndex::new([Some(&b_peer)].into_iter());
-    let src: IpAddr = "192.168.77.1".parse().expect("a valid address");
+fn open(c: &mut Criterion) {
+    let (a_peer, b_peer) = pair();
+    let (mut bta, mut btb) = boringtun_pair();
     let mut out = vec![0u8; 2048];
     for per_byte in [false, true] {
-        let mut g = c.benchmark_group(if per_byte { "wg_decapsulate_bytes" } else { "wg_decapsulate" });
+        let mut g = c.benchmark_group(if per_byte { "wg_open_bytes" } else { "wg_open" });
         for size in SIZES {
             let packet = inner(size);
             g.throughput(if per_byte { Throughput::Bytes(size as u64) } else { Throughput::Elements(1) });
-            g.bench_function(BenchmarkId::from_parameter(size), |bench| {
+            g.bench_function(BenchmarkId::new("weft", size), |bench| {
                 // Each datagram is fresh: WireGuard refuses replays.
                 bench.iter_batched(
-                    || match a_peer.lock().tunn.encapsulate(&packet, &mut vec![0u8; 2048]) {
+                    || {
+                        let mut d = vec![0u8; 2048];
+                        let n = a_peer.lock().tunnel.encapsulate(Instant::now(), &packet, MTU, &mut d);
+                        d.truncate(n.expect("the session is up"));
+                        d
+                    },
+                    |datagram| {
+                        let Ok(Message::Data(d)) = Message::parse(&datagram) else { return 0 };
+                        b_peer.lock().tunnel.decapsulate(Instant::now(), &d, &mut out).unwrap_or(0)
+                    },
+                    criterion::BatchSize::SmallInput,
+                )
+            });
+            g.bench_function(BenchmarkId::new("boringtun", size), |bench| {
+                bench.iter_batched(
+                    || match bta.encapsulate(&packet, &mut vec![0u8; 2048]) {
                         TunnResult::WriteToNetwork(p) => p.to_vec(),
                         _ => unreachable!("the session is up"),
                     },
-                    |datagram| {
-                        let mut cookie = [0u8; 64];
-                        let peer = b.classify(src, &datagram, &mut cookie).ok().and_then(|r| index.find(r));
-                        let _ = black_box(peer);
-                        match decrypted(b_peer.lock().tunn.decapsulate(Some(src), &datagram, &mut out)) {
-                            Decrypted::Packet(p, _) => p.len(),
-                            _ => 0,
-                        }
+                    |datagram| match btb.decapsulate(None, &datagram, &mut out) {
+                        TunnResult::WriteToTunnelV4(p, _) => p.len(),
+                        _ => 0,
                     },
                     criterion::BatchSize::SmallInput,
                 )
@@ -101,5 +139,5 @@ fn decapsulate(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, encapsulate, decapsulate);
+criterion_group!(benches, seal, open);
 criterion_main!(benches);

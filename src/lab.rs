@@ -1272,11 +1272,20 @@ impl Lab {
             .iter()
             .map(|r| get(&format!("weft_drops_total{{reason=\"{}\"}}", r.label())))
             .sum();
+        // WireGuard datagrams that failed to authenticate or were replayed.
+        use weft_tunnel::wireguard::WgError;
+        let wg_refused: u64 = WgError::ALL
+            .iter()
+            .filter(|e| {
+                !matches!(e, WgError::Cookie | WgError::UnknownIndex | WgError::Flood | WgError::StaleTimestamp)
+            })
+            .map(|e| get(&format!("weft_drops_total{{reason=\"{}\"}}", e.label())))
+            .sum();
         let (tx, rx) = (get("weft_udp_tx_packets_total"), get("weft_tun_tx_packets_total"));
         // Kernel-routed backends move no packet through weft.
         let passed = match self.opts.backend.as_str() {
             "vxlan" => tx > 0 && rx > 0 && decap_drops == 0,
-            "wireguard-native" => tx > 0 && rx > 0 && get("weft_drops_total{reason=\"wg_rejected\"}") == 0,
+            "wireguard-native" => tx > 0 && rx > 0 && wg_refused == 0,
             _ => tx == 0,
         };
         let detail = format!(

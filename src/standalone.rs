@@ -250,7 +250,7 @@ impl Inner {
                 Some(l) => {
                     let changed = {
                         let st = l.wg.lock();
-                        st.preshared_key != psk || st.keepalive.filter(|k| *k > 0) != keepalive
+                        st.preshared_key() != psk || st.keepalive() != keepalive
                     };
                     if changed {
                         l.wg.reconfigure(&self.device, psk, keepalive);
@@ -295,8 +295,8 @@ impl Device for StandaloneWg {
             let Some(l) = inner.peers.get_mut(&p.public_key) else { continue };
             let (since, tx, rx) = l.wg.stats();
             p.endpoint = l.wg.lock().endpoint.or(p.endpoint);
-            // boringtun forgets the handshake when its sessions expire;
-            // WireGuard keeps reporting the last one.
+            // WireGuard keeps reporting the last handshake after its
+            // sessions expire.
             if let Some(at) = since.and_then(|d| now.checked_sub(d)) {
                 l.last_handshake = Some(at);
             }

@@ -37,9 +37,9 @@ impl Device for AgentWg {
                 let st = wg.lock();
                 Some(PeerStatus {
                     public_key: Key(wg.public_key),
-                    preshared_key: st.preshared_key.map(Key),
+                    preshared_key: st.preshared_key().map(Key),
                     endpoint: st.endpoint,
-                    persistent_keepalive: st.keepalive.unwrap_or(0),
+                    persistent_keepalive: st.keepalive().unwrap_or(0),
                     allowed_ips: p.subnets.clone(),
                     last_handshake: since.and_then(|d| now.checked_sub(d)),
                     rx_bytes: rx,
@@ -80,7 +80,7 @@ impl Device for AgentWg {
             if p.persistent_keepalive.is_some() || p.preshared_key.is_some() {
                 let (psk, keepalive) = {
                     let st = wg.lock();
-                    (st.preshared_key, st.keepalive)
+                    (st.preshared_key(), st.keepalive())
                 };
                 let psk = p.preshared_key.map(|k| k.map(|k| k.0)).unwrap_or(psk);
                 let keepalive = p.persistent_keepalive.map(Some).unwrap_or(keepalive);

@@ -4,6 +4,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
+use weft_tunnel::wireguard::WgError;
 use weft_tunnel::DropReason;
 
 /// Why the engine itself dropped a packet (decapsulation reasons come from
@@ -22,28 +23,22 @@ pub enum EngineDrop {
     TunWriteError,
     /// WireGuard: a datagram naming no peer we know.
     WgUnknownPeer,
-    /// WireGuard: refused by the protocol (bad MAC, tag, counter, replay, type).
-    WgRejected,
     /// WireGuard: a decrypted packet whose source is outside the peer's allowed IPs.
     WgAllowedIps,
-    /// WireGuard: a handshake answered with a cookie (under load).
-    WgCookie,
     /// WireGuard: a packet for a peer with no known endpoint yet.
     WgNoEndpoint,
 }
 
 impl EngineDrop {
     /// Every reason, in counter order.
-    pub const ALL: [EngineDrop; 10] = [
+    pub const ALL: [EngineDrop; 8] = [
         EngineDrop::NoRoute,
         EngineDrop::NotIp,
         EngineDrop::Encap,
         EngineDrop::SendError,
         EngineDrop::TunWriteError,
         EngineDrop::WgUnknownPeer,
-        EngineDrop::WgRejected,
         EngineDrop::WgAllowedIps,
-        EngineDrop::WgCookie,
         EngineDrop::WgNoEndpoint,
     ];
 
@@ -56,9 +51,7 @@ impl EngineDrop {
             EngineDrop::SendError => "send_error",
             EngineDrop::TunWriteError => "tun_write_error",
             EngineDrop::WgUnknownPeer => "wg_unknown_peer",
-            EngineDrop::WgRejected => "wg_rejected",
             EngineDrop::WgAllowedIps => "wg_allowed_ips",
-            EngineDrop::WgCookie => "wg_cookie_reply",
             EngineDrop::WgNoEndpoint => "wg_no_endpoint",
         }
     }
@@ -71,22 +64,29 @@ pub enum DropCause {
     Decap(DropReason),
     /// Refused by the engine.
     Engine(EngineDrop),
+    /// Refused by the WireGuard protocol (or answered with a cookie).
+    Wg(WgError),
 }
 
 /// Number of drop counters.
-pub const DROP_SLOTS: usize = DropReason::ALL.len() + EngineDrop::ALL.len();
+pub const DROP_SLOTS: usize = DropReason::ALL.len() + EngineDrop::ALL.len() + WgError::ALL.len();
 
 impl DropCause {
     fn slot(self) -> usize {
         match self {
             DropCause::Decap(r) => r.index(),
             DropCause::Engine(e) => DropReason::ALL.len() + e as usize,
+            DropCause::Wg(e) => DropReason::ALL.len() + EngineDrop::ALL.len() + e.index(),
         }
     }
 
     /// Every reason with its label, in slot order.
     pub fn all() -> impl Iterator<Item = DropCause> {
-        DropReason::ALL.into_iter().map(DropCause::Decap).chain(EngineDrop::ALL.into_iter().map(DropCause::Engine))
+        DropReason::ALL
+            .into_iter()
+            .map(DropCause::Decap)
+            .chain(EngineDrop::ALL.into_iter().map(DropCause::Engine))
+            .chain(WgError::ALL.into_iter().map(DropCause::Wg))
     }
 
     /// Stable label for metrics.
@@ -94,6 +94,7 @@ impl DropCause {
         match self {
             DropCause::Decap(r) => r.label(),
             DropCause::Engine(e) => e.label(),
+            DropCause::Wg(e) => e.label(),
         }
     }
 }

@@ -24,9 +24,8 @@ pub mod worker;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
 
 use crossbeam_channel::Sender;
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
@@ -106,11 +105,6 @@ impl Offloads {
     pub const NONE: Offloads = Offloads { tun: false, udp_gso: false, udp_gro: false };
 }
 
-/// How often WireGuard timers (handshake retries, rekeys, keepalives) are
-/// looked at: boringtun's own device ticks every 250 ms; 100 ms keeps
-/// keepalives within a tenth of a second of their due time.
-pub const WG_TIMER_TICK: Duration = Duration::from_millis(100);
-
 struct WorkerHandle {
     thread: JoinHandle<std::io::Result<()>>,
     control: Sender<Control>,
@@ -121,31 +115,17 @@ struct WorkerHandle {
 pub struct Engine {
     workers: Vec<WorkerHandle>,
     counters: Vec<Arc<WorkerCounters>>,
-    /// The snapshot the workers forward with (for the timer thread).
-    current: Arc<Mutex<Arc<Snapshot>>>,
-    stop: Arc<AtomicBool>,
-    timers: Option<JoinHandle<()>>,
     cfg: EngineConfig,
     /// The UDP ports bound (IPv4, IPv6): the configured ones, or the ones
     /// the kernel picked for port 0.
     ports: (u16, u16),
     /// The mark (`SO_MARK`) on every underlay socket, if any.
     fwmark: Option<u32>,
-    /// What the timer thread sends with.
-    shared: Arc<WgShared>,
-}
-
-/// The WireGuard device and the sockets the timer thread uses; both change
-/// when the device's key or listen port does.
-struct WgShared {
-    device: Mutex<Option<Arc<WgDevice>>>,
-    sockets: Mutex<Vec<std::net::UdpSocket>>,
 }
 
 /// Sockets opened for all workers at one port pair.
 struct Opened {
     per_worker: Vec<Vec<worker::Family>>,
-    timer_sockets: Vec<std::net::UdpSocket>,
     ports: (u16, u16),
 }
 
@@ -194,7 +174,6 @@ fn open_at(
     exclusive: bool,
 ) -> std::io::Result<Opened> {
     let mut per_worker: Vec<Vec<worker::Family>> = (0..threads).map(|_| Vec::new()).collect();
-    let mut timer_sockets = Vec::new();
     for (i, local) in locals.iter().enumerate() {
         let v6_port = local.is_ipv6() && wg;
         if exclusive {
@@ -212,9 +191,6 @@ fn open_at(
             }
             if want == 0 {
                 picked(&mut port, &mut port_v6, v6_port, sock.local_addr()?.port());
-            }
-            if timer_sockets.len() <= i && wg {
-                timer_sockets.push(sock.try_clone()?);
             }
             let (vxlan, tx) = match &cfg.encap {
                 Encap::Vxlan(v) => (Some(v[i].clone()), Some(sys::raw::RawUdpTx::open(*local)?)),
@@ -251,7 +227,7 @@ fn open_at(
             families.push(worker::Family { vxlan, io });
         }
     }
-    Ok(Opened { per_worker, timer_sockets, ports: (port, port_v6) })
+    Ok(Opened { per_worker, ports: (port, port_v6) })
 }
 
 /// Records the port `got` picked for port 0: every later socket (and the
@@ -275,18 +251,19 @@ impl Engine {
             Encap::Vxlan(_) => None,
             Encap::Wireguard(d, _) => Some(d.clone()),
         };
-        let mut opened = open_families(cfg, threads, (cfg.port, cfg.port_v6), None, true)?;
+        let opened = open_families(cfg, threads, (cfg.port, cfg.port_v6), None, true)?;
         let queues = sys::tun::TunQueue::create(&cfg.tun_name, threads, cfg.offloads.tun)?;
-        let current = Arc::new(Mutex::new(snapshot.clone()));
-        let shared = Arc::new(WgShared {
-            device: Mutex::new(wg.clone()),
-            sockets: Mutex::new(std::mem::take(&mut opened.timer_sockets)),
-        });
         let mut workers = Vec::with_capacity(threads);
         let mut counters = Vec::with_capacity(threads);
+        let mut deadlines = None;
         for ((id, tun), families) in queues.into_iter().enumerate().zip(opened.per_worker) {
             let poll = mio::Poll::new()?;
             let waker = Arc::new(mio::Waker::new(poll.registry(), WAKER)?);
+            if id == 0 && wg.is_some() {
+                // Worker 0 drives the WireGuard timers; the others wake it
+                // when they bring a deadline forward.
+                deadlines = Some(Arc::new(wg::Deadlines::new(waker.clone())));
+            }
             let (tx, rx) = crossbeam_channel::unbounded();
             let c = Arc::new(WorkerCounters::default());
             let w = Worker {
@@ -302,6 +279,8 @@ impl Engine {
                 wg: wg.clone(),
                 wg_out: if wg.is_some() { vec![0u8; io::BUF_LEN] } else { Vec::new() },
                 busy_poll: std::time::Duration::from_micros(cfg.busy_poll_us.into()),
+                deadlines: deadlines.clone(),
+                timer_owner: id == 0,
             };
             let thread = std::thread::Builder::new().name(format!("weft-worker-{id}")).spawn(move || {
                 let counters = w.counters.clone();
@@ -315,38 +294,12 @@ impl Engine {
             workers.push(WorkerHandle { thread, control: tx, waker });
             counters.push(c);
         }
-        let stop = Arc::new(AtomicBool::new(false));
-        let timers = match wg {
-            Some(_) => {
-                let (current, stop, shared) = (current.clone(), stop.clone(), shared.clone());
-                let c = counters[0].clone();
-                Some(
-                    std::thread::Builder::new()
-                        .name("weft-wg-timers".into())
-                        .spawn(move || wg_timers(shared, current, c, stop))?,
-                )
-            }
-            None => None,
-        };
         tracing::info!(tun = %cfg.tun_name, threads, port = opened.ports.0, "engine started");
-        Ok(Engine {
-            workers,
-            counters,
-            current,
-            stop,
-            timers,
-            cfg: cfg.clone(),
-            ports: opened.ports,
-            fwmark: None,
-            shared,
-        })
+        Ok(Engine { workers, counters, cfg: cfg.clone(), ports: opened.ports, fwmark: None })
     }
 
     /// Swaps `snapshot` into every worker at its next batch boundary.
     pub fn update(&self, snapshot: Arc<Snapshot>) {
-        if let Ok(mut c) = self.current.lock() {
-            *c = snapshot.clone();
-        }
         for w in &self.workers {
             let _ = w.control.send(Control::Snapshot(snapshot.clone()));
             let _ = w.waker.wake();
@@ -365,9 +318,6 @@ impl Engine {
     pub fn rebind(&mut self, ports: (u16, u16), fwmark: Option<u32>) -> std::io::Result<(u16, u16)> {
         let exclusive = ports != self.ports;
         let opened = open_families(&self.cfg, self.workers.len(), ports, fwmark, exclusive)?;
-        if let Ok(mut s) = self.shared.sockets.lock() {
-            *s = opened.timer_sockets;
-        }
         for (w, families) in self.workers.iter().zip(opened.per_worker) {
             let _ = w.control.send(Control::Families(families));
             let _ = w.waker.wake();
@@ -380,9 +330,6 @@ impl Engine {
     /// Replaces the WireGuard device (a new private key). The peers built
     /// with the old key must be replaced too, with [`Engine::update`].
     pub fn set_wg_device(&self, device: Arc<WgDevice>) {
-        if let Ok(mut d) = self.shared.device.lock() {
-            *d = Some(device.clone());
-        }
         for w in &self.workers {
             let _ = w.control.send(Control::WgDevice(device.clone()));
             let _ = w.waker.wake();
@@ -406,57 +353,8 @@ impl Engine {
             let _ = w.control.send(Control::Stop);
             let _ = w.waker.wake();
         }
-        self.stop.store(true, Ordering::Relaxed);
         for w in self.workers {
             let _ = w.thread.join();
-        }
-        if let Some(t) = self.timers {
-            let _ = t.join();
-        }
-    }
-}
-
-/// Drives every WireGuard peer's timers: handshake retries and rekeys,
-/// keepalives, session expiry; resets the handshake rate limiter each second.
-fn wg_timers(
-    shared: Arc<WgShared>,
-    current: Arc<Mutex<Arc<Snapshot>>>,
-    counters: Arc<WorkerCounters>,
-    stop: Arc<AtomicBool>,
-) {
-    let mut out = vec![0u8; 2048];
-    let mut ticks = 0u32;
-    while !stop.load(Ordering::Relaxed) {
-        std::thread::sleep(WG_TIMER_TICK);
-        ticks = ticks.wrapping_add(1);
-        if ticks.is_multiple_of(10) {
-            if let Some(d) = shared.device.lock().ok().and_then(|d| d.clone()) {
-                d.rate_limiter.reset_count();
-            }
-        }
-        let snapshot = current.lock().map(|s| s.clone()).unwrap_or_default();
-        let Ok(sockets) = shared.sockets.lock() else { return };
-        for wg in snapshot.peers().iter().filter_map(|p| p.wg.as_ref()) {
-            let mut st = wg.lock();
-            let (endpoint, local) = (st.endpoint, st.local);
-            if let boringtun::noise::TunnResult::WriteToNetwork(p) = st.tunn.update_timers(&mut out) {
-                let sock = endpoint.and_then(|ep| {
-                    sockets.iter().find(|s| s.local_addr().is_ok_and(|l| l.is_ipv6() == ep.is_ipv6())).map(|s| (s, ep))
-                });
-                match sock {
-                    Some((s, ep)) => {
-                        // From the address the peer last sent to, as the
-                        // workers do; if that address is gone, the kernel's.
-                        let fd = std::os::fd::AsRawFd::as_raw_fd(s);
-                        let mut sent = sys::mmsg::send_mmsg(fd, &[(p, ep, local)]).sent;
-                        if sent == 0 && local.is_some() {
-                            sent = sys::mmsg::send_mmsg(fd, &[(p, ep, None)]).sent;
-                        }
-                        counters::add(&counters.udp_tx_packets, sent);
-                    }
-                    None => counters.count_drop(counters::DropCause::Engine(counters::EngineDrop::WgNoEndpoint)),
-                }
-            }
         }
     }
 }

@@ -107,6 +107,17 @@ impl Snapshot {
         self.wg_index.find(r).map(|i| &self.peers[i])
     }
 
+    /// The position in [`Snapshot::peers`] of the WireGuard peer a datagram names.
+    pub fn wg_peer_index(&self, r: PeerRef) -> Option<usize> {
+        self.wg_index.find(r)
+    }
+
+    /// Where a packet to `dst` goes: the peer's position in
+    /// [`Snapshot::peers`] and the VTEP to send to.
+    pub fn route_index(&self, dst: IpAddr) -> Option<(usize, Vtep)> {
+        self.routes.lookup(dst).map(|h| (h.peer, h.vtep))
+    }
+
     /// Where a packet to `dst` goes: the peer and the VTEP to send to.
     pub fn route(&self, dst: IpAddr) -> Option<(&Peer, Vtep)> {
         let hop = self.routes.lookup(dst)?;

@@ -14,14 +14,14 @@
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
-use std::sync::Arc;
+use std::sync::{Arc, MutexGuard};
 use std::time::{Duration, Instant};
 
-use boringtun::noise::TunnResult;
 use crossbeam_channel::Receiver;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use weft_tunnel::vxlan::{Vtep, Vxlan, HEADROOM};
+use weft_tunnel::wireguard::{inner_source, Message, WgError, COOKIE_REPLY_LEN, RESPONSE_LEN};
 
 use crate::coalesce::{coalesce, Out};
 use crate::counters::{add, DropCause, EngineDrop, WorkerCounters};
@@ -31,7 +31,7 @@ use crate::snapshot::Snapshot;
 use crate::sys::mmsg::{send_mmsg, MAX_GSO_PARTS, MAX_GSO_SEGMENTS};
 use crate::sys::tun::TunQueue;
 use crate::vnet::{complete_csum, F_NEEDS_CSUM};
-use crate::wg::{decrypted, Decrypted, WgDevice, WgPeer};
+use crate::wg::{Deadlines, PeerRef, PeerState, WgDevice, TIMER_SLACK};
 
 /// Batches per side handled before the loop polls again, so that one busy
 /// direction cannot starve the other or the control channel. 8 x 32 packets
@@ -94,6 +94,24 @@ pub(crate) struct Worker {
     pub hdrs: Vec<u8>,
     /// How long to keep polling after the last packet before sleeping.
     pub busy_poll: Duration,
+    /// WireGuard: the peers' earliest deadline, shared by the workers.
+    pub deadlines: Option<Arc<Deadlines>>,
+    /// Whether this worker drives the WireGuard timers (worker 0).
+    pub timer_owner: bool,
+}
+
+/// The packets of a TUN batch for one WireGuard peer, sealed together
+/// under one take of the peer's lock: (slot, inner length, segmentation).
+struct WgRun {
+    peer: usize,
+    len: usize,
+    items: [(usize, usize, Option<Plan>); crate::io::BATCH_SIZE],
+}
+
+impl Default for WgRun {
+    fn default() -> Self {
+        WgRun { peer: 0, len: 0, items: [(0, 0, None); crate::io::BATCH_SIZE] }
+    }
 }
 
 impl Worker {
@@ -119,7 +137,21 @@ impl Worker {
         loop {
             let busy = tun_pending || udp_pending.iter().any(|p| *p);
             let spin = !busy && !self.busy_poll.is_zero() && last_moved.elapsed() < self.busy_poll;
-            match self.poll.poll(&mut events, (busy || spin).then_some(Duration::ZERO)) {
+            let mut timeout = (busy || spin).then_some(Duration::ZERO);
+            if let Some(d) = self.deadlines.clone().filter(|_| self.timer_owner) {
+                let now = Instant::now();
+                if d.next().is_some_and(|t| t <= now) {
+                    self.wg_timers(&d, now);
+                }
+                if timeout.is_none() {
+                    timeout = Some(d.sleep_for(now, TIMER_SLACK));
+                }
+            }
+            let polled = self.poll.poll(&mut events, timeout);
+            if let Some(d) = self.deadlines.as_ref().filter(|_| self.timer_owner) {
+                d.awake();
+            }
+            match polled {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
@@ -141,7 +173,13 @@ impl Worker {
             }
             while let Ok(msg) = self.control.try_recv() {
                 match msg {
-                    Control::Snapshot(s) => self.snapshot = s,
+                    Control::Snapshot(s) => {
+                        self.snapshot = s;
+                        // New peers may have timers (a persistent keepalive).
+                        if let Some(d) = self.deadlines.clone().filter(|_| self.timer_owner) {
+                            self.wg_timers(&d, Instant::now());
+                        }
+                    }
                     Control::WgDevice(d) => self.wg = Some(d),
                     Control::Families(families) => {
                         for f in &mut self.families {
@@ -183,6 +221,10 @@ impl Worker {
     fn tun_to_underlay(&mut self, batch: &mut Batch, tx: &mut Batch) -> io::Result<usize> {
         let n = self.tun.read_batch(batch, HEADROOM, &self.counters)?;
         tx.set_len(0);
+        let snapshot = self.snapshot.clone();
+        let mut wg_run = WgRun::default();
+        // One clock read per batch: WireGuard's timers take it.
+        let now = Instant::now();
         for i in 0..n {
             let (buf, meta) = batch.slot_mut(i);
             add(&self.counters.tun_rx_packets, 1);
@@ -195,10 +237,11 @@ impl Worker {
                 self.counters.count_drop(DropCause::Engine(EngineDrop::NotIp));
                 continue;
             };
-            let Some((peer, vtep)) = self.snapshot.route(dst) else {
+            let Some((pi, vtep)) = snapshot.route_index(dst) else {
                 self.counters.count_drop(DropCause::Engine(EngineDrop::NoRoute));
                 continue;
             };
+            let peer = &snapshot.peers()[pi];
             let plan = if vnet.is_gso() {
                 match Plan::new(inner, vnet.gso_size as usize) {
                     Ok(p) => {
@@ -217,30 +260,17 @@ impl Worker {
                 }
                 None
             };
-            if let Some(wg) = &peer.wg {
-                // Each segment is sealed into a tx slot; the slots go out
-                // in runs (UDP_SEGMENT) or one sendmmsg when the batch is sent.
-                let segments = plan.map_or(1, |p| p.count());
-                for j in 0..segments {
-                    if tx.len() == tx.capacity() {
-                        send_all(&mut self.families, tx, &self.counters);
-                    }
-                    let inner = &batch.slot_mut(i).0[HEADROOM..HEADROOM + inner_len];
-                    let plain = match &plan {
-                        Some(plan) => match plan.write(inner, j, &mut self.scratch) {
-                            Ok(len) => &self.scratch[..len],
-                            Err(_) => break,
-                        },
-                        None => inner,
-                    };
-                    let k = tx.len();
-                    let (out, meta) = tx.slot_mut(k);
-                    if let Some(m) = wg_seal(wg, plain, out, &self.counters) {
-                        *meta = m;
-                        tx.set_len(k + 1);
-                    }
+            if peer.wg.is_some() {
+                // Sealed with the run of packets for this peer, under one
+                // take of its lock.
+                if wg_run.len > 0 && wg_run.peer != pi {
+                    self.wg_seal_run(&snapshot, batch, tx, &wg_run, now);
+                    wg_run.len = 0;
                 }
-                add(&peer.counters.tx_packets, segments as u64);
+                wg_run.peer = pi;
+                wg_run.items[wg_run.len] = (i, inner_len, plan);
+                wg_run.len += 1;
+                add(&peer.counters.tx_packets, plan.map_or(1, |p| p.count()) as u64);
                 add(&peer.counters.tx_bytes, inner_len as u64);
                 continue;
             }
@@ -306,10 +336,123 @@ impl Worker {
             add(&peer.counters.tx_packets, segments as u64);
             add(&peer.counters.tx_bytes, inner_len as u64);
         }
+        if wg_run.len > 0 {
+            self.wg_seal_run(&snapshot, batch, tx, &wg_run, now);
+        }
         if !tx.is_empty() {
             send_all(&mut self.families, tx, &self.counters);
         }
         Ok(n)
+    }
+
+    /// Seals a run of TUN packets for one WireGuard peer into the transmit
+    /// batch: the peer's lock is taken once, for the counters of every
+    /// segment and the endpoint; the AEAD runs without it. Without a
+    /// session the packets are staged and a handshake starts.
+    fn wg_seal_run(&mut self, snapshot: &Snapshot, batch: &mut Batch, tx: &mut Batch, run: &WgRun, now: Instant) {
+        let Some(wg) = &snapshot.peers()[run.peer].wg else { return };
+        let items = &run.items[..run.len];
+        let segments: usize = items.iter().map(|(_, _, p)| p.map_or(1, |p| p.count())).sum();
+        let bytes: usize = items.iter().map(|(_, len, _)| len).sum();
+        let mut st = wg.lock();
+        let grant = st.tunnel.send_grant(now, segments as u64, bytes as u64);
+        let (endpoint, local) = (st.endpoint, st.local);
+        let Some(grant) = grant else {
+            for &(i, len, plan) in items {
+                let inner = &batch.slot_mut(i).0[HEADROOM..HEADROOM + len];
+                match plan {
+                    Some(plan) => {
+                        for j in 0..plan.count() {
+                            if let Ok(l) = plan.write(inner, j, &mut self.scratch) {
+                                st.tunnel.stage(now, &self.scratch[..l]);
+                            }
+                        }
+                    }
+                    None => st.tunnel.stage(now, inner),
+                }
+            }
+            self.wg_drain(&mut st, now);
+            return;
+        };
+        if st.tunnel.wants_transmit(now) {
+            self.wg_drain(&mut st, now);
+        }
+        if let Some(d) = &self.deadlines {
+            d.lower(st.tunnel.poll_timeout());
+        }
+        drop(st);
+        let Some(ep) = endpoint else {
+            for _ in 0..segments {
+                self.counters.count_drop(DropCause::Engine(EngineDrop::WgNoEndpoint));
+            }
+            return;
+        };
+        let mut counter = grant.first;
+        for &(i, len, plan) in items {
+            for j in 0..plan.map_or(1, |p| p.count()) {
+                if tx.len() == tx.capacity() {
+                    send_all(&mut self.families, tx, &self.counters);
+                }
+                let inner = &batch.slot_mut(i).0[HEADROOM..HEADROOM + len];
+                let plain = match &plan {
+                    Some(plan) => match plan.write(inner, j, &mut self.scratch) {
+                        Ok(l) => &self.scratch[..l],
+                        Err(_) => {
+                            self.counters.count_drop(DropCause::Engine(EngineDrop::Encap));
+                            counter += 1;
+                            continue;
+                        }
+                    },
+                    None => inner,
+                };
+                let k = tx.len();
+                let (out, meta) = tx.slot_mut(k);
+                match grant.keypair.seal(counter, plain, self.mtu, out) {
+                    Some(dlen) => {
+                        *meta = Meta {
+                            start: 0,
+                            len: dlen,
+                            addr: Some(ep.ip()),
+                            port: ep.port(),
+                            local,
+                            ..Meta::default()
+                        };
+                        tx.set_len(k + 1);
+                    }
+                    None => self.counters.count_drop(DropCause::Engine(EngineDrop::Encap)),
+                }
+                counter += 1;
+            }
+        }
+    }
+
+    /// Sends what the peer's protocol state wants sent on its own
+    /// (initiations, keepalives, staged packets) to its endpoint, and
+    /// lowers the timer deadline to the peer's.
+    fn wg_drain(&mut self, st: &mut PeerState, now: Instant) {
+        while let Some(n) = st.tunnel.poll_transmit(now, self.mtu, &mut self.wg_out) {
+            match st.endpoint {
+                Some(ep) => send_one(&self.families, &self.wg_out[..n], ep, st.local, &self.counters),
+                None => self.counters.count_drop(DropCause::Engine(EngineDrop::WgNoEndpoint)),
+            }
+        }
+        if let Some(d) = &self.deadlines {
+            d.lower(st.tunnel.poll_timeout());
+        }
+    }
+
+    /// The timer owner's pass over every peer: fires what is due, sends
+    /// what that wants sent, and rebuilds the earliest deadline.
+    fn wg_timers(&mut self, deadlines: &Deadlines, now: Instant) {
+        deadlines.clear();
+        let snapshot = self.snapshot.clone();
+        for wg in snapshot.peers().iter().filter_map(|p| p.wg.as_ref()) {
+            let mut st = wg.lock();
+            if st.tunnel.poll_timeout().is_some_and(|t| t <= now) {
+                st.tunnel.handle_timeout(now);
+            }
+            self.wg_drain(&mut st, now);
+        }
     }
 
     /// Super-packet to underlay with the `UDP_SEGMENT` pool: each segment's
@@ -450,7 +593,7 @@ impl Worker {
         Some(more)
     }
 
-    /// WireGuard receive: find the peer, let boringtun check and decrypt,
+    /// WireGuard receive: find the peer, check macs, handshake or open with its session,
     /// enforce the peer's allowed IPs, follow its endpoint, write to the TUN.
     ///
     /// With `UDP_GRO` the datagrams are opened where `recvmmsg` put them;
@@ -463,15 +606,19 @@ impl Worker {
             return Ok(n == batch.capacity());
         };
         out.set_len(0);
+        let snapshot = self.snapshot.clone();
         let mut rx = WgRx {
             device: &device,
-            snapshot: &self.snapshot,
+            snapshot: &snapshot,
             counters: &self.counters,
             tun: &mut self.tun,
             mtu: self.mtu,
             wg_out: &mut self.wg_out,
             fd: self.families[f].io.rx.as_raw_fd(),
             out,
+            now: Instant::now(),
+            deadlines: self.deadlines.as_deref(),
+            held: None,
         };
         let in_place = self.families[f].io.recv_in_place(MAX_VIEWS, rx.counters, |r, datagram| {
             let Some(from) = r.from else { return };
@@ -489,6 +636,7 @@ impl Worker {
                 n == batch.capacity()
             }
         };
+        rx.release();
         flush_to_tun(rx.tun, rx.mtu, rx.counters, rx.out);
         Ok(more)
     }
@@ -519,76 +667,158 @@ struct WgRx<'a> {
     /// The receiving socket: cookie replies and handshake answers leave by it.
     fd: std::os::fd::RawFd,
     out: &'a mut Batch,
+    /// The batch's one clock read.
+    now: Instant,
+    deadlines: Option<&'a Deadlines>,
+    /// The lock of the peer of the last datagram: consecutive datagrams
+    /// of one peer (a run of a batch) take it once.
+    held: Option<(usize, MutexGuard<'a, PeerState>)>,
 }
 
-impl WgRx<'_> {
+/// Sends one datagram on `fd` to `to` from `local`, counted.
+fn reply(fd: std::os::fd::RawFd, counters: &WorkerCounters, d: &[u8], to: SocketAddr, local: Option<IpAddr>) {
+    let st = send_mmsg(fd, &[(d, to, local)]);
+    add(&counters.syscalls, st.syscalls);
+    add(&counters.udp_tx_packets, st.sent);
+}
+
+impl<'a> WgRx<'a> {
+    /// Lets go of the held peer lock, lowering the timer deadline to the peer's.
+    fn release(&mut self) {
+        if let Some((_, st)) = self.held.take() {
+            if let Some(d) = self.deadlines {
+                d.lower(st.tunnel.poll_timeout());
+            }
+        }
+    }
+
     /// Opens one datagram from `from`, received on our address `local`.
     fn open(&mut self, from: SocketAddr, local: Option<IpAddr>, datagram: &[u8]) {
-        let ip = from.ip();
-        let (fd, counters) = (self.fd, self.counters);
-        let reply_to = |d: &[u8]| {
-            let st = send_mmsg(fd, &[(d, from, local)]);
-            add(&counters.syscalls, st.syscalls);
-            add(&counters.udp_tx_packets, st.sent);
+        let (fd, counters, now) = (self.fd, self.counters, self.now);
+        let drop = |e: WgError| counters.count_drop(DropCause::Wg(e));
+        let msg = match Message::parse(datagram) {
+            Ok(m) => m,
+            Err(e) => return drop(e),
         };
-        let mut cookie = [0u8; 64];
-        let peer = match self.device.classify(ip, datagram, &mut cookie) {
-            Ok(r) => self.snapshot.wg_peer(r),
-            Err(Some(reply)) => {
-                reply_to(reply);
-                counters.count_drop(DropCause::Engine(EngineDrop::WgCookie));
-                return;
+        let identity = self.device.identity();
+        let mut cookie = [0u8; COOKIE_REPLY_LEN];
+        if let Err(e) = identity.check_macs(now, from, &msg, &mut cookie) {
+            if e == WgError::Cookie {
+                reply(fd, counters, &cookie, from, local);
             }
-            Err(None) => {
-                counters.count_drop(DropCause::Engine(EngineDrop::WgRejected));
-                return;
-            }
+            return drop(e);
+        }
+        let mut half = None;
+        let named = match &msg {
+            Message::Initiation(m) => match identity.open_initiation(m) {
+                Ok(h) => {
+                    let key = h.peer;
+                    half = Some(h);
+                    PeerRef::Key(key)
+                }
+                Err(e) => return drop(e),
+            },
+            other => PeerRef::Index(other.receiver().unwrap_or(0) >> 8),
         };
-        let Some((peer, wg)) = peer.and_then(|p| Some((p, p.wg.as_ref()?))) else {
+        let Some(pi) = self.snapshot.wg_peer_index(named) else {
             counters.count_drop(DropCause::Engine(EngineDrop::WgUnknownPeer));
             return;
         };
-        if self.out.len() == self.out.capacity() {
-            flush_to_tun(self.tun, self.mtu, counters, self.out);
+        if self.held.as_ref().is_none_or(|(p, _)| *p != pi) {
+            self.release();
+            let Some(wg) = self.snapshot.peers()[pi].wg.as_ref() else { return };
+            self.held = Some((pi, wg.lock()));
         }
-        let k = self.out.len();
-        let (obuf, ometa) = self.out.slot_mut(k);
-        let obase = obuf.as_ptr() as usize;
-        let mut st = wg.lock();
-        match decrypted(st.tunn.decapsulate(Some(ip), datagram, obuf)) {
-            Decrypted::Reply(reply) => {
-                st.endpoint = Some(from);
-                st.local = local;
-                reply_to(reply);
-                // Packets queued while the handshake ran go out now.
-                while let TunnResult::WriteToNetwork(p) = st.tunn.decapsulate(None, &[], self.wg_out) {
-                    reply_to(p);
+        let Some((_, st)) = self.held.as_mut() else { return };
+        match msg {
+            Message::Initiation(_) => {
+                let Some(half) = half else { return };
+                let mut resp = [0u8; RESPONSE_LEN];
+                match st.tunnel.consume_initiation(now, &half, &mut resp) {
+                    Ok(()) => {
+                        st.roam(from, local);
+                        reply(fd, counters, &resp, from, local);
+                    }
+                    Err(e) => drop(e),
                 }
             }
-            Decrypted::Packet(p, inner_src) => {
+            Message::Response(m) => match st.tunnel.consume_response(now, m) {
+                Ok(()) => {
+                    st.roam(from, local);
+                    // Packets staged while the handshake ran go out now.
+                    while let Some(n) = st.tunnel.poll_transmit(now, self.mtu, self.wg_out) {
+                        reply(fd, counters, &self.wg_out[..n], from, local);
+                    }
+                }
+                Err(e) => drop(e),
+            },
+            Message::CookieReply(m) => {
+                if let Err(e) = st.tunnel.consume_cookie(now, m) {
+                    drop(e);
+                }
+            }
+            Message::Data(d) => {
+                let Some(kp) = st.tunnel.keypair(d.receiver).cloned() else {
+                    return drop(WgError::UnknownIndex);
+                };
+                if self.out.len() == self.out.capacity() {
+                    flush_to_tun(self.tun, self.mtu, counters, self.out);
+                }
+                let k = self.out.len();
+                let (obuf, ometa) = self.out.slot_mut(k);
+                let len = match kp.open(d.counter, d.sealed, obuf) {
+                    Ok(len) => len,
+                    Err(e) => return drop(e),
+                };
+                if let Err(e) = st.tunnel.accept(now, &kp, d.counter, len) {
+                    return drop(e);
+                }
+                // The endpoint follows the latest authenticated datagram,
+                // whatever it carries (wireguard-go's order).
+                st.roam(from, local);
+                if st.tunnel.wants_transmit(now) {
+                    while let Some(n) = st.tunnel.poll_transmit(now, self.mtu, self.wg_out) {
+                        reply(fd, counters, &self.wg_out[..n], from, local);
+                    }
+                }
+                if len == 0 {
+                    return; // a keepalive
+                }
+                let (n, inner_src) = match inner_source(&obuf[..len]) {
+                    Ok(x) => x,
+                    Err(e) => return drop(e),
+                };
                 // Cryptokey routing: the source must route back to this
                 // very peer (a longest match), not merely lie inside one
                 // of its prefixes, which may overlap another peer's.
-                let owner = self.snapshot.route(inner_src).map(|(o, _)| o);
-                if !owner.is_some_and(|o| std::ptr::eq(o, peer)) {
+                if self.snapshot.route_index(inner_src).map(|(o, _)| o) != Some(pi) {
                     counters.count_drop(DropCause::Engine(EngineDrop::WgAllowedIps));
                     return;
                 }
-                st.endpoint = Some(from);
-                st.local = local;
+                let peer = &self.snapshot.peers()[pi];
                 add(&peer.counters.rx_packets, 1);
-                add(&peer.counters.rx_bytes, p.len() as u64);
-                *ometa = Meta { start: p.as_ptr() as usize - obase, len: p.len(), ..Meta::default() };
-                drop(st);
+                add(&peer.counters.rx_bytes, n as u64);
+                *ometa = Meta { start: 0, len: n, ..Meta::default() };
                 self.out.set_len(k + 1);
             }
-            Decrypted::Nothing => {
-                st.endpoint = Some(from);
-                st.local = local;
-            }
-            Decrypted::Refused => counters.count_drop(DropCause::Engine(EngineDrop::WgRejected)),
         }
     }
+}
+
+/// Sends one datagram to `ep` from `local` on the family socket of its
+/// address family; if `local` is gone, from the kernel's choice.
+fn send_one(families: &[Family], d: &[u8], ep: SocketAddr, local: Option<IpAddr>, counters: &WorkerCounters) {
+    let Some(f) = families.iter().find(|f| f.io.v6 == ep.is_ipv6()) else {
+        counters.count_drop(DropCause::Engine(EngineDrop::WgNoEndpoint));
+        return;
+    };
+    let fd = f.io.rx.as_raw_fd();
+    let mut st = send_mmsg(fd, &[(d, ep, local)]);
+    if st.sent == 0 && local.is_some() {
+        st = send_mmsg(fd, &[(d, ep, None)]);
+    }
+    add(&counters.syscalls, st.syscalls);
+    add(&counters.udp_tx_packets, st.sent);
 }
 
 /// Coalesces (with TUN offloads) and writes `out`'s packets, and empties it.
@@ -642,36 +872,5 @@ pub fn ip_destination(p: &[u8]) -> Option<IpAddr> {
             Some(IpAddr::from(d))
         }
         _ => None,
-    }
-}
-
-/// Encrypts `packet` for `peer` into `out` and says where the datagram lies
-/// and goes (the peer's endpoint), or counts why nothing is to be sent; a
-/// packet for a peer without a session starts a handshake (the packet is
-/// queued in boringtun and the handshake initiation is the datagram).
-pub(crate) fn wg_seal(peer: &WgPeer, packet: &[u8], out: &mut [u8], counters: &WorkerCounters) -> Option<Meta> {
-    let base = out.as_ptr() as usize;
-    let mut st = peer.lock();
-    let (endpoint, local) = (st.endpoint, st.local);
-    match st.tunn.encapsulate(packet, out) {
-        TunnResult::WriteToNetwork(d) => {
-            let Some(ep) = endpoint else {
-                counters.count_drop(DropCause::Engine(EngineDrop::WgNoEndpoint));
-                return None;
-            };
-            Some(Meta {
-                local,
-                start: d.as_ptr() as usize - base,
-                len: d.len(),
-                addr: Some(ep.ip()),
-                port: ep.port(),
-                ..Meta::default()
-            })
-        }
-        TunnResult::Done => None,
-        _ => {
-            counters.count_drop(DropCause::Engine(EngineDrop::WgRejected));
-            None
-        }
     }
 }

@@ -1,53 +1,54 @@
 //! Whatever arrives on the WireGuard port: a handshake initiation, its
-//! response or a data packet between two real devices, changed by the
-//! fuzzer's bytes, goes through the receive path (classify, then the peer's
-//! decapsulation). Invariants: nothing panics, and a datagram that was
-//! changed in any way never decrypts to a packet for the TUN: only
-//! authenticated traffic reaches a pod.
+//! response or a data packet between two real peers, changed by the
+//! fuzzer's bytes, goes through the receive path of weft's WireGuard core
+//! (parse, macs, the peer's handshake or session). Invariants: nothing
+//! panics, and a datagram that was changed in any way never opens to a
+//! packet for the TUN: only authenticated traffic reaches a pod.
 
 #![no_main]
 
-use std::net::IpAddr;
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use boringtun::noise::TunnResult;
 use libfuzzer_sys::fuzz_target;
-use weft_engine::wg::{decrypted, Decrypted, WgDevice, WgIndex, WgPeer};
+use weft_tunnel::wireguard::{inner_source, public_key, Identity, Message, Tunnel, COOKIE_REPLY_LEN, RESPONSE_LEN};
 
 const INNER: [u8; 28] = [
     0x45, 0, 0, 28, 0, 1, 0, 0, 64, 17, 0, 0, 10, 244, 1, 2, 10, 244, 2, 2, 0x9c, 0x40, 0x1b, 0x39, 0, 8, 0, 0,
 ];
-
-fn network(r: TunnResult<'_>) -> Vec<u8> {
-    match r {
-        TunnResult::WriteToNetwork(p) => p.to_vec(),
-        _ => panic!("the unchanged exchange must produce a datagram"),
-    }
-}
+const MTU: usize = 1420;
 
 fuzz_target!(|data: &[u8]| {
     let Some((&which, edits)) = data.split_first() else { return };
-    let (a, b) = (WgDevice::new([1; 32]), WgDevice::new([2; 32]));
-    let a_peer = WgPeer::new(&a, b.public_key(), None, None, 1, None);
-    let b_peer = Arc::new(WgPeer::new(&b, a.public_key(), None, None, 2, None));
-    let index = WgIndex::new([Some(&b_peer)].into_iter());
-    let src: IpAddr = "192.168.77.1".parse().unwrap();
+    let now = Instant::now();
+    let wall = (now, Duration::from_secs(1_700_000_000));
+    let (a, b) = (Arc::new(Identity::new([1; 32], wall)), Arc::new(Identity::new([2; 32], wall)));
+    let mut ta = Tunnel::new(a.clone(), public_key(&[2; 32]), None, None, 1);
+    let mut tb = Tunnel::new(b.clone(), public_key(&[1; 32]), None, None, 2);
+    let from = SocketAddr::from(([192, 168, 77, 1], 51820));
     let mut out = vec![0u8; 4096];
 
     // The real exchange: initiation, response, then one data packet.
-    let init = network(a_peer.lock().tunn.encapsulate(&INNER, &mut out));
+    ta.stage(now, &INNER);
+    let n = ta.poll_transmit(now, MTU, &mut out).expect("an initiation");
+    let init = out[..n].to_vec();
     let target = match which % 3 {
         0 => init,
         _ => {
-            let resp = network(b_peer.lock().tunn.decapsulate(Some(src), &init, &mut out));
-            let mut g = a_peer.lock();
-            let _ = g.tunn.decapsulate(Some("192.168.77.2".parse().unwrap()), &resp, &mut out);
-            let data_packet = network(g.tunn.decapsulate(None, &[], &mut out));
-            drop(g);
+            // B answers a copy of itself, so that the target stays fresh for `tb`.
+            let mut tb2 = Tunnel::new(b.clone(), public_key(&[1; 32]), None, None, 2);
+            let Ok(Message::Initiation(m)) = Message::parse(&init) else { panic!("an initiation") };
+            let half = b.open_initiation(m).expect("it opens");
+            let mut resp = [0u8; RESPONSE_LEN];
+            tb2.consume_initiation(now, &half, &mut resp).expect("it is answered");
             if which % 3 == 1 {
-                resp
+                resp.to_vec()
             } else {
-                data_packet
+                ta.consume_response(now, &resp).expect("the response is taken");
+                let n = ta.poll_transmit(now, MTU, &mut out).expect("the staged packet");
+                tb = tb2;
+                out[..n].to_vec()
             }
         }
     };
@@ -62,13 +63,33 @@ fuzz_target!(|data: &[u8]| {
         Some(_) => changed.extend_from_slice(&tail[1..]),
         None => {}
     }
-    let mut cookie = [0u8; 64];
-    let Ok(r) = b.classify(src, &changed, &mut cookie) else { return };
-    let Some(0) = index.find(r) else { return };
-    let mut g = b_peer.lock();
-    if let Decrypted::Packet(p, inner_src) = decrypted(g.tunn.decapsulate(Some(src), &changed, &mut out)) {
-        assert_eq!(changed, target, "a changed datagram decrypted to a packet");
-        assert_eq!(p, &INNER[..]);
-        assert_eq!(inner_src, IpAddr::from([10, 244, 1, 2]));
+    let Ok(msg) = Message::parse(&changed) else { return };
+    let mut cookie = [0u8; COOKIE_REPLY_LEN];
+    if b.check_macs(now, from, &msg, &mut cookie).is_err() {
+        return;
+    }
+    match msg {
+        Message::Initiation(m) => {
+            if let Ok(half) = b.open_initiation(m) {
+                let mut resp = [0u8; RESPONSE_LEN];
+                if tb.consume_initiation(now, &half, &mut resp).is_ok() {
+                    assert_eq!(changed, target, "a changed initiation was answered");
+                }
+            }
+        }
+        Message::Response(m) => {
+            let _ = tb.consume_response(now, m);
+        }
+        Message::CookieReply(m) => {
+            let _ = tb.consume_cookie(now, m);
+        }
+        Message::Data(d) => {
+            if let Ok(len) = tb.decapsulate(now, &d, &mut out) {
+                assert_eq!(changed, target, "a changed datagram opened");
+                let (n, src) = inner_source(&out[..len]).expect("the packet sent");
+                assert_eq!(&out[..n], &INNER[..]);
+                assert_eq!(src, std::net::IpAddr::from([10, 244, 1, 2]));
+            }
+        }
     }
 });

@@ -124,7 +124,7 @@ impl WgError {
         match self {
             WgError::Malformed => "wg_malformed",
             WgError::Mac1 => "wg_mac1",
-            WgError::Cookie => "wg_cookie",
+            WgError::Cookie => "wg_cookie_reply",
             WgError::Decrypt => "wg_decrypt",
             WgError::UnknownIndex => "wg_unknown_index",
             WgError::Replay => "wg_replay",
