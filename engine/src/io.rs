@@ -7,6 +7,8 @@
 //! them; the TUN side reads and writes one (super-)packet per
 //! syscall, the underlay side moves a whole batch per `recvmmsg`/`sendmmsg`.
 
+pub mod mem;
+
 use std::io;
 use std::io::IoSlice;
 use std::net::{IpAddr, SocketAddr};
@@ -14,7 +16,8 @@ use std::os::fd::AsRawFd;
 
 use crate::coalesce::{parts, Out, MAX_PARTS};
 use crate::counters::{add, DropCause, EngineDrop, WorkerCounters};
-use crate::sys::mmsg::{recv_mmsg, send_gso, send_mmsg, Outgoing, Received, MAX_GSO_SEGMENTS, MAX_MMSG};
+pub use crate::sys::mmsg::Received;
+use crate::sys::mmsg::{recv_mmsg, send_gso, send_mmsg, Outgoing, MAX_GSO_SEGMENTS, MAX_MMSG};
 use crate::sys::raw::RawUdpTx;
 use crate::sys::tun::TunQueue;
 use crate::vnet::{VnetHdr, GSO_UDP_L4, VNET_HDR_LEN};
@@ -28,15 +31,22 @@ pub const BATCH_SIZE: usize = 32;
 /// headers written in front of it.
 pub const BUF_LEN: usize = 65536 + 64;
 
-/// What an I/O side can do per call.
+/// What an I/O side can do per call. The worker asks before every batch
+/// (an offload the kernel refuses is turned off at run time).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Capabilities {
     /// Packets one call moves at most.
     pub batch_size: usize,
-    /// Segments one send may carry (1: no GSO).
+    /// Segments one packet or send may carry: pod side, super-packets read
+    /// with a virtio-net header (GSO in); underlay side, `UDP_SEGMENT`
+    /// sends (1: neither).
     pub max_gso_segments: usize,
-    /// Whether receive coalescing (GRO) is on.
+    /// Pod side: coalesced writes (GRO out, [`PodIo::write_coalesced`]);
+    /// underlay side: coalesced receives handed out in place
+    /// ([`UnderlayIo::recv_in_place`]).
     pub gro: bool,
+    /// Pod side: coalesced writes may join UDP datagrams (USO).
+    pub uso: bool,
 }
 
 /// Where one packet of a batch lies in its buffer, and its underlay address.
@@ -79,6 +89,12 @@ impl Batch {
             meta: vec![Meta::default(); slots],
             count: 0,
         }
+    }
+
+    /// Moves the batch out, leaving one with no slots (no allocation):
+    /// lets a caller hold two of its owner's batches at once.
+    pub fn take(&mut self) -> Batch {
+        std::mem::replace(self, Batch { bufs: Vec::new(), meta: Vec::new(), count: 0 })
     }
 
     /// Number of slots.
@@ -139,35 +155,81 @@ impl Batch {
     }
 }
 
-/// The pod side: a TUN queue.
-pub trait TunIo {
-    /// What one call can do.
+/// The pod side of a worker: a TUN queue, or memory in tests.
+pub trait PodIo {
+    /// What one call can do now.
     fn capabilities(&self) -> Capabilities;
     /// Reads up to a batch of packets, each at `headroom` in its buffer.
     /// Returns how many were read; fewer than a batch means the queue is empty.
     fn read_batch(&mut self, batch: &mut Batch, headroom: usize, counters: &WorkerCounters) -> io::Result<usize>;
-    /// Writes the batch's live packets, counting failures as drops.
+    /// Writes the batch's live packets (each with its `vnet` header when
+    /// the side has offloads), counting failures as drops.
     fn write_batch(&mut self, batch: &Batch, counters: &WorkerCounters);
+    /// Writes what [`crate::coalesce::coalesce`] made of `pkts`: each head
+    /// or lone packet with its virtio-net header and the payloads merged
+    /// into it (only asked when [`Capabilities::gro`] is on).
+    fn write_coalesced(&mut self, pkts: &[&mut [u8]], outs: &[Out], counters: &WorkerCounters);
+    /// Writes one complete packet, counted.
+    fn write_one(&mut self, packet: &[u8], counters: &WorkerCounters);
 }
 
-/// The node side: the underlay UDP socket(s).
+/// Sends single datagrams: handshake answers, cookie replies and timer
+/// messages, from wherever a worker is (a handle apart from the receive
+/// path, so that replies can leave while a receive batch is borrowed).
+pub trait DatagramTx: Clone {
+    /// Sends `d` to `to` from our address `from` (the kernel's choice
+    /// when it is gone), counted.
+    fn send_to(&self, d: &[u8], to: SocketAddr, from: Option<IpAddr>, counters: &WorkerCounters);
+}
+
+/// The node side of a worker: one underlay family (UDP sockets, an XDP
+/// socket, or memory in tests).
 pub trait UnderlayIo {
-    /// What one call can do.
+    /// The handle [`UnderlayIo::reply_tx`] gives.
+    type Tx: DatagramTx;
+    /// What one call can do now.
     fn capabilities(&self) -> Capabilities;
+    /// Whether this is the IPv6 underlay.
+    fn v6(&self) -> bool;
     /// Receives up to a batch of UDP payloads with their source addresses.
     fn recv_batch(&mut self, batch: &mut Batch, counters: &WorkerCounters) -> io::Result<usize>;
-    /// Sends the batch's live datagrams to their `addr`, counting failures.
+    /// With [`Capabilities::gro`]: hands up to `cap` received datagrams to
+    /// `each` where they lie, and says whether more may be waiting;
+    /// `None` when the side cannot.
+    fn recv_in_place<'a>(
+        &'a mut self,
+        cap: usize,
+        counters: &WorkerCounters,
+        each: impl FnMut(&Received, &'a mut [u8]),
+    ) -> Option<bool>;
+    /// Sends the batch's live datagrams of this family to their `addr`:
+    /// VXLAN datagrams carry their UDP header (ports and checksum ours),
+    /// WireGuard ones are UDP payloads for `addr`:`port` from `local`.
     fn send_batch(&mut self, batch: &Batch, counters: &WorkerCounters);
+    /// Sends `segments` VXLAN datagrams gathered from `parts` (a header
+    /// part and a payload part each, all `seg` bytes but the last) from
+    /// source port `sport` to `dst`, in one `UDP_SEGMENT` send.
+    fn send_gathered(
+        &mut self,
+        sport: u16,
+        dst: SocketAddr,
+        parts: &[&[u8]],
+        seg: u16,
+        segments: usize,
+        counters: &WorkerCounters,
+    );
+    /// A handle that sends single datagrams from this family's port.
+    fn reply_tx(&self) -> Self::Tx;
 }
 
-const ONE_BY_ONE: Capabilities = Capabilities { batch_size: BATCH_SIZE, max_gso_segments: 1, gro: false };
-
-impl TunIo for TunQueue {
+impl PodIo for TunQueue {
     fn capabilities(&self) -> Capabilities {
-        if self.vnet_hdr() {
-            Capabilities { batch_size: BATCH_SIZE, max_gso_segments: 64, gro: true }
-        } else {
-            ONE_BY_ONE
+        let vnet = self.vnet_hdr();
+        Capabilities {
+            batch_size: BATCH_SIZE,
+            max_gso_segments: if vnet { MAX_GSO_SEGMENTS } else { 1 },
+            gro: vnet,
+            uso: vnet && self.uso(),
         }
     }
 
@@ -204,18 +266,21 @@ impl TunIo for TunQueue {
             self.write_with(packet, &meta.vnet, counters);
         }
     }
+
+    fn write_coalesced(&mut self, pkts: &[&mut [u8]], outs: &[Out], counters: &WorkerCounters) {
+        self.write_coalesced_from(pkts, outs, counters)
+    }
+
+    fn write_one(&mut self, packet: &[u8], counters: &WorkerCounters) {
+        self.write_with(packet, &VnetHdr::default(), counters)
+    }
 }
 
 impl TunQueue {
-    /// Writes one complete packet, counting it (or its failure as a drop).
-    pub fn write_counted(&self, packet: &[u8], counters: &WorkerCounters) {
-        self.write_with(packet, &VnetHdr::default(), counters)
-    }
-
     /// Writes what [`crate::coalesce::coalesce`] made of `pkts`: each head
     /// or lone packet with its virtio-net header and the payloads merged
     /// into it, in one `writev` (the TUN has a virtio-net header).
-    pub fn write_coalesced<P: AsRef<[u8]>>(&self, pkts: &[P], outs: &[Out], counters: &WorkerCounters) {
+    pub fn write_coalesced_from<P: AsRef<[u8]>>(&self, pkts: &[P], outs: &[Out], counters: &WorkerCounters) {
         let empty: &[u8] = &[];
         for (i, o) in outs.iter().enumerate().take(pkts.len()) {
             if o.merged {
@@ -314,8 +379,47 @@ impl Default for GroRx {
 }
 
 impl UnderlayIo for UdpUnderlay {
+    type Tx = FdTx;
+
     fn capabilities(&self) -> Capabilities {
-        ONE_BY_ONE
+        let gso = !self.gso_pool.is_empty() || self.wg_gso;
+        Capabilities {
+            batch_size: MAX_MMSG,
+            max_gso_segments: if gso { MAX_GSO_SEGMENTS } else { 1 },
+            gro: self.gro.is_some(),
+            uso: false,
+        }
+    }
+
+    fn v6(&self) -> bool {
+        self.v6
+    }
+
+    fn recv_in_place<'a>(
+        &'a mut self,
+        cap: usize,
+        counters: &WorkerCounters,
+        each: impl FnMut(&Received, &'a mut [u8]),
+    ) -> Option<bool> {
+        self.recv_gro_in_place(cap, counters, each)
+    }
+
+    fn send_gathered(
+        &mut self,
+        sport: u16,
+        dst: SocketAddr,
+        parts: &[&[u8]],
+        seg: u16,
+        segments: usize,
+        counters: &WorkerCounters,
+    ) {
+        if !self.gso_pool.is_empty() && self.send_pool(sport, dst, parts, seg, segments, counters) {
+            self.drop_gso_pool();
+        }
+    }
+
+    fn reply_tx(&self) -> FdTx {
+        FdTx(self.rx.as_raw_fd())
     }
 
     fn recv_batch(&mut self, batch: &mut Batch, counters: &WorkerCounters) -> io::Result<usize> {
@@ -596,7 +700,7 @@ impl UdpUnderlay {
     /// buffer: those left from the last call first, else newly received
     /// ones, at most `cap` in all. Returns `None` when `UDP_GRO` is off,
     /// else whether more may be waiting.
-    pub fn recv_in_place<'a>(
+    fn recv_gro_in_place<'a>(
         &'a mut self,
         cap: usize,
         counters: &WorkerCounters,
@@ -651,29 +755,21 @@ impl UdpUnderlay {
         (*buf, *off) = (*count, 0);
         Some(full)
     }
+}
 
-    /// Whether VXLAN datagrams go out through the `UDP_SEGMENT` pool.
-    pub fn gso_pool_ready(&self) -> bool {
-        !self.gso_pool.is_empty()
-    }
+/// Sends single datagrams on a socket's file descriptor.
+#[derive(Debug, Clone, Copy)]
+pub struct FdTx(pub std::os::fd::RawFd);
 
-    /// Sends `segments` VXLAN datagrams gathered from `parts` (each
-    /// datagram a header part and a payload part, all `seg` bytes but the
-    /// last) from the pool socket of `sport` to `dst`, in one
-    /// `UDP_SEGMENT` send. When the kernel refuses `UDP_SEGMENT` the pool
-    /// is dropped (logged once) and later datagrams take the raw socket.
-    pub fn send_gathered(
-        &mut self,
-        sport: u16,
-        dst: SocketAddr,
-        parts: &[&[u8]],
-        seg: u16,
-        segments: usize,
-        counters: &WorkerCounters,
-    ) {
-        if !self.gso_pool.is_empty() && self.send_pool(sport, dst, parts, seg, segments, counters) {
-            self.drop_gso_pool();
+impl DatagramTx for FdTx {
+    fn send_to(&self, d: &[u8], to: SocketAddr, from: Option<IpAddr>, counters: &WorkerCounters) {
+        let mut st = send_mmsg(self.0, &[(d, to, from)]);
+        if st.sent == 0 && from.is_some() {
+            // Our address the peer last sent to is gone: the kernel's.
+            st = send_mmsg(self.0, &[(d, to, None)]);
         }
+        add(&counters.syscalls, st.syscalls);
+        add(&counters.udp_tx_packets, st.sent);
     }
 }
 

@@ -12,6 +12,7 @@
 
 pub mod coalesce;
 pub mod counters;
+pub mod datapath;
 pub mod io;
 pub mod route;
 pub mod segment;
@@ -125,7 +126,7 @@ pub struct Engine {
 
 /// Sockets opened for all workers at one port pair.
 struct Opened {
-    per_worker: Vec<Vec<worker::Family>>,
+    per_worker: Vec<Vec<io::UdpUnderlay>>,
     ports: (u16, u16),
 }
 
@@ -173,8 +174,8 @@ fn open_at(
     fwmark: Option<u32>,
     exclusive: bool,
 ) -> std::io::Result<Opened> {
-    let mut per_worker: Vec<Vec<worker::Family>> = (0..threads).map(|_| Vec::new()).collect();
-    for (i, local) in locals.iter().enumerate() {
+    let mut per_worker: Vec<Vec<io::UdpUnderlay>> = (0..threads).map(|_| Vec::new()).collect();
+    for local in locals.iter() {
         let v6_port = local.is_ipv6() && wg;
         if exclusive {
             // SO_REUSEPORT lets any socket of the same user join a port, so
@@ -192,9 +193,9 @@ fn open_at(
             if want == 0 {
                 picked(&mut port, &mut port_v6, v6_port, sock.local_addr()?.port());
             }
-            let (vxlan, tx) = match &cfg.encap {
-                Encap::Vxlan(v) => (Some(v[i].clone()), Some(sys::raw::RawUdpTx::open(*local)?)),
-                Encap::Wireguard(..) => (None, None),
+            let tx = match &cfg.encap {
+                Encap::Vxlan(_) => Some(sys::raw::RawUdpTx::open(*local)?),
+                Encap::Wireguard(..) => None,
             };
             let gso_pool = if vxlan_gso(cfg) { gso_pool(*local)? } else { Vec::new() };
             let gro = if cfg.offloads.udp_gro {
@@ -224,7 +225,7 @@ fn open_at(
                 gro,
                 wg_gso,
             };
-            families.push(worker::Family { vxlan, io });
+            families.push(io);
         }
     }
     Ok(Opened { per_worker, ports: (port, port_v6) })
@@ -266,24 +267,17 @@ impl Engine {
             }
             let (tx, rx) = crossbeam_channel::unbounded();
             let c = Arc::new(WorkerCounters::default());
-            let w = Worker {
-                poll,
-                tun,
-                families,
-                snapshot: snapshot.clone(),
-                control: rx,
-                counters: c.clone(),
-                mtu: cfg.mtu,
-                scratch: vec![0u8; io::BUF_LEN],
-                hdrs: vec![0u8; worker::HDR_SLOT * crate::sys::mmsg::MAX_GSO_SEGMENTS],
-                wg: wg.clone(),
-                wg_out: if wg.is_some() { vec![0u8; io::BUF_LEN] } else { Vec::new() },
-                busy_poll: std::time::Duration::from_micros(cfg.busy_poll_us.into()),
-                deadlines: deadlines.clone(),
-                timer_owner: id == 0,
+            let backend = match &cfg.encap {
+                Encap::Vxlan(v) => datapath::Backend::Vxlan(v.clone()),
+                Encap::Wireguard(d, _) => datapath::Backend::Wireguard(d.clone()),
             };
+            let mut dp = datapath::Datapath::new(tun, families, backend, snapshot.clone(), c.clone(), cfg.mtu);
+            dp.deadlines = deadlines.clone();
+            dp.timer_owner = id == 0;
+            let w =
+                Worker { poll, dp, control: rx, busy_poll: std::time::Duration::from_micros(cfg.busy_poll_us.into()) };
             let thread = std::thread::Builder::new().name(format!("weft-worker-{id}")).spawn(move || {
-                let counters = w.counters.clone();
+                let counters = w.dp.counters.clone();
                 let r = w.run();
                 counters.stopped.store(true, std::sync::atomic::Ordering::Relaxed);
                 if let Err(e) = &r {
