@@ -384,9 +384,9 @@ pub fn run(mut cfg: AgentConfig) -> anyhow::Result<()> {
     let _uapi = match (&device, &wg_options) {
         (Some(d), Some(o)) => {
             let dev = crate::wgdev::AgentWg { device: d.clone(), options: o.clone(), state: state.clone() };
-            let path = crate::uapi::socket_path(&cfg.tun_name);
+            let path = weft_uapi::socket_path(&cfg.tun_name);
             Some(
-                crate::uapi::serve(&path, Arc::new(dev))
+                weft_uapi::serve(&path, Arc::new(dev))
                     .with_context(|| format!("serving the UAPI on {}", path.display()))?,
             )
         }

@@ -24,5 +24,4 @@ pub mod masq;
 pub mod metrics;
 pub mod netns;
 pub mod standalone;
-pub mod uapi;
 pub mod wgdev;
