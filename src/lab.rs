@@ -32,9 +32,12 @@ use sha2::{Digest, Sha256};
 
 use weft_tunnel::vxlan::OVERHEAD_V4;
 
-use crate::cni::SubnetEnv;
-use crate::datastore::{format_mac, subnet_env, Lease, NetworkConfig, StaticDatastore, SubnetKey, VxlanData, WgData};
 use crate::netns::{self, exec, ip};
+use weft_control::cni::SubnetEnv;
+use weft_control::datastore::{
+    format_mac, subnet_env, Lease, NetworkConfig, StaticDatastore, VxlanData, WgData, WG_OVERHEAD,
+};
+use weft_control::subnet::SubnetKey;
 
 mod kube;
 pub use kube::KubeLab;
@@ -433,7 +436,7 @@ fn build(lab: &mut Lab) -> anyhow::Result<()> {
         // leases do, and only the userspace peer's key is made here).
         let file = lab.opts.datastore == "file";
         for n in lab.nodes.iter_mut().filter(|n| file || n.kind == NodeKind::UserspaceWg) {
-            let private = crate::keys::load_or_create(&wg_key_path(&lab.dir, n.index))?;
+            let private = weft_control::keys::load_or_create(&wg_key_path(&lab.dir, n.index))?;
             n.wg_public = Some(weft_engine::WgDevice::public_of(private));
         }
     }
@@ -617,8 +620,8 @@ fn etcd_password_path(lab: &Lab) -> PathBuf {
 
 /// What a client of the lab's etcd needs: the lab's TLS files, and the user
 /// once authentication is on.
-pub fn etcd_security(lab: &Lab) -> crate::etcd_tls::EtcdSecurity {
-    let mut sec = crate::etcd_tls::EtcdSecurity::default();
+pub fn etcd_security(lab: &Lab) -> weft_control::etcd_tls::EtcdSecurity {
+    let mut sec = weft_control::etcd_tls::EtcdSecurity::default();
     if lab.opts.etcd_tls {
         let c = etcd_certs(lab);
         sec.ca_file = Some(c.ca);
@@ -740,7 +743,8 @@ pub(crate) fn attach_pods(lab: &Lab, n: &Node) -> anyhow::Result<Vec<Vec<IpAddr>
     let text = std::fs::read_to_string(&env_path).with_context(|| format!("reading {}", env_path.display()))?;
     let env = SubnetEnv::parse(&text).with_context(|| format!("{} is incomplete", env_path.display()))?;
     let ipam = lab.dir.join(format!("ipam-n{}", n.index));
-    let conf = crate::cni::bridge_config(&format!("weft-{}", lab.opts.name), "cni0", &env, &ipam.display().to_string());
+    let conf =
+        weft_control::cni::bridge_config(&format!("weft-{}", lab.opts.name), "cni0", &env, &ipam.display().to_string());
     let conf_path = lab.dir.join(format!("n{}-cni.json", n.index));
     std::fs::write(&conf_path, conf.to_string())?;
     let mut out = Vec::new();
@@ -868,11 +872,11 @@ pub(crate) fn userspace_wg_node(lab: &Lab, n: &Node) -> anyhow::Result<()> {
     exec(ns, "wg", &["set", &ifname, "private-key", &key, "listen-port", "51820"])?;
     for r in lab.nodes.iter().filter(|r| r.index != n.index) {
         let (Some(rip), Some(rsub), Some(public)) = (r.ip4, r.key.v4, r.wg_public) else { continue };
-        let public = crate::keys::encode(&public);
+        let public = weft_control::keys::encode(&public);
         let endpoint = format!("{rip}:51820");
         exec(ns, "wg", &["set", &ifname, "peer", &public, "endpoint", &endpoint, "allowed-ips", &rsub.to_string()])?;
     }
-    let mtu = (UNDERLAY_MTU - crate::agent::WG_OVERHEAD as u32).to_string();
+    let mtu = (UNDERLAY_MTU - WG_OVERHEAD as u32).to_string();
     ip(&["-n", ns, "addr", "add", &format!("{}/32", subnet.network()), "dev", &ifname])?;
     ip(&["-n", ns, "link", "set", &ifname, "mtu", &mtu, "up"])?;
     for r in lab.nodes.iter().filter(|r| r.index != n.index) {
@@ -880,13 +884,7 @@ pub(crate) fn userspace_wg_node(lab: &Lab, n: &Node) -> anyhow::Result<()> {
             ip(&["-n", ns, "route", "replace", &rsub.to_string(), "dev", &ifname])?;
         }
     }
-    let env = subnet_env(
-        lab.opts.cluster_v4().map(IpNet::V4),
-        &n.key,
-        None,
-        UNDERLAY_MTU - crate::agent::WG_OVERHEAD as u32,
-        false,
-    );
+    let env = subnet_env(lab.opts.cluster_v4().map(IpNet::V4), &n.key, None, UNDERLAY_MTU - WG_OVERHEAD as u32, false);
     std::fs::write(subnet_env_path(lab, n), env)?;
     Ok(())
 }
@@ -1035,14 +1033,14 @@ impl Lab {
     /// namespace, where etcd listens).
     pub fn with_etcd<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&crate::etcd::EtcdStore) -> anyhow::Result<T> + Send + 'static,
+        f: impl FnOnce(&weft_control::etcd::EtcdStore) -> anyhow::Result<T> + Send + 'static,
     ) -> anyhow::Result<T> {
         let url = etcd_url(self);
         let sec = etcd_security(self);
         netns::in_netns(&format!("{}-ul", self.opts.name), move || {
-            let store = crate::etcd::EtcdStore::connect_with(
+            let store = weft_control::etcd::EtcdStore::connect_with(
                 &[url],
-                crate::etcd::DEFAULT_PREFIX,
+                weft_control::etcd::DEFAULT_PREFIX,
                 Duration::from_secs(2),
                 &sec,
             )?;

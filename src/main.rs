@@ -8,8 +8,8 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use weft::config::AgentConfig;
 use weft::lab::{self, LabOptions};
+use weft_control::config::AgentConfig;
 
 #[derive(Parser)]
 #[command(name = "weft", version, about = "Userspace pod-network data plane, compatible with Flannel")]

@@ -8,10 +8,10 @@
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use weft_control::datastore::WgOptions;
 use weft_engine::WgDevice;
 use weft_uapi::{Device, DeviceStatus, Key, PeerStatus, SetRequest, UapiError};
 
-use crate::datastore::WgOptions;
 use crate::metrics::MetricsState;
 
 /// The agent's device behind the UAPI socket.

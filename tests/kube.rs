@@ -18,10 +18,10 @@ use std::time::{Duration, Instant};
 use common::wait_for;
 use serde_json::{json, Value};
 use weft::apiserver::ApiServer;
-use weft::config::AgentConfig;
-use weft::datastore::StaticDatastore;
-use weft::kube::{self, KubeSource};
-use weft::lease::Update;
+use weft_control::config::{AgentConfig, KubeSource};
+use weft_control::datastore::StaticDatastore;
+use weft_control::kube;
+use weft_control::lease::Update;
 
 const TOKEN: &str = "test-token";
 
@@ -92,7 +92,7 @@ impl Setup {
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
         let cfg = AgentConfig::from_pairs(&pairs).unwrap();
-        let weft::config::DatastoreSource::Kube(src) = cfg.datastore.clone() else { panic!("kube datastore") };
+        let weft_control::config::DatastoreSource::Kube(src) = cfg.datastore.clone() else { panic!("kube datastore") };
         (cfg, src)
     }
 }
@@ -325,14 +325,15 @@ fn the_manifest_deploys_what_the_agent_needs_and_no_more() {
     // The ConfigMap's files: Flannel's net-conf.json, a CNI conflist, and
     // an agent config this weft accepts.
     let data = &by_kind("ConfigMap")["data"];
-    let net = weft::datastore::NetworkConfig::parse(data["net-conf.json"].as_str().unwrap().as_bytes()).unwrap();
+    let net =
+        weft_control::datastore::NetworkConfig::parse(data["net-conf.json"].as_str().unwrap().as_bytes()).unwrap();
     assert_eq!(net.network, Some("10.42.0.0/16".parse().unwrap()));
     let cni: Value = serde_json::from_str(data["cni-conf.json"].as_str().unwrap()).unwrap();
     assert_eq!(cni["plugins"][0]["type"], "flannel");
     let mut pairs = AgentConfig::pairs_from_yaml(data["config.yaml"].as_str().unwrap()).unwrap();
     pairs.insert("node-ip".into(), "192.168.1.10".into());
     let cfg = AgentConfig::from_pairs(&pairs).unwrap();
-    assert!(matches!(cfg.datastore, weft::config::DatastoreSource::Kube(KubeSource { kubeconfig: None, .. })));
+    assert!(matches!(cfg.datastore, weft_control::config::DatastoreSource::Kube(KubeSource { kubeconfig: None, .. })));
     let rules = weft::apiserver::cluster_role_rules(&text, "weft").unwrap();
     assert_eq!(rules.len(), 2);
 }

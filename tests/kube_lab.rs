@@ -54,7 +54,7 @@ fn three_nodes_of_the_kubernetes_subnet_manager_pass_the_usual_checks() {
         assert_eq!(cond.map(|c| (&c["status"], &c["reason"])), Some((&json!("False"), &json!("FlannelIsUp"))));
         let env = std::fs::read_to_string(lab.dir.join(format!("n{}-subnet.env", n.index))).unwrap();
         let cidr = node["spec"]["podCIDR"].as_str().unwrap();
-        assert_eq!(weft::lease::previous_subnet(&env).unwrap().to_string(), cidr.replace('/', "-"));
+        assert_eq!(weft_control::lease::previous_subnet(&env).unwrap().to_string(), cidr.replace('/', "-"));
     }
     assert_all_passed(&lab, &lab.check());
 }

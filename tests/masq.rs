@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use common::{assert_all_passed, options, up};
 use weft::lab::{self, Lab, Node};
-use weft::masq::{self, MasqNet};
 use weft::netns;
+use weft_control::masq::{self, MasqNet};
 
 /// The rules in weft's table in namespace `ns`; `None` when there is no table.
 fn weft_rules(ns: &str) -> Option<usize> {

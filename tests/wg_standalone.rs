@@ -541,7 +541,7 @@ const HANDSHAKE_RESPONSE: u8 = 2;
 fn handshake_flood_gets_cookie_replies_and_a_real_peer_still_connects() {
     let p = Pair::up("f", 96);
     let (ua, pb, ia) = (&p.ua, &p.pb, &p.ia);
-    let a_public: [u8; 32] = weft::keys::decode(&p.a_key.1).unwrap();
+    let a_public: [u8; 32] = weft_control::keys::decode(&p.a_key.1).unwrap();
     // An initiation from a key the device does not know, with a valid MAC1:
     // sent again and again, each copy costs the device a DH unless it is
     // over the handshake rate limit, when it earns a cookie reply instead.

@@ -162,7 +162,7 @@ fn build(lab: &mut Lab, mode: Mode) -> anyhow::Result<()> {
     lab::build_underlay(lab)?;
     if mode != Mode::KernelVxlan {
         for n in &mut lab.nodes {
-            let private = crate::keys::load_or_create(&lab::wg_key_path(&lab.dir, n.index))?;
+            let private = weft_control::keys::load_or_create(&lab::wg_key_path(&lab.dir, n.index))?;
             n.wg_public = Some(weft_engine::WgDevice::public_of(private));
         }
     }
