@@ -10,9 +10,9 @@
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
-use weft::etcd_certs::EtcdCerts;
 use weft_control::config::{AgentConfig, DatastoreSource};
 use weft_control::error::ConfigError;
+use weft_lab::etcd_certs::EtcdCerts;
 
 fn parse(yaml: &str) -> Result<AgentConfig, ConfigError> {
     AgentConfig::from_pairs(&AgentConfig::pairs_from_yaml(yaml)?)

@@ -8,11 +8,11 @@ use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
 use common_etcd::EtcdServer;
-use weft::etcd_certs::EtcdCerts;
 use weft_control::datastore::{Lease, NetworkConfig};
 use weft_control::etcd::{EtcdStore, LeaseEvent, StoreError, Unreachable, DEFAULT_PREFIX};
 use weft_control::etcd_tls::{EtcdSecurity, HandshakeError, TlsFile};
 use weft_control::subnet::SubnetKey;
+use weft_lab::etcd_certs::EtcdCerts;
 
 const TIMEOUT: Duration = Duration::from_secs(2);
 const DAY: Duration = Duration::from_secs(24 * 3600);

@@ -8,11 +8,11 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{assert_all_passed, options, route_exists, up, wait_for};
-use weft::lab::{self, Lab, Node};
-use weft::netns;
 use weft_control::etcd::{EtcdStore, StoreError};
 use weft_control::etcd_tls::{EtcdSecurity, HandshakeError, TlsFile};
 use weft_control::subnet::SubnetKey;
+use weft_lab::netns;
+use weft_lab::{self as lab, Lab, Node};
 
 fn etcd_lab(tag: &str, nodes: usize) -> (Lab, common::Guard) {
     let mut o = options(tag);
@@ -232,7 +232,7 @@ fn etcd_with_tls_and_a_password_and_an_agent_with_a_wrong_ca_is_refused_at_start
     assert_all_passed(&lab, &lab.check());
 
     let other_ca = lab.dir.join("other-ca.pem");
-    weft::etcd_certs::EtcdCerts::make_unrelated_ca(&other_ca, "not the lab's CA").unwrap();
+    weft_lab::etcd_certs::EtcdCerts::make_unrelated_ca(&other_ca, "not the lab's CA").unwrap();
     let other = other_ca.display().to_string();
     let (status, stderr, took) =
         run_agent_with(&lab, &lab.nodes[1], &[("etcd-cafile", other.as_str())], Duration::from_secs(30));

@@ -8,8 +8,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{assert_all_passed, options, route_exists, up};
-use weft::lab::{self, Lab, Node};
-use weft::netns;
+use weft_lab::netns;
+use weft_lab::{self as lab, Lab, Node};
 use weft_tunnel::checksum;
 use weft_tunnel::vxlan::{Vtep, Vxlan, DEFAULT_PORT, HEADROOM, UDP_HEADER_LEN};
 

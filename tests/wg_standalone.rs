@@ -15,8 +15,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{require_root, weft_bin};
-use weft::lab::{transfer_check, Pod};
-use weft::netns;
+use weft_lab::netns;
+use weft_lab::{transfer_check, Pod};
 
 /// Namespaces, a scratch directory and interface names of one test; all
 /// removed on drop, also when the test fails. Deleting a namespace deletes

@@ -6,8 +6,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{assert_all_passed, options, up};
-use weft::lab::{self, Lab};
-use weft::netns;
+use weft_lab::netns;
+use weft_lab::{self as lab, Lab};
 
 fn wg_lab(tag: &str, nodes: usize) -> (Lab, common::Guard) {
     let mut o = options(tag);

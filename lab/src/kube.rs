@@ -14,10 +14,12 @@ use std::path::PathBuf;
 use anyhow::Context;
 use serde_json::{json, Value};
 
-use super::{Lab, Node};
-use crate::apiserver::ApiServer;
 use weft_control::datastore::Lease;
 use weft_control::subnet::SubnetKey;
+
+use crate::apiserver::ApiServer;
+use crate::namespaces::underlay_service_address;
+use crate::plan::{Lab, Node};
 
 /// The API server's port (kube-apiserver's secure port).
 pub const API_PORT: u16 = 6443;
@@ -50,7 +52,7 @@ pub fn api_addr(lab: &Lab) -> SocketAddr {
 /// with its pod CIDRs assigned.
 pub(crate) fn start(lab: &Lab) -> anyhow::Result<KubeLab> {
     let ul = format!("{}-ul", lab.opts.name);
-    super::underlay_service_address(lab)?;
+    underlay_service_address(lab)?;
     let token = format!("weft-lab-{}", lab.opts.name);
     let api = ApiServer::start(Some(&ul), api_addr(lab), &token).context("starting the API server stand-in")?;
     let kubeconfig = lab.dir.join("kubeconfig.yaml");
