@@ -22,14 +22,13 @@ use weft_engine::sys::netlink::{Netlink, Route};
 use weft_engine::{Encap, Engine, EngineConfig, Families, Peer, PeerCounters, Snapshot, WgDevice, WgPeer};
 use weft_tunnel::vxlan::{Vtep, Vxlan, OVERHEAD_V4, OVERHEAD_V6};
 
-/// Flannel's WireGuard overhead: outer IPv6 40 + UDP 8 + WireGuard 32.
-pub const WG_OVERHEAD: usize = 80;
+use weft_control::cluster::Backend;
+use weft_control::config::{AgentConfig, DatastoreSource};
+use weft_control::datastore::{subnet_env, StaticDatastore, WgData, WgOptions, WG_OVERHEAD};
+use weft_control::keys;
+use weft_control::lease;
+use weft_control::subnet::SubnetKey;
 
-use crate::cluster::Backend;
-use crate::config::{AgentConfig, DatastoreSource};
-use crate::datastore::{subnet_env, StaticDatastore, SubnetKey, WgData, WgOptions};
-use crate::keys;
-use crate::lease;
 use crate::metrics::{self, MetricsState};
 
 /// What the datastore says this node's data plane should be.
@@ -216,13 +215,13 @@ pub fn routes_for(backend: &str, d: &Desired, tun: u32, local: &[LocalAddr]) -> 
 /// `ip-masq` (default on), IPv6 when `flannel-ipv6-masq` is on too; none
 /// with the backend `none` (no Flannel data plane, as in K3s). Each with the
 /// datastore's network and this node's subnet of that family.
-pub fn masq_nets(cfg: &AgentConfig, d: &Desired) -> Vec<crate::masq::MasqNet> {
+pub fn masq_nets(cfg: &AgentConfig, d: &Desired) -> Vec<weft_control::masq::MasqNet> {
     if !cfg.ip_masq || cfg.cluster.backend == Backend::None {
         return Vec::new();
     }
     let v4 = d.network.zip(d.own_key.v4.map(IpNet::V4));
     let v6 = d.ipv6_network.zip(d.own_key.v6.map(IpNet::V6)).filter(|_| cfg.cluster.ipv6_masq);
-    v4.into_iter().chain(v6).map(|(cluster, subnet)| crate::masq::MasqNet { cluster, subnet }).collect()
+    v4.into_iter().chain(v6).map(|(cluster, subnet)| weft_control::masq::MasqNet { cluster, subnet }).collect()
 }
 
 /// This node's interface addresses.
@@ -279,7 +278,7 @@ pub fn run(mut cfg: AgentConfig) -> anyhow::Result<()> {
             view
         }
         DatastoreSource::Kube(src) => {
-            let (kube, view) = crate::kube::start(&mut cfg, &src, wg_public)?;
+            let (kube, view) = weft_control::kube::start(&mut cfg, &src, wg_public)?;
             let (stop, up) = (keeper_stop.clone(), data_path_up.clone());
             keeper =
                 Some(std::thread::Builder::new().name("weft-kube".into()).spawn(move || kube.keep(utx, up, stop))?);
@@ -364,7 +363,11 @@ pub fn run(mut cfg: AgentConfig) -> anyhow::Result<()> {
             port,
             port_v6,
             mtu: mtu as usize,
-            offloads: cfg.offloads,
+            offloads: weft_engine::Offloads {
+                tun: cfg.offloads.tun,
+                udp_gso: cfg.offloads.udp_gso,
+                udp_gro: cfg.offloads.udp_gro,
+            },
             busy_poll_us: cfg.busy_poll_us,
         };
         Some(Engine::start(&engine_cfg, snapshot.clone()).context("starting the engine (TUN device, sockets)")?)
@@ -384,9 +387,9 @@ pub fn run(mut cfg: AgentConfig) -> anyhow::Result<()> {
     let _uapi = match (&device, &wg_options) {
         (Some(d), Some(o)) => {
             let dev = crate::wgdev::AgentWg { device: d.clone(), options: o.clone(), state: state.clone() };
-            let path = crate::uapi::socket_path(&cfg.tun_name);
+            let path = weft_uapi::socket_path(&cfg.tun_name);
             Some(
-                crate::uapi::serve(&path, Arc::new(dev))
+                weft_uapi::serve(&path, Arc::new(dev))
                     .with_context(|| format!("serving the UAPI on {}", path.display()))?,
             )
         }
@@ -404,10 +407,10 @@ pub fn run(mut cfg: AgentConfig) -> anyhow::Result<()> {
     }
     // One transaction either way: it installs weft's table, replacing the
     // one a killed run left, or removes such a stale table when off.
-    let masq_rules = crate::masq::plan(&masq_nets(&cfg, &want));
-    match crate::masq::apply(&masq_rules) {
+    let masq_rules = weft_control::masq::plan(&masq_nets(&cfg, &want));
+    match weft_control::masq::apply(&masq_rules) {
         Ok(()) if masq_rules.is_empty() => {}
-        Ok(()) => tracing::info!(rules = masq_rules.len(), table = crate::masq::TABLE, "masquerade installed"),
+        Ok(()) => tracing::info!(rules = masq_rules.len(), table = weft_control::masq::TABLE, "masquerade installed"),
         Err(e) if masq_rules.is_empty() => tracing::debug!(error = %e, "no stale masquerade table removed"),
         Err(e) => return Err(e).context("installing the masquerade rules (config key `ip-masq`)"),
     }
@@ -458,7 +461,7 @@ pub fn run(mut cfg: AgentConfig) -> anyhow::Result<()> {
         }
     }
     if !masq_rules.is_empty() {
-        if let Err(e) = crate::masq::remove() {
+        if let Err(e) = weft_control::masq::remove() {
             tracing::warn!(error = %e, "removing the masquerade table");
         }
     }
@@ -701,7 +704,7 @@ mod tests {
         let nets = masq_nets(&c, &desired(&c, &ds).unwrap());
         assert_eq!(
             nets,
-            vec![crate::masq::MasqNet {
+            vec![weft_control::masq::MasqNet {
                 cluster: "10.244.0.0/16".parse().unwrap(),
                 subnet: "10.244.1.0/24".parse().unwrap()
             }],

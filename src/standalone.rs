@@ -33,7 +33,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::{bail, Context};
 use weft_engine::{Encap, Engine, EngineConfig, Families, Peer, PeerCounters, Snapshot, WgDevice, WgPeer};
 
-use crate::uapi::{self, Device, DeviceStatus, Key, SetRequest, UapiError};
+use weft_uapi::{self as uapi, Device, DeviceStatus, Key, SetRequest, UapiError};
 
 /// wireguard-go's default MTU for a new device.
 pub const DEFAULT_MTU: u32 = 1420;

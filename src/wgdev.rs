@@ -8,11 +8,11 @@
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use weft_control::datastore::WgOptions;
 use weft_engine::WgDevice;
+use weft_uapi::{Device, DeviceStatus, Key, PeerStatus, SetRequest, UapiError};
 
-use crate::datastore::WgOptions;
 use crate::metrics::MetricsState;
-use crate::uapi::{Device, DeviceStatus, Key, PeerStatus, SetRequest, UapiError};
 
 /// The agent's device behind the UAPI socket.
 pub struct AgentWg {

@@ -32,13 +32,13 @@ fn quick_bench_reports_every_mode_and_cleans_up() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     let leftovers: Vec<String> =
-        weft::netns::list().into_iter().filter(|n| n.starts_with(&format!("{name}-"))).collect();
+        weft_lab::netns::list().into_iter().filter(|n| n.starts_with(&format!("{name}-"))).collect();
     if !leftovers.is_empty() {
-        weft::lab::down(&name);
+        weft_lab::down(&name);
     }
     assert!(out.status.success(), "weft bench failed: {}\nstdout:\n{stdout}\nstderr:\n{stderr}", out.status);
     assert!(leftovers.is_empty(), "namespaces left behind: {leftovers:?}");
-    assert!(!std::path::Path::new(weft::lab::STATE_ROOT).join(&name).exists(), "state directory left behind");
+    assert!(!std::path::Path::new(weft_lab::STATE_ROOT).join(&name).exists(), "state directory left behind");
 
     // The table: a line per mode, then the ratios to kernel VXLAN.
     assert!(stdout.contains("machine: "), "{stdout}");

@@ -8,10 +8,11 @@ use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
 use common_etcd::EtcdServer;
-use weft::datastore::{Lease, NetworkConfig, SubnetKey};
-use weft::etcd::{EtcdStore, LeaseEvent, StoreError, Unreachable, DEFAULT_PREFIX};
-use weft::etcd_certs::EtcdCerts;
-use weft::etcd_tls::{EtcdSecurity, HandshakeError, TlsFile};
+use weft_control::datastore::{Lease, NetworkConfig};
+use weft_control::etcd::{EtcdStore, LeaseEvent, StoreError, Unreachable, DEFAULT_PREFIX};
+use weft_control::etcd_tls::{EtcdSecurity, HandshakeError, TlsFile};
+use weft_control::subnet::SubnetKey;
+use weft_lab::etcd_certs::EtcdCerts;
 
 const TIMEOUT: Duration = Duration::from_secs(2);
 const DAY: Duration = Duration::from_secs(24 * 3600);
@@ -38,7 +39,7 @@ fn lease(ip: [u8; 4], mac_last: u8) -> Lease {
 type Call<'a> = Box<dyn Fn() -> Result<(), StoreError> + 'a>;
 
 /// Reads events until `n` have arrived or 10 s have passed.
-fn collect(watch: &mut weft::etcd::Watch, n: usize) -> Vec<LeaseEvent> {
+fn collect(watch: &mut weft_control::etcd::Watch, n: usize) -> Vec<LeaseEvent> {
     let until = Instant::now() + Duration::from_secs(10);
     let mut out = Vec::new();
     while out.len() < n && Instant::now() < until {

@@ -8,11 +8,11 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{assert_all_passed, options, route_exists, up, wait_for};
-use weft::datastore::SubnetKey;
-use weft::etcd::{EtcdStore, StoreError};
-use weft::etcd_tls::{EtcdSecurity, HandshakeError, TlsFile};
-use weft::lab::{self, Lab, Node};
-use weft::netns;
+use weft_control::etcd::{EtcdStore, StoreError};
+use weft_control::etcd_tls::{EtcdSecurity, HandshakeError, TlsFile};
+use weft_control::subnet::SubnetKey;
+use weft_lab::netns;
+use weft_lab::{self as lab, Lab, Node};
 
 fn etcd_lab(tag: &str, nodes: usize) -> (Lab, common::Guard) {
     let mut o = options(tag);
@@ -24,7 +24,7 @@ fn etcd_lab(tag: &str, nodes: usize) -> (Lab, common::Guard) {
 
 fn subnet_of(lab: &Lab, n: &Node) -> SubnetKey {
     let env = std::fs::read_to_string(lab.dir.join(format!("n{}-subnet.env", n.index))).unwrap();
-    weft::lease::previous_subnet(&env).expect("subnet.env names a subnet")
+    weft_control::lease::previous_subnet(&env).expect("subnet.env names a subnet")
 }
 
 #[test]
@@ -122,7 +122,7 @@ fn secured_lab(tag: &str, tls: bool, auth: bool, kernel_peer: bool) -> (Lab, com
 /// Connects to the lab's etcd from its underlay namespace with `sec`.
 fn connect_as(lab: &Lab, url: String, sec: EtcdSecurity) -> Result<(), StoreError> {
     netns::in_netns(&format!("{}-ul", lab.opts.name), move || {
-        EtcdStore::connect_with(&[url], weft::etcd::DEFAULT_PREFIX, Duration::from_secs(3), &sec).map(|_| ())
+        EtcdStore::connect_with(&[url], weft_control::etcd::DEFAULT_PREFIX, Duration::from_secs(3), &sec).map(|_| ())
     })
     .expect("enter the underlay namespace")
 }
@@ -232,7 +232,7 @@ fn etcd_with_tls_and_a_password_and_an_agent_with_a_wrong_ca_is_refused_at_start
     assert_all_passed(&lab, &lab.check());
 
     let other_ca = lab.dir.join("other-ca.pem");
-    weft::etcd_certs::EtcdCerts::make_unrelated_ca(&other_ca, "not the lab's CA").unwrap();
+    weft_lab::etcd_certs::EtcdCerts::make_unrelated_ca(&other_ca, "not the lab's CA").unwrap();
     let other = other_ca.display().to_string();
     let (status, stderr, took) =
         run_agent_with(&lab, &lab.nodes[1], &[("etcd-cafile", other.as_str())], Duration::from_secs(30));

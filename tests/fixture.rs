@@ -29,7 +29,7 @@ impl Peers for CaptureNodes {
 fn kernel_flannel_capture_round_trips() {
     let pcap = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/kernel-vxlan-8472.pcap")).unwrap();
     let (mut seen, mut partial) = (0, 0);
-    for frame in weft::lab::pcap_frames(&pcap).unwrap() {
+    for frame in weft_lab::pcap_frames(&pcap).unwrap() {
         // Outer Ethernet, IPv4 without options, UDP to 8472.
         assert_eq!(&frame[12..14], &[0x08, 0x00]);
         let ip = &frame[14..];

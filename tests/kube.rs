@@ -1,5 +1,5 @@
 //! The Kubernetes subnet manager against the API server stand-in
-//! (`weft::apiserver`), on loopback. No real kube-apiserver can be installed
+//! (`weft_lab::apiserver`), on loopback. No real kube-apiserver can be installed
 //! on these machines; the stand-in speaks the API server's HTTP contract for
 //! Nodes (list with resourceVersion, watch streams with bookmarks, `410
 //! Gone`, strategic-merge patches on `nodes/status`, a bearer token over
@@ -17,11 +17,11 @@ use std::time::{Duration, Instant};
 
 use common::wait_for;
 use serde_json::{json, Value};
-use weft::apiserver::ApiServer;
-use weft::config::AgentConfig;
-use weft::datastore::StaticDatastore;
-use weft::kube::{self, KubeSource};
-use weft::lease::Update;
+use weft_control::config::{AgentConfig, KubeSource};
+use weft_control::datastore::StaticDatastore;
+use weft_control::kube;
+use weft_control::lease::Update;
+use weft_lab::apiserver::ApiServer;
 
 const TOKEN: &str = "test-token";
 
@@ -92,7 +92,7 @@ impl Setup {
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
         let cfg = AgentConfig::from_pairs(&pairs).unwrap();
-        let weft::config::DatastoreSource::Kube(src) = cfg.datastore.clone() else { panic!("kube datastore") };
+        let weft_control::config::DatastoreSource::Kube(src) = cfg.datastore.clone() else { panic!("kube datastore") };
         (cfg, src)
     }
 }
@@ -288,12 +288,12 @@ fn the_cluster_role_covers_every_call_the_agent_makes_and_nothing_more() {
     });
     drop(r);
     let manifest = std::fs::read_to_string(format!("{}/deploy/weft.yaml", env!("CARGO_MANIFEST_DIR"))).unwrap();
-    let rules = weft::apiserver::cluster_role_rules(&manifest, "weft").unwrap();
+    let rules = weft_lab::apiserver::cluster_role_rules(&manifest, "weft").unwrap();
     let made = s.api.requests();
     for req in &made {
-        assert!(weft::apiserver::allows(&rules, &req.0, &req.1, &req.2), "the ClusterRole refuses {req:?}");
+        assert!(weft_lab::apiserver::allows(&rules, &req.0, &req.1, &req.2), "the ClusterRole refuses {req:?}");
     }
-    let unused = weft::apiserver::unused(&rules, &made);
+    let unused = weft_lab::apiserver::unused(&rules, &made);
     assert!(unused.is_empty(), "the ClusterRole grants what the agent never uses: {unused:?}");
 }
 
@@ -325,15 +325,16 @@ fn the_manifest_deploys_what_the_agent_needs_and_no_more() {
     // The ConfigMap's files: Flannel's net-conf.json, a CNI conflist, and
     // an agent config this weft accepts.
     let data = &by_kind("ConfigMap")["data"];
-    let net = weft::datastore::NetworkConfig::parse(data["net-conf.json"].as_str().unwrap().as_bytes()).unwrap();
+    let net =
+        weft_control::datastore::NetworkConfig::parse(data["net-conf.json"].as_str().unwrap().as_bytes()).unwrap();
     assert_eq!(net.network, Some("10.42.0.0/16".parse().unwrap()));
     let cni: Value = serde_json::from_str(data["cni-conf.json"].as_str().unwrap()).unwrap();
     assert_eq!(cni["plugins"][0]["type"], "flannel");
     let mut pairs = AgentConfig::pairs_from_yaml(data["config.yaml"].as_str().unwrap()).unwrap();
     pairs.insert("node-ip".into(), "192.168.1.10".into());
     let cfg = AgentConfig::from_pairs(&pairs).unwrap();
-    assert!(matches!(cfg.datastore, weft::config::DatastoreSource::Kube(KubeSource { kubeconfig: None, .. })));
-    let rules = weft::apiserver::cluster_role_rules(&text, "weft").unwrap();
+    assert!(matches!(cfg.datastore, weft_control::config::DatastoreSource::Kube(KubeSource { kubeconfig: None, .. })));
+    let rules = weft_lab::apiserver::cluster_role_rules(&text, "weft").unwrap();
     assert_eq!(rules.len(), 2);
 }
 

@@ -1,7 +1,7 @@
 //! The Kubernetes subnet manager end to end (root): labs whose agents take
 //! their subnets from their Node's pod CIDRs and find their peers in Node
 //! annotations, in the API server stand-in the lab runs (no real
-//! kube-apiserver can be installed on these machines; `weft::apiserver`
+//! kube-apiserver can be installed on these machines; `weft_lab::apiserver`
 //! speaks its HTTP contract for Nodes, and the agents' client is kube-rs).
 
 mod common;
@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::{assert_all_passed, options, route_exists, up, wait_for};
 use serde_json::json;
-use weft::lab::{self, Lab};
+use weft_lab::{self as lab, Lab};
 
 fn kube_lab(tag: &str, nodes: usize) -> (Lab, common::Guard) {
     let mut o = options(tag);
@@ -54,7 +54,7 @@ fn three_nodes_of_the_kubernetes_subnet_manager_pass_the_usual_checks() {
         assert_eq!(cond.map(|c| (&c["status"], &c["reason"])), Some((&json!("False"), &json!("FlannelIsUp"))));
         let env = std::fs::read_to_string(lab.dir.join(format!("n{}-subnet.env", n.index))).unwrap();
         let cidr = node["spec"]["podCIDR"].as_str().unwrap();
-        assert_eq!(weft::lease::previous_subnet(&env).unwrap().to_string(), cidr.replace('/', "-"));
+        assert_eq!(weft_control::lease::previous_subnet(&env).unwrap().to_string(), cidr.replace('/', "-"));
     }
     assert_all_passed(&lab, &lab.check());
 }

@@ -8,8 +8,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{assert_all_passed, options, route_exists, up};
-use weft::lab::{self, Lab, Node};
-use weft::netns;
+use weft_lab::netns;
+use weft_lab::{self as lab, Lab, Node};
 use weft_tunnel::checksum;
 use weft_tunnel::vxlan::{Vtep, Vxlan, DEFAULT_PORT, HEADROOM, UDP_HEADER_LEN};
 
@@ -341,7 +341,7 @@ fn sighup_applies_datastore_changes_without_dropping_others() {
     let transfer = std::thread::spawn(move || lab::transfer_check(&a, &b, false, 128 << 20));
 
     // Node 3 leaves the datastore.
-    let mut ds = weft::datastore::StaticDatastore::parse(full.as_bytes()).unwrap();
+    let mut ds = weft_control::datastore::StaticDatastore::parse(full.as_bytes()).unwrap();
     ds.leases.retain(|k, _| *k != n3.key);
     std::fs::write(&ds_path, ds.to_json()).unwrap();
     lab.reload(n1).unwrap();

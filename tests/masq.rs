@@ -9,9 +9,9 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use common::{assert_all_passed, options, up};
-use weft::lab::{self, Lab, Node};
-use weft::masq::{self, MasqNet};
-use weft::netns;
+use weft_control::masq::{self, MasqNet};
+use weft_lab::netns;
+use weft_lab::{self as lab, Lab, Node};
 
 /// The rules in weft's table in namespace `ns`; `None` when there is no table.
 fn weft_rules(ns: &str) -> Option<usize> {

@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ipnet::IpNet;
-use weft::uapi::{self, Device, DeviceStatus, Key, ServerHandle, SetRequest, UapiError};
+use weft_uapi::{self as uapi, Device, DeviceStatus, Key, ServerHandle, SetRequest, UapiError};
 
 // ---------------------------------------------------------------------------
 // An in-memory device with WireGuard's set semantics.

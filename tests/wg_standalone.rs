@@ -15,8 +15,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{require_root, weft_bin};
-use weft::lab::{transfer_check, Pod};
-use weft::netns;
+use weft_lab::netns;
+use weft_lab::{transfer_check, Pod};
 
 /// Namespaces, a scratch directory and interface names of one test; all
 /// removed on drop, also when the test fails. Deleting a namespace deletes
@@ -114,7 +114,7 @@ impl Drop for Net {
             if let Some(pid) = device_pid(i) {
                 let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
             }
-            let _ = std::fs::remove_file(weft::uapi::socket_path(i));
+            let _ = std::fs::remove_file(weft_uapi::socket_path(i));
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
@@ -242,7 +242,7 @@ fn wg_quick_up_with_weft_wg_carries_traffic_both_ways_and_down_ends_it() {
     let env = [("WG_QUICK_USERSPACE_IMPLEMENTATION", "weft-wg")];
     ok(&net.run_in(&a, "wg-quick", &["down", path.to_str().unwrap()], &env), "wg-quick down");
     assert!(eventually(Duration::from_secs(3), || device_pid(&ia).is_none()), "weft wg exits with its TUN");
-    assert!(!weft::uapi::socket_path(&ia).exists(), "its socket is removed");
+    assert!(!weft_uapi::socket_path(&ia).exists(), "its socket is removed");
     assert!(device_pid(&ib).is_some(), "the other device runs on");
 }
 
@@ -314,7 +314,7 @@ impl Pair {
         // `weft wg IFNAME` returns once the TUN and the socket are there.
         for (ns, iface) in [(&ua, &ia), (&ub, &ib)] {
             ok(&net.run_in(ns, weft_bin().to_str().unwrap(), &["wg", iface], &[]), "weft wg");
-            assert!(weft::uapi::socket_path(iface).exists(), "socket ready when weft wg returns");
+            assert!(weft_uapi::socket_path(iface).exists(), "socket ready when weft wg returns");
             netns::exec(ns, "ip", &["link", "show", iface]).expect("TUN ready when weft wg returns");
         }
         netns::exec(&ub, "ip", &["link", "set", &ib, "netns", &pb]).unwrap();
@@ -387,7 +387,7 @@ fn standalone_device_follows_wg_set_and_outlives_malformed_requests() {
 
     // Malformed requests straight to the socket: an error reply each, the
     // connection and the device stay up.
-    let mut s = UnixStream::connect(weft::uapi::socket_path(ia)).unwrap();
+    let mut s = UnixStream::connect(weft_uapi::socket_path(ia)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     for (req, errno) in [
         (&b"set=1\nnot a line\n\n"[..], "errno=-71"),
@@ -523,12 +523,12 @@ fn moved_tun_carries_large_packets_and_sigterm_or_socket_removal_end_the_device(
     let pid = device_pid(ib).expect("b's device runs");
     Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap();
     assert!(eventually(Duration::from_secs(3), || device_pid(ib).is_none()), "exits on SIGTERM");
-    assert!(!weft::uapi::socket_path(ib).exists());
+    assert!(!weft_uapi::socket_path(ib).exists());
     assert!(netns::exec(pb, "ip", &["link", "show", ib]).is_err(), "TUN removed");
 
     // Removing the socket file ends the device too.
     assert!(device_pid(ia).is_some());
-    std::fs::remove_file(weft::uapi::socket_path(ia)).unwrap();
+    std::fs::remove_file(weft_uapi::socket_path(ia)).unwrap();
     assert!(eventually(Duration::from_secs(3), || device_pid(ia).is_none()), "exits when its socket is removed");
     assert!(netns::exec(ua, "ip", &["link", "show", ia]).is_err(), "TUN removed");
 }
@@ -541,7 +541,7 @@ const HANDSHAKE_RESPONSE: u8 = 2;
 fn handshake_flood_gets_cookie_replies_and_a_real_peer_still_connects() {
     let p = Pair::up("f", 96);
     let (ua, pb, ia) = (&p.ua, &p.pb, &p.ia);
-    let a_public: [u8; 32] = weft::keys::decode(&p.a_key.1).unwrap();
+    let a_public: [u8; 32] = weft_control::keys::decode(&p.a_key.1).unwrap();
     // An initiation from a key the device does not know, with a valid MAC1:
     // sent again and again, each copy costs the device a DH unless it is
     // over the handshake rate limit, when it earns a cookie reply instead.

@@ -6,8 +6,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{assert_all_passed, options, up};
-use weft::lab::{self, Lab};
-use weft::netns;
+use weft_lab::netns;
+use weft_lab::{self as lab, Lab};
 use weft_tunnel::wireguard::WgError;
 
 fn wg_lab(tag: &str, nodes: usize) -> (Lab, common::Guard) {
@@ -45,8 +45,8 @@ fn wireguard_mesh_passes_and_its_underlay_carries_only_wireguard() {
     }
     // An existing peer's keepalive changes; taking a peer away is refused in
     // agent mode (peers come from leases); traffic goes on.
-    let n2_key = weft::keys::encode(&weft_engine::WgDevice::public_of(
-        weft::keys::decode(std::fs::read_to_string(lab.dir.join("n2-wg.key")).unwrap().trim()).unwrap(),
+    let n2_key = weft_control::keys::encode(&weft_engine::WgDevice::public_of(
+        weft_control::keys::decode(std::fs::read_to_string(lab.dir.join("n2-wg.key")).unwrap().trim()).unwrap(),
     ));
     netns::exec(&n1.ns, "wg", &["set", &ifname, "peer", &n2_key, "persistent-keepalive", "7"]).unwrap();
     let ka = netns::exec(&n1.ns, "wg", &["show", &ifname, "persistent-keepalive"]).unwrap();

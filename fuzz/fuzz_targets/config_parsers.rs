@@ -16,8 +16,9 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use weft::config::AgentConfig;
-use weft::datastore::{Lease, NetworkConfig, StaticDatastore, SubnetKey};
+use weft_control::config::AgentConfig;
+use weft_control::datastore::{Lease, NetworkConfig, StaticDatastore};
+use weft_control::subnet::SubnetKey;
 use weft_tunnel::vxlan::MAX_VNI;
 
 fn known(key: &str) -> bool {

@@ -10,8 +10,8 @@
 
 use k8s_openapi::api::core::v1::Node;
 use libfuzzer_sys::fuzz_target;
-use weft::datastore::NetworkConfig;
-use weft::kube;
+use weft_control::datastore::NetworkConfig;
+use weft_control::kube;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(node) = serde_json::from_slice::<Node>(data) else { return };

@@ -1,5 +1,5 @@
 //! Arbitrary bytes as a stream of WireGuard userspace API requests, read one
-//! after another with `weft::uapi::read_request`, as a connection does.
+//! after another with `weft_uapi::read_request`, as a connection does.
 //!
 //! Invariants: nothing panics; every call makes progress or ends the stream;
 //! no request reads past `MAX_REQUEST_BYTES`; an accepted request and a
@@ -14,7 +14,7 @@
 use std::io::Cursor;
 
 use libfuzzer_sys::fuzz_target;
-use weft::uapi::{
+use weft_uapi::{
     format_get, format_set, read_request, DeviceStatus, PeerStatus, Request, SetRequest, MAX_REQUEST_BYTES,
 };
 

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use weft::lab::{self, Lab, LabOptions};
+use weft_lab::{self as lab, Lab, LabOptions};
 
 /// The weft binary cargo built for these tests.
 pub fn weft_bin() -> PathBuf {
@@ -57,7 +57,7 @@ pub fn assert_all_passed(lab: &Lab, checks: &[lab::Check]) {
 
 /// Whether namespace `ns` has a route to `prefix`.
 pub fn route_exists(ns: &str, prefix: &str) -> bool {
-    !weft::netns::run("ip", &["-n", ns, "route", "show", prefix]).unwrap().trim().is_empty()
+    !weft_lab::netns::run("ip", &["-n", ns, "route", "show", prefix]).unwrap().trim().is_empty()
 }
 
 /// Waits until `ok`, failing with `what` after `limit`.

@@ -54,11 +54,11 @@ impl EtcdServer {
 
     /// Starts etcd serving `https://` only with `certs`' server certificate,
     /// and requiring client certificates signed by `certs`' CA.
-    pub fn start_tls(certs: &weft::etcd_certs::EtcdCerts) -> EtcdServer {
+    pub fn start_tls(certs: &weft_lab::etcd_certs::EtcdCerts) -> EtcdServer {
         Self::start_with(Some(certs.clone()), &[])
     }
 
-    fn start_with(tls: Option<weft::etcd_certs::EtcdCerts>, flags: &[&str]) -> EtcdServer {
+    fn start_with(tls: Option<weft_lab::etcd_certs::EtcdCerts>, flags: &[&str]) -> EtcdServer {
         assert!(Path::new(ETCD_BIN).exists(), "{ETCD_BIN} is missing: install the Debian package etcd-server");
         let mut last_log = String::new();
         for _ in 0..START_ATTEMPTS {
@@ -162,7 +162,7 @@ impl EtcdServer {
         lines[lines.len().saturating_sub(30)..].join("\n")
     }
 
-    fn spawn(tls: Option<weft::etcd_certs::EtcdCerts>, flags: &[&str]) -> EtcdServer {
+    fn spawn(tls: Option<weft_lab::etcd_certs::EtcdCerts>, flags: &[&str]) -> EtcdServer {
         static N: AtomicUsize = AtomicUsize::new(0);
         let dir = std::env::temp_dir().join(format!(
             "weft-etcd-{}-{}",

@@ -23,6 +23,7 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 
 use crate::error::DatastoreError;
+use crate::subnet::SubnetKey;
 
 /// Flannel's network config (`<prefix>/config`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -239,6 +240,11 @@ impl WgData {
     }
 }
 
+/// Flannel's WireGuard overhead: outer IPv6 40 + UDP 8 + WireGuard 32. A
+/// WireGuard device's MTU is the underlay's minus this unless
+/// [`WgOptions::mtu`] says otherwise.
+pub const WG_OVERHEAD: usize = 80;
+
 /// Flannel's WireGuard backend options (`Backend` of the network config).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WgOptions {
@@ -291,61 +297,6 @@ impl VxlanData {
     /// As JSON backend data.
     pub fn to_value(&self) -> serde_json::Value {
         serde_json::json!({"VNI": self.vni, "VtepMAC": format_mac(&self.vtep_mac)})
-    }
-}
-
-/// A lease's subnet key: `10.244.1.0-24`, `fd00::-64` or both joined by `&`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct SubnetKey {
-    /// IPv4 subnet.
-    pub v4: Option<Ipv4Net>,
-    /// IPv6 subnet.
-    pub v6: Option<Ipv6Net>,
-}
-
-impl SubnetKey {
-    /// Parses a key as Flannel writes it.
-    pub fn parse(key: &str) -> Result<Self, DatastoreError> {
-        let bad = || DatastoreError::SubnetKey(key.to_string());
-        let mut out = SubnetKey { v4: None, v6: None };
-        let mut parts = key.split('&');
-        for part in parts.by_ref().take(2) {
-            let (addr, len) = part.rsplit_once('-').ok_or_else(bad)?;
-            let len: u8 = len.parse().map_err(|_| bad())?;
-            let net = IpNet::new(addr.parse().map_err(|_| bad())?, len).map_err(|_| bad())?;
-            if net.trunc() != net {
-                return Err(bad());
-            }
-            match net {
-                IpNet::V4(n) if out.v4.is_none() => out.v4 = Some(n),
-                IpNet::V6(n) if out.v6.is_none() => out.v6 = Some(n),
-                _ => return Err(bad()),
-            }
-        }
-        if parts.next().is_some() || (out.v4.is_none() && out.v6.is_none()) {
-            return Err(bad());
-        }
-        Ok(out)
-    }
-
-    /// The subnets of the key.
-    pub fn subnets(&self) -> Vec<IpNet> {
-        self.v4.map(IpNet::V4).into_iter().chain(self.v6.map(IpNet::V6)).collect()
-    }
-}
-
-impl std::fmt::Display for SubnetKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if let Some(n) = self.v4 {
-            write!(f, "{}-{}", n.network(), n.prefix_len())?;
-        }
-        if let Some(n) = self.v6 {
-            if self.v4.is_some() {
-                f.write_str("&")?;
-            }
-            write!(f, "{}-{}", n.network(), n.prefix_len())?;
-        }
-        Ok(())
     }
 }
 
@@ -454,32 +405,8 @@ mod tests {
     use super::*;
 
     fn fixture(name: &str) -> Vec<u8> {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/flannel-etcd").join(name);
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/flannel-etcd").join(name);
         std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-    }
-
-    #[test]
-    fn subnet_keys_round_trip() {
-        for k in
-            ["10.244.1.0-24", "fd00:0:0:1::-64", "10.244.1.0-24&fd00:0:0:1::-64", "10.42.3.0-24&2001:cafe:42:3::-64"]
-        {
-            let parsed = SubnetKey::parse(k).unwrap();
-            assert_eq!(SubnetKey::parse(&parsed.to_string()).unwrap(), parsed, "{k}");
-        }
-        assert_eq!(SubnetKey::parse("10.244.1.0-24").unwrap().to_string(), "10.244.1.0-24");
-        for bad in [
-            "",
-            "10.244.1.0",
-            "10.244.1.1-24",
-            "10.244.1.0-33",
-            "x-24",
-            "10.0.0.0-8&10.1.0.0-16",
-            "a&b&c",
-            "&",
-            "10.244.1.0-24&",
-        ] {
-            assert!(SubnetKey::parse(bad).is_err(), "{bad}");
-        }
     }
 
     #[test]
@@ -552,7 +479,8 @@ mod tests {
                         FLANNEL_IPV6_SUBNET=2001:cafe:42:3::1/64\nFLANNEL_MTU=1420\nFLANNEL_IPMASQ=true\n";
         assert_eq!(env, expected);
         let fixture =
-            std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/subnet.env")).unwrap();
+            std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/subnet.env"))
+                .unwrap();
         assert_eq!(env, fixture);
     }
 

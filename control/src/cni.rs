@@ -66,7 +66,8 @@ mod tests {
 
     #[test]
     fn dual_stack_subnet_env_gives_two_ranges() {
-        let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/subnet.env")).unwrap();
+        let text =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/subnet.env")).unwrap();
         let env = SubnetEnv::parse(&text).unwrap();
         assert_eq!(env.mtu, 1420);
         let c = bridge_config("weft", "cni0", &env, "ipam");

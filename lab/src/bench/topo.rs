@@ -11,12 +11,12 @@
 //!   <name>-n1p1 10.244.1.2  ── iperf3 -c, ping ──>  <name>-n2p1 10.244.2.2 (iperf3 -s, echo)
 //! ```
 //!
-//! weft and host-gw modes are `weft lab` topologies ([`lab::up`]); kernel
+//! weft and host-gw modes are `weft lab` topologies ([`crate::up`]); kernel
 //! VXLAN and the userspace WireGuard anchors run the same tunnel on both
 //! nodes, which the lab does not do, so they are built here from the lab's
 //! plan, names, state directory and node setups (the lab's kernel Flannel
 //! node, userspace WireGuard peer and CNI attach, on every node):
-//! [`lab::down`] removes either kind.
+//! [`crate::down`] removes either kind.
 
 use std::net::IpAddr;
 use std::path::Path;
@@ -26,8 +26,10 @@ use anyhow::{bail, Context};
 
 use super::report::CpuSource;
 use super::Mode;
-use crate::lab::{self, Lab, LabOptions, NodeKind, Pod, STATE_ROOT};
+use crate::namespaces::{attach_pods, build_underlay, wg_key_path};
 use crate::netns::{self, exec};
+use crate::peers::{kernel_flannel_node, userspace_wg_node};
+use crate::{Lab, LabOptions, NodeKind, Pod, STATE_ROOT};
 
 /// A built topology: the lab, and what runs its tunnel.
 #[derive(Debug)]
@@ -85,21 +87,21 @@ pub fn up(
                 _ => "host-gw",
             }
             .into();
-            lab::up(&opts)?
+            crate::up(&opts)?
         }
         Mode::KernelVxlan | Mode::WireguardGo | Mode::Boringtun => {
             if mode != Mode::KernelVxlan {
                 opts.backend = "wireguard-native".into();
                 opts.wg_peer = Some(mode.name().into());
             }
-            let mut nodes = lab::plan(&opts)?;
+            let mut nodes = crate::plan(&opts)?;
             for n in &mut nodes {
                 n.kind = if mode == Mode::KernelVxlan { NodeKind::KernelVxlan } else { NodeKind::UserspaceWg };
             }
             let mut lab = Lab { opts, nodes, dir: Path::new(STATE_ROOT).join(name), kube: None };
             if let Err(e) = build(&mut lab, mode) {
                 let logs = Topology { lab, tunnel_pids: Vec::new(), cpu_source: CpuSource::SystemSoftirq }.logs();
-                lab::down(name);
+                crate::down(name);
                 return Err(e.context(logs));
             }
             lab
@@ -127,10 +129,10 @@ pub fn up(
 
 /// Removes a topology (its processes, namespaces, state and UAPI sockets).
 pub fn down(topo: &Topology) {
-    lab::down(&topo.lab.opts.name);
+    crate::down(&topo.lab.opts.name);
     if topo.lab.opts.wg_peer.is_some() || topo.lab.opts.backend == "wireguard-native" {
         for n in &topo.lab.nodes {
-            let sock = Path::new("/var/run/wireguard").join(format!("{}.sock", lab::wg_ifname(&topo.lab, n)));
+            let sock = Path::new("/var/run/wireguard").join(format!("{}.sock", crate::wg_ifname(&topo.lab, n)));
             let _ = std::fs::remove_file(sock);
         }
     }
@@ -159,11 +161,11 @@ fn build(lab: &mut Lab, mode: Mode) -> anyhow::Result<()> {
     if lab.nodes.iter().any(|n| n.ip4.is_none()) {
         bail!("bench topologies are IPv4");
     }
-    lab::build_underlay(lab)?;
+    build_underlay(lab)?;
     if mode != Mode::KernelVxlan {
         for n in &mut lab.nodes {
-            let private = crate::keys::load_or_create(&lab::wg_key_path(&lab.dir, n.index))?;
-            n.wg_public = Some(weft_engine::WgDevice::public_of(private));
+            let private = weft_control::keys::load_or_create(&wg_key_path(&lab.dir, n.index))?;
+            n.wg_public = Some(weft_uapi::Key(private).public_key().0);
         }
     }
     // Which userspace WireGuard the lab's peer setup runs.
@@ -174,12 +176,12 @@ fn build(lab: &mut Lab, mode: Mode) -> anyhow::Result<()> {
     };
     for n in &lab.nodes {
         match mode {
-            Mode::KernelVxlan => lab::kernel_flannel_node(lab, n)?,
-            _ => lab::userspace_wg_node(lab, n)?,
+            Mode::KernelVxlan => kernel_flannel_node(lab, n)?,
+            _ => userspace_wg_node(lab, n)?,
         }
     }
     for i in 0..lab.nodes.len() {
-        let ips = lab::attach_pods(lab, &lab.nodes[i])?;
+        let ips = attach_pods(lab, &lab.nodes[i])?;
         for (pod, ips) in lab.nodes[i].pods.iter_mut().zip(ips) {
             pod.ips = ips;
         }

@@ -24,10 +24,11 @@ use serde_json::Value;
 use crate::alloc;
 use crate::cluster::Backend;
 use crate::config::AgentConfig;
-use crate::datastore::{Lease, NetworkConfig, StaticDatastore, SubnetKey, VxlanData, WgData};
+use crate::datastore::{Lease, NetworkConfig, StaticDatastore, VxlanData, WgData};
 use crate::error::ConfigError;
 use crate::etcd::{EtcdStore, LeaseEvent, StoreError};
 use crate::etcd_tls::{EtcdSecurity, HandshakeError, TlsFile};
+use crate::subnet::SubnetKey;
 
 /// Lifetime of a subnet lease (Flannel's).
 pub const LEASE_TTL: Duration = Duration::from_secs(24 * 3600);

@@ -65,8 +65,45 @@ pub enum DatastoreSource {
         security: EtcdSecurity,
     },
     /// The Kubernetes API: the Node objects (Flannel's `--kube-subnet-mgr`).
-    Kube(crate::kube::KubeSource),
+    Kube(KubeSource),
 }
+
+/// Where the API server is: a kubeconfig, or the pod's service account.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KubeSource {
+    /// The kubeconfig file (K3s writes `/etc/rancher/k3s/k3s.yaml`); `None`
+    /// inside a pod: the service account's token and CA, and
+    /// `KUBERNETES_SERVICE_HOST`.
+    pub kubeconfig: Option<PathBuf>,
+    /// Flannel's `net-conf.json`; `None`: derived from `cluster-cidr` and
+    /// `flannel-backend`.
+    pub net_config: Option<PathBuf>,
+}
+
+/// The offloads the operator allows the engine (`offload-tun`,
+/// `offload-udp-gso`, `offload-udp-gro`), all on by default. The agent hands
+/// them to the engine as they are; the engine still drops, at run time, each
+/// one the kernel refuses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Offloads {
+    /// `offload-tun`: TUN super-packets, software segmentation, coalesced writes.
+    pub tun: bool,
+    /// `offload-udp-gso`: `UDP_SEGMENT` sends.
+    pub udp_gso: bool,
+    /// `offload-udp-gro`: `UDP_GRO` receives.
+    pub udp_gro: bool,
+}
+
+impl Default for Offloads {
+    fn default() -> Self {
+        Offloads { tun: true, udp_gso: true, udp_gro: true }
+    }
+}
+
+/// `busy-poll-us` when the key is absent: 0, workers sleep as soon as they
+/// are idle. The same as the engine's own default, which the weft crate's
+/// tests check.
+pub const DEFAULT_BUSY_POLL_US: u32 = 0;
 
 /// The agent's configuration, validated.
 #[derive(Debug, Clone, PartialEq)]
@@ -95,7 +132,7 @@ pub struct AgentConfig {
     /// WireGuard private key file.
     pub wg_key_file: PathBuf,
     /// The offloads the engine may use (`offload-*` keys).
-    pub offloads: weft_engine::Offloads,
+    pub offloads: Offloads,
     /// `busy-poll-us`.
     pub busy_poll_us: u32,
     /// `ip-masq`: masquerade pod traffic leaving the cluster (IPv6 too
@@ -212,7 +249,7 @@ impl AgentConfig {
             }
         }
         let datastore = match (get("datastore-file"), get("etcd-endpoints")) {
-            (None, None) if kube => DatastoreSource::Kube(crate::kube::KubeSource {
+            (None, None) if kube => DatastoreSource::Kube(KubeSource {
                 kubeconfig: get("kubeconfig").map(PathBuf::from),
                 net_config: get("net-config-path").map(PathBuf::from),
             }),
@@ -253,13 +290,12 @@ impl AgentConfig {
                 ))
             }
         };
-        let offloads = weft_engine::Offloads {
+        let offloads = Offloads {
             tun: parse_bool("offload-tun", get("offload-tun"), true)?,
             udp_gso: parse_bool("offload-udp-gso", get("offload-udp-gso"), true)?,
             udp_gro: parse_bool("offload-udp-gro", get("offload-udp-gro"), true)?,
         };
-        let busy_poll_us =
-            parse_num("busy-poll-us", get("busy-poll-us"), weft_engine::DEFAULT_BUSY_POLL_US, 0, 10_000)?;
+        let busy_poll_us = parse_num("busy-poll-us", get("busy-poll-us"), DEFAULT_BUSY_POLL_US, 0, 10_000)?;
         let ip_masq = parse_bool("ip-masq", get("ip-masq"), true)?;
         let subnet_file = PathBuf::from(get("subnet-file").unwrap_or("/run/flannel/subnet.env"));
         let node_name = match get("node-name") {
@@ -374,7 +410,6 @@ fn yaml_text(v: &serde_yaml::Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::Path;
 
     fn parse(yaml: &str) -> Result<AgentConfig, ConfigError> {
         AgentConfig::from_pairs(&AgentConfig::pairs_from_yaml(yaml)?)
@@ -479,7 +514,7 @@ mod tests {
         let c = parse("node-ip: 10.0.0.1\nkube-subnet-mgr: true\nkubeconfig: /etc/rancher/k3s/k3s.yaml\n").unwrap();
         assert_eq!(
             c.datastore,
-            DatastoreSource::Kube(crate::kube::KubeSource {
+            DatastoreSource::Kube(KubeSource {
                 kubeconfig: Some("/etc/rancher/k3s/k3s.yaml".into()),
                 net_config: None
             })
@@ -487,7 +522,7 @@ mod tests {
         let c = parse("node-ip: 10.0.0.1\nkube-subnet-mgr: true\nnet-config-path: n.json\n").unwrap();
         assert_eq!(
             c.datastore,
-            DatastoreSource::Kube(crate::kube::KubeSource { kubeconfig: None, net_config: Some("n.json".into()) })
+            DatastoreSource::Kube(KubeSource { kubeconfig: None, net_config: Some("n.json".into()) })
         );
         let e = refused(&format!("{GOOD}kube-subnet-mgr: true\n"));
         assert_eq!((e.key.as_str(), e.value.as_str()), ("kube-subnet-mgr", "true"));
@@ -502,7 +537,7 @@ mod tests {
 
     #[test]
     fn busy_poll_defaults_and_can_be_turned_off() {
-        assert_eq!(parse(GOOD).unwrap().busy_poll_us, weft_engine::DEFAULT_BUSY_POLL_US);
+        assert_eq!(parse(GOOD).unwrap().busy_poll_us, DEFAULT_BUSY_POLL_US);
         assert_eq!(parse(&format!("{GOOD}busy-poll-us: 0\n")).unwrap().busy_poll_us, 0);
         assert_eq!(parse(&format!("{GOOD}busy-poll-us: 250\n")).unwrap().busy_poll_us, 250);
     }
@@ -521,11 +556,11 @@ mod tests {
     #[test]
     fn offload_keys_turn_each_offload_off() {
         let c = parse(GOOD).unwrap();
-        assert_eq!(c.offloads, weft_engine::Offloads::default());
+        assert_eq!(c.offloads, Offloads::default());
         let c = parse(&format!("{GOOD}offload-tun: false\noffload-udp-gro: false\n")).unwrap();
-        assert_eq!(c.offloads, weft_engine::Offloads { tun: false, udp_gso: true, udp_gro: false });
+        assert_eq!(c.offloads, Offloads { tun: false, udp_gso: true, udp_gro: false });
         let c = parse(&format!("{GOOD}offload-udp-gso: false\n")).unwrap();
-        assert_eq!(c.offloads, weft_engine::Offloads { tun: true, udp_gso: false, udp_gro: true });
+        assert_eq!(c.offloads, Offloads { tun: true, udp_gso: false, udp_gro: true });
     }
 
     #[test]
@@ -536,132 +571,5 @@ mod tests {
         assert_eq!(refused("- a\n- b\n").key, "(file)");
         assert_eq!(refused("node-ip: {a: 1}\n").key, "node-ip");
         assert_eq!(refused("{{{").key, "(file)");
-    }
-
-    /// A temporary directory with the lab's kind of certificates, removed on drop.
-    struct Certs {
-        dir: PathBuf,
-        certs: crate::etcd_certs::EtcdCerts,
-    }
-
-    impl Drop for Certs {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
-    }
-
-    fn certs(tag: &str) -> Certs {
-        let dir = std::env::temp_dir().join(format!("weft-config-{}-{tag}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let certs = crate::etcd_certs::EtcdCerts::make(&dir, "test CA", IpAddr::from([127, 0, 0, 1])).unwrap();
-        Certs { dir, certs }
-    }
-
-    const ETCD_TLS: &str = "node-ip: 10.0.0.1\netcd-endpoints: https://127.0.0.1:2379,https://127.0.0.2:2379\n";
-
-    fn tls_yaml(c: &Certs) -> String {
-        format!(
-            "{ETCD_TLS}etcd-cafile: {}\netcd-certfile: {}\netcd-keyfile: {}\n",
-            c.certs.ca.display(),
-            c.certs.client_cert.display(),
-            c.certs.client_key.display()
-        )
-    }
-
-    #[test]
-    fn etcd_tls_files_and_user_are_read() {
-        let c = certs("good");
-        let cfg = parse(&format!("{}etcd-username: root\netcd-password: pw\n", tls_yaml(&c))).unwrap();
-        let DatastoreSource::Etcd { endpoints, security, .. } = cfg.datastore else { panic!("etcd") };
-        assert_eq!(endpoints, ["https://127.0.0.1:2379", "https://127.0.0.2:2379"]);
-        assert_eq!(security.ca_file.as_ref(), Some(&c.certs.ca));
-        assert_eq!(security.cert_file.as_ref(), Some(&c.certs.client_cert));
-        assert_eq!(security.key_file.as_ref(), Some(&c.certs.client_key));
-        assert_eq!((security.username.as_deref(), security.password.as_deref()), (Some("root"), Some("pw")));
-        // Server TLS only, without a client certificate.
-        let cfg = parse(&format!("{ETCD_TLS}etcd-cafile: {}\n", c.certs.ca.display())).unwrap();
-        let DatastoreSource::Etcd { security, .. } = cfg.datastore else { panic!("etcd") };
-        assert_eq!((security.cert_file, security.key_file), (None, None));
-        // A user over plain http.
-        let cfg = parse("node-ip: 10.0.0.1\netcd-endpoints: http://h:2379\netcd-username: u\netcd-password: p\n");
-        assert!(cfg.is_ok(), "{cfg:?}");
-    }
-
-    #[test]
-    fn etcd_tls_and_user_combinations_are_refused() {
-        let c = certs("combos");
-        let (ca, cert, key) = (c.certs.ca.display(), c.certs.client_cert.display(), c.certs.client_key.display());
-        let e = refused("node-ip: 10.0.0.1\netcd-endpoints: http://a:2379,https://b:2379\n");
-        assert_eq!((e.key.as_str(), e.value.as_str()), ("etcd-endpoints", "http://a:2379,https://b:2379"));
-        assert!(e.accepted.contains("all of one scheme"), "{e}");
-        let e = refused("node-ip: 10.0.0.1\netcd-endpoints: https://\n");
-        assert_eq!(e.key, "etcd-endpoints");
-        let e = refused(ETCD_TLS);
-        assert_eq!((e.key.as_str(), e.value.as_str()), ("etcd-cafile", ""));
-        assert!(e.accepted.contains("required with https://"), "{e}");
-        let e = refused(&format!("{ETCD_TLS}etcd-cafile: {ca}\netcd-certfile: {cert}\n"));
-        assert_eq!((e.key.as_str(), e.value.as_str()), ("etcd-keyfile", ""));
-        assert!(e.accepted.contains("etcd-certfile"), "{e}");
-        let e = refused(&format!("{ETCD_TLS}etcd-cafile: {ca}\netcd-keyfile: {key}\n"));
-        assert_eq!((e.key.as_str(), e.value.as_str()), ("etcd-certfile", ""));
-        assert!(e.accepted.contains("etcd-keyfile"), "{e}");
-        let http = "node-ip: 10.0.0.1\netcd-endpoints: http://127.0.0.1:2379\n";
-        let e = refused(&format!("{http}etcd-cafile: {ca}\n"));
-        assert_eq!((e.key.as_str(), e.value.as_str()), ("etcd-cafile", ca.to_string().as_str()));
-        assert!(e.accepted.contains("only with https://"), "{e}");
-        let e = refused(&format!("{http}etcd-certfile: {cert}\netcd-keyfile: {key}\n"));
-        assert_eq!(e.key, "etcd-certfile");
-        assert!(e.accepted.contains("only with https://"), "{e}");
-        let e = refused(&format!("{http}etcd-username: root\n"));
-        assert_eq!((e.key.as_str(), e.value.as_str()), ("etcd-password", ""));
-        assert!(e.accepted.contains("etcd-username"), "{e}");
-        let e = refused(&format!("{http}etcd-password: s3cret\n"));
-        assert_eq!((e.key.as_str(), e.value.as_str()), ("etcd-username", ""));
-        let e = refused(&format!("{GOOD}etcd-password: s3cret\n"));
-        assert_eq!((e.key.as_str(), e.value.as_str()), ("etcd-password", "(hidden)"), "never echoed");
-        assert!(e.accepted.contains("only with etcd-endpoints"), "{e}");
-        let e = refused(&format!("{GOOD}etcd-cafile: {ca}\n"));
-        assert_eq!(e.key, "etcd-cafile");
-        assert!(e.accepted.contains("only with etcd-endpoints"), "{e}");
-    }
-
-    #[test]
-    fn bad_etcd_tls_files_are_refused_with_the_reason() {
-        let c = certs("files");
-        let dir = &c.dir;
-        let missing = dir.join("missing.pem");
-        let not_pem = dir.join("not.pem");
-        std::fs::write(&not_pem, "just some text\n").unwrap();
-        let broken = dir.join("broken.pem");
-        std::fs::write(&broken, "-----BEGIN CERTIFICATE-----\n!!!not base64!!!\n-----END CERTIFICATE-----\n").unwrap();
-        let garbage_der = dir.join("garbage-der.pem");
-        std::fs::write(&garbage_der, "-----BEGIN CERTIFICATE-----\nAAECAwQF\n-----END CERTIFICATE-----\n").unwrap();
-        let (ca, cert, key) = (&c.certs.ca, &c.certs.client_cert, &c.certs.client_key);
-        let yaml = |ca: &Path, cert: &Path, key: &Path| {
-            format!(
-                "{ETCD_TLS}etcd-cafile: {}\netcd-certfile: {}\netcd-keyfile: {}\n",
-                ca.display(),
-                cert.display(),
-                key.display()
-            )
-        };
-        let cases: &[(&str, String, PathBuf, &str)] = &[
-            ("etcd-cafile", yaml(&missing, cert, key), missing.clone(), "unreadable"),
-            ("etcd-cafile", yaml(&not_pem, cert, key), not_pem.clone(), "not PEM"),
-            ("etcd-cafile", yaml(&broken, cert, key), broken.clone(), "not PEM"),
-            ("etcd-cafile", yaml(key, cert, key), key.clone(), "no certificate"),
-            ("etcd-cafile", yaml(&garbage_der, cert, key), garbage_der.clone(), "refused by the TLS library"),
-            ("etcd-certfile", yaml(ca, &missing, key), missing.clone(), "unreadable"),
-            ("etcd-certfile", yaml(ca, key, key), key.clone(), "no certificate"),
-            ("etcd-keyfile", yaml(ca, cert, &not_pem), not_pem.clone(), "not PEM"),
-            ("etcd-keyfile", yaml(ca, cert, cert), cert.clone(), "no private key"),
-            ("etcd-keyfile", yaml(ca, cert, dir), dir.clone(), "unreadable"),
-        ];
-        for (k, text, path, why) in cases {
-            let e = refused(text);
-            assert_eq!((e.key.as_str(), e.value.as_str()), (*k, path.display().to_string().as_str()), "{e}");
-            assert!(e.accepted.contains(why), "{k} {}: wanted {why:?} in {e}", path.display());
-            assert!(e.accepted.contains("PEM file holding"), "says what it must hold: {e}");
-        }
     }
 }

@@ -35,9 +35,10 @@ use etcd_client::{
 };
 use tokio::runtime::Runtime;
 
-use crate::datastore::{Lease, NetworkConfig, SubnetKey};
+use crate::datastore::{Lease, NetworkConfig};
 use crate::error::DatastoreError;
 use crate::etcd_tls::{EtcdSecurity, HandshakeError, TlsFileError};
+use crate::subnet::SubnetKey;
 
 /// Flannel's default key prefix.
 pub const DEFAULT_PREFIX: &str = "/coreos.com/network";

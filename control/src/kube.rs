@@ -29,7 +29,7 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -43,9 +43,10 @@ use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::watcher;
 use serde_json::{json, Value};
 
-use crate::config::AgentConfig;
-use crate::datastore::{Lease, NetworkConfig, StaticDatastore, SubnetKey};
+use crate::config::{AgentConfig, KubeSource};
+use crate::datastore::{Lease, NetworkConfig, StaticDatastore};
 use crate::lease::Update;
+use crate::subnet::SubnetKey;
 
 /// Flannel's annotation prefix.
 pub const PREFIX: &str = "flannel.alpha.coreos.com";
@@ -242,18 +243,6 @@ pub fn network_available_patch(now: &str) -> Value {
 pub fn network_available(node: &Node) -> bool {
     let conditions = node.status.as_ref().and_then(|s| s.conditions.as_ref());
     conditions.into_iter().flatten().any(|c| c.type_ == "NetworkUnavailable" && c.status == "False")
-}
-
-/// Where the API server is: a kubeconfig, or the pod's service account.
-#[derive(Debug, Clone, PartialEq)]
-pub struct KubeSource {
-    /// The kubeconfig file (K3s writes `/etc/rancher/k3s/k3s.yaml`); `None`
-    /// inside a pod: the service account's token and CA, and
-    /// `KUBERNETES_SERVICE_HOST`.
-    pub kubeconfig: Option<PathBuf>,
-    /// Flannel's `net-conf.json`; `None`: derived from `cluster-cidr` and
-    /// `flannel-backend`.
-    pub net_config: Option<PathBuf>,
 }
 
 /// The running subnet manager, between [`start`] and [`Keeper::keep`].

@@ -9,7 +9,7 @@ use std::path::Path;
 
 use anyhow::{bail, Context};
 
-use crate::uapi::Key;
+use weft_uapi::Key;
 
 /// Reads the key at `path`, or creates one there.
 pub fn load_or_create(path: &Path) -> anyhow::Result<[u8; 32]> {

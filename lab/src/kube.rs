@@ -14,9 +14,12 @@ use std::path::PathBuf;
 use anyhow::Context;
 use serde_json::{json, Value};
 
-use super::{Lab, Node};
+use weft_control::datastore::Lease;
+use weft_control::subnet::SubnetKey;
+
 use crate::apiserver::ApiServer;
-use crate::datastore::{Lease, SubnetKey};
+use crate::namespaces::underlay_service_address;
+use crate::plan::{Lab, Node};
 
 /// The API server's port (kube-apiserver's secure port).
 pub const API_PORT: u16 = 6443;
@@ -49,7 +52,7 @@ pub fn api_addr(lab: &Lab) -> SocketAddr {
 /// with its pod CIDRs assigned.
 pub(crate) fn start(lab: &Lab) -> anyhow::Result<KubeLab> {
     let ul = format!("{}-ul", lab.opts.name);
-    super::underlay_service_address(lab)?;
+    underlay_service_address(lab)?;
     let token = format!("weft-lab-{}", lab.opts.name);
     let api = ApiServer::start(Some(&ul), api_addr(lab), &token).context("starting the API server stand-in")?;
     let kubeconfig = lab.dir.join("kubeconfig.yaml");
@@ -74,17 +77,17 @@ impl KubeLab {
     /// Writes the annotations kernel flanneld writes for `lease` on Node
     /// `name` (through `nodes/status`, as flanneld does).
     pub fn annotate_as_flannel(&self, name: &str, lease: &Lease) -> anyhow::Result<()> {
-        let annotations = crate::kube::lease_annotations(lease);
+        let annotations = weft_control::kube::lease_annotations(lease);
         self.api.patch_node(name, json!({ "metadata": { "annotations": annotations } }), true)?;
         Ok(())
     }
 
     /// The lease Node `name` announces in its annotations, read as the
     /// agents read it under the network config `net`.
-    pub fn lease_of(&self, name: &str, net: &crate::datastore::NetworkConfig) -> anyhow::Result<Lease> {
+    pub fn lease_of(&self, name: &str, net: &weft_control::datastore::NetworkConfig) -> anyhow::Result<Lease> {
         let v = self.api.node(name).with_context(|| format!("no Node {name}"))?;
         let node: k8s_openapi::api::core::v1::Node = serde_json::from_value(v)?;
-        match crate::kube::node_lease(&node, net).map_err(anyhow::Error::msg)? {
+        match weft_control::kube::node_lease(&node, net).map_err(anyhow::Error::msg)? {
             Some((_, lease)) => Ok(lease),
             None => anyhow::bail!("Node {name} has no Flannel annotations yet"),
         }

@@ -127,7 +127,7 @@ impl Mode {
             Mode::Boringtun => &["boringtun-cli", "wg"],
             _ => &[],
         };
-        let missing: Vec<&str> = needs.iter().copied().filter(|p| crate::lab::find_program(p).is_none()).collect();
+        let missing: Vec<&str> = needs.iter().copied().filter(|p| crate::find_program(p).is_none()).collect();
         (!missing.is_empty()).then(|| format!("{} not installed", missing.join(" and ")))
     }
 }
@@ -137,7 +137,7 @@ const QUIET_IDLE_PCT: f64 = 90.0;
 
 /// Runs the benchmark.
 pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
-    if !crate::lab::valid_name(&args.name) {
+    if !crate::valid_name(&args.name) {
         bail!("--name {}: 1 to 16 letters, digits or '_'", args.name);
     }
     let modes = match &args.modes {
@@ -155,7 +155,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         bail!("weft bench creates network namespaces: run it as root");
     }
     for p in ["iperf3", "ping", "ss"] {
-        if crate::lab::find_program(p).is_none() {
+        if crate::find_program(p).is_none() {
             bail!("weft bench needs {p} (Debian packages iperf3, iputils-ping, iproute2; scripts/setup installs them)");
         }
     }
@@ -171,13 +171,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     std::thread::spawn(move || {
         if signals.forever().next().is_some() {
             eprintln!("\ninterrupted: removing {sig_name}-*");
-            crate::lab::down(&sig_name);
+            crate::down(&sig_name);
             std::process::exit(130);
         }
     });
 
     // A topology left by a crashed run goes first.
-    crate::lab::down(&name);
+    crate::down(&name);
     let machine = machine();
     let commit = commit();
     println!("{}", report::machine_line(&machine, &commit, &settings));

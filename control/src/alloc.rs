@@ -29,8 +29,8 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 
 use ipnet::{Ipv4Net, Ipv6Net};
 
-use crate::datastore::SubnetKey;
 use crate::error::ConfigError;
+use crate::subnet::SubnetKey;
 
 /// How many free subnets per family a new lease is drawn from: Flannel's
 /// `allocateSubnet` collects at most 100 free subnets from `SubnetMin`

@@ -1,0 +1,345 @@
+//! Planning a lab, as pure code: the options, the nodes (namespaces,
+//! underlay addresses, subnets, VTEP MACs, what runs on each) and the static
+//! datastore that describes them. Nothing here touches the host.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use weft_control::datastore::{Lease, NetworkConfig, StaticDatastore, VxlanData, WgData};
+use weft_control::subnet::SubnetKey;
+
+use crate::kube::KubeLab;
+
+/// What runs on a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeKind {
+    /// A `weft agent`.
+    Weft,
+    /// The kernel's VXLAN device laid out as flanneld lays it out.
+    KernelVxlan,
+    /// A userspace WireGuard implementation (`wireguard-go`) set up with `wg`.
+    UserspaceWg,
+}
+
+/// How to build a lab.
+#[derive(Debug, Clone)]
+pub struct LabOptions {
+    /// Name, prefix of every namespace.
+    pub name: String,
+    /// Number of nodes.
+    pub nodes: usize,
+    /// Pods per node.
+    pub pods_per_node: usize,
+    /// Backend of the weft nodes: vxlan, host-gw or none.
+    pub backend: String,
+    /// Run the last node as a kernel Flannel node.
+    pub kernel_peer: bool,
+    /// Run the last node as a userspace WireGuard peer nobody here wrote:
+    /// `wireguard-go`, configured with `wg` from the leases.
+    pub wg_peer: Option<String>,
+    /// Size of the TCP check transfer, in MiB.
+    pub transfer_mib: usize,
+    /// Worker threads per agent (`None`: the agent's default).
+    pub threads: Option<usize>,
+    /// The agents' `busy-poll-us` (`None`: the agent's default, or
+    /// `WEFT_LAB_BUSY_POLL_US` from the environment).
+    pub busy_poll_us: Option<u32>,
+    /// The weft binary the agents run.
+    pub weft_bin: PathBuf,
+    /// Pod networks: one IPv4 and/or one IPv6 (K3s `cluster-cidr`).
+    pub cluster_cidrs: Vec<IpNet>,
+    /// Service networks (K3s `service-cidr`); empty: 10.43.0.0/16 and/or
+    /// fd00:43::/112, matching the pod networks' families and order.
+    pub service_cidrs: Vec<IpNet>,
+    /// Where the leases live: `file` (the static datastore) or `etcd` (an
+    /// etcd server the lab runs in the underlay namespace).
+    pub datastore: String,
+    /// Turn every offload of the weft agents off (`offload-tun`,
+    /// `offload-udp-gso`, `offload-udp-gro: false`): one packet per TUN read
+    /// and write, one datagram per message. `weft lab` also turns them off
+    /// when the environment has `WEFT_LAB_OFFLOADS=off`.
+    pub offloads_off: bool,
+    /// Node subnet prefix lengths (K3s `node-cidr-mask-size-ipv4` / `-ipv6`).
+    pub node_mask_v4: u8,
+    /// See `node_mask_v4`.
+    pub node_mask_v6: u8,
+    /// The agents' `ip-masq` (default true).
+    pub ip_masq: bool,
+    /// The agents' `flannel-ipv6-masq` when the lab has IPv6 (default true).
+    pub ipv6_masq: bool,
+    /// With `datastore: etcd`: etcd speaks TLS only and requires client
+    /// certificates (a CA, server and client certificates made for the lab);
+    /// every agent gets `etcd-cafile`, `etcd-certfile`, `etcd-keyfile`.
+    pub etcd_tls: bool,
+    /// With `datastore: etcd`: etcd has user `root` with a password and
+    /// authentication enabled; every agent gets `etcd-username`,
+    /// `etcd-password`.
+    pub etcd_auth: bool,
+}
+
+impl LabOptions {
+    /// Defaults for lab `name`, agents run from `weft_bin`.
+    pub fn new(name: &str, weft_bin: PathBuf) -> Self {
+        LabOptions {
+            name: name.to_string(),
+            nodes: 3,
+            pods_per_node: 1,
+            backend: "vxlan".into(),
+            kernel_peer: false,
+            wg_peer: None,
+            transfer_mib: 64,
+            threads: None,
+            busy_poll_us: std::env::var("WEFT_LAB_BUSY_POLL_US").ok().and_then(|v| v.parse().ok()),
+            offloads_off: std::env::var("WEFT_LAB_OFFLOADS").is_ok_and(|v| v == "off"),
+            weft_bin,
+            cluster_cidrs: vec!["10.244.0.0/16".parse().expect("a valid network")],
+            service_cidrs: Vec::new(),
+            datastore: "file".into(),
+            node_mask_v4: 24,
+            node_mask_v6: 64,
+            ip_masq: true,
+            ipv6_masq: true,
+            etcd_tls: false,
+            etcd_auth: false,
+        }
+    }
+
+    /// Whether the weft nodes masquerade pod traffic of a family leaving
+    /// the cluster (never with the backend `none`).
+    pub fn masquerades(&self, v6: bool) -> bool {
+        self.ip_masq && self.backend != "none" && (!v6 || (self.ipv6_masq && self.cluster_v6().is_some()))
+    }
+
+    pub(crate) fn cluster_v4(&self) -> Option<Ipv4Net> {
+        self.cluster_cidrs.iter().find_map(|n| if let IpNet::V4(n) = n { Some(*n) } else { None })
+    }
+
+    /// The service networks: as given, or defaults of the pod networks' families.
+    pub fn service_cidrs(&self) -> Vec<IpNet> {
+        if !self.service_cidrs.is_empty() {
+            return self.service_cidrs.clone();
+        }
+        let v4: IpNet = "10.43.0.0/16".parse().expect("a valid network");
+        let v6: IpNet = "fd00:43::/112".parse().expect("a valid network");
+        self.cluster_cidrs.iter().map(|c| if c.addr().is_ipv4() { v4 } else { v6 }).collect()
+    }
+
+    pub(crate) fn cluster_v6(&self) -> Option<Ipv6Net> {
+        self.cluster_cidrs.iter().find_map(|n| if let IpNet::V6(n) = n { Some(*n) } else { None })
+    }
+}
+
+/// A node of the lab.
+#[derive(Debug, Clone)]
+pub struct Node {
+    /// 1-based index.
+    pub index: usize,
+    /// Namespace.
+    pub ns: String,
+    /// IPv4 underlay address (when the cluster has IPv4).
+    pub ip4: Option<Ipv4Addr>,
+    /// IPv6 underlay address (when the cluster has IPv6).
+    pub ip6: Option<Ipv6Addr>,
+    /// Pod subnets, as a lease key.
+    pub key: SubnetKey,
+    /// VTEP MAC of the IPv4 underlay (BackendData).
+    pub mac: [u8; 6],
+    /// VTEP MAC of the IPv6 underlay (BackendV6Data).
+    pub mac6: [u8; 6],
+    /// What runs on it.
+    pub kind: NodeKind,
+    /// Its pods.
+    pub pods: Vec<Pod>,
+    /// Its WireGuard public key (backend wireguard-native, static datastore).
+    pub wg_public: Option<[u8; 32]>,
+}
+
+impl Node {
+    /// The node's underlay addresses, IPv4 first.
+    pub fn ips(&self) -> Vec<IpAddr> {
+        self.ip4.map(IpAddr::V4).into_iter().chain(self.ip6.map(IpAddr::V6)).collect()
+    }
+}
+
+/// A pod of the lab.
+#[derive(Debug, Clone)]
+pub struct Pod {
+    /// Namespace.
+    pub ns: String,
+    /// Addresses given by the CNI plugins (IPv4 first).
+    pub ips: Vec<IpAddr>,
+}
+
+impl Pod {
+    /// The pod's address of one family.
+    pub fn ip(&self, v6: bool) -> Option<IpAddr> {
+        self.ips.iter().copied().find(|a| a.is_ipv6() == v6)
+    }
+}
+
+/// A lab that has been built; [`down`](crate::down) removes it.
+#[derive(Debug)]
+pub struct Lab {
+    /// Options it was built with.
+    pub opts: LabOptions,
+    /// Its nodes.
+    pub nodes: Vec<Node>,
+    /// Its state directory.
+    pub dir: PathBuf,
+    /// With `--datastore kube`: the API server stand-in the agents use.
+    pub kube: Option<std::sync::Arc<KubeLab>>,
+}
+
+/// The outcome of one check.
+#[derive(Debug, Clone)]
+pub struct Check {
+    /// What was checked.
+    pub name: String,
+    /// Whether it passed.
+    pub passed: bool,
+    /// Details: timings, hashes, errors.
+    pub detail: String,
+}
+
+/// The `i`-th subnet of length `len` in `net` (pure).
+fn nth_v4(net: Ipv4Net, len: u8, i: usize) -> Option<Ipv4Net> {
+    let base = u32::from(net.network()).checked_add((i as u32).checked_mul(1u32.checked_shl(32 - len as u32)?)?)?;
+    let sub = Ipv4Net::new(Ipv4Addr::from(base), len).ok()?;
+    net.contains(&sub).then_some(sub)
+}
+
+fn nth_v6(net: Ipv6Net, len: u8, i: usize) -> Option<Ipv6Net> {
+    let base = u128::from(net.network()).checked_add((i as u128).checked_mul(1u128.checked_shl(128 - len as u32)?)?)?;
+    let sub = Ipv6Net::new(Ipv6Addr::from(base), len).ok()?;
+    net.contains(&sub).then_some(sub)
+}
+
+/// Plans the nodes of a lab (pure). Node `i` takes the `i`-th node subnet of
+/// each pod network (the first is skipped, as Flannel skips it), the
+/// underlay addresses 192.168.77.`i` and fd77::`i`.
+pub fn plan(opts: &LabOptions) -> anyhow::Result<Vec<Node>> {
+    let (v4, v6) = (opts.cluster_v4(), opts.cluster_v6());
+    if v4.is_none() && v6.is_none() {
+        bail!("--cluster-cidr: give an IPv4 and/or an IPv6 network");
+    }
+    (1..=opts.nodes)
+        .map(|i| {
+            let key =
+                SubnetKey {
+                    v4: match v4 {
+                        Some(n) => Some(nth_v4(n, opts.node_mask_v4, i).with_context(|| {
+                            format!("{n} has no room for {i} node subnets of /{}", opts.node_mask_v4)
+                        })?),
+                        None => None,
+                    },
+                    v6: match v6 {
+                        Some(n) => Some(nth_v6(n, opts.node_mask_v6, i).with_context(|| {
+                            format!("{n} has no room for {i} node subnets of /{}", opts.node_mask_v6)
+                        })?),
+                        None => None,
+                    },
+                };
+            let ns = format!("{}-n{i}", opts.name);
+            let kind = match (i == opts.nodes, opts.kernel_peer, &opts.wg_peer) {
+                (true, true, _) => NodeKind::KernelVxlan,
+                (true, false, Some(_)) => NodeKind::UserspaceWg,
+                _ => NodeKind::Weft,
+            };
+            let pods = (1..=opts.pods_per_node).map(|j| Pod { ns: format!("{ns}p{j}"), ips: Vec::new() }).collect();
+            Ok(Node {
+                index: i,
+                ns,
+                ip4: v4.map(|_| Ipv4Addr::new(192, 168, 77, i as u8)),
+                ip6: v6.map(|_| Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, i as u16)),
+                key,
+                mac: [0x0a, 0x58, 0x0a, 0xf4, i as u8, 0],
+                mac6: [0x0a, 0x58, 0x0a, 0xf6, i as u8, 0],
+                kind,
+                pods,
+                wg_public: None,
+            })
+        })
+        .collect()
+}
+
+/// The backend's name in Flannel's config and leases.
+fn lease_backend(backend: &str) -> &str {
+    if backend == "wireguard-native" {
+        "wireguard"
+    } else {
+        backend
+    }
+}
+
+/// The static datastore of a lab (pure).
+pub fn datastore(opts: &LabOptions, nodes: &[Node]) -> StaticDatastore {
+    let config = NetworkConfig::for_cluster(
+        opts.cluster_v4().map(|n| (n, opts.node_mask_v4)),
+        opts.cluster_v6().map(|n| (n, opts.node_mask_v6)),
+        lease_backend(&opts.backend),
+    );
+    let leases = nodes
+        .iter()
+        .map(|n| {
+            let data = |mac, v6: bool| match (opts.backend.as_str(), n.wg_public) {
+                ("vxlan", _) => VxlanData { vni: 1, vtep_mac: mac }.to_value(),
+                ("wireguard-native", Some(k)) => {
+                    WgData { public_key: k, port: if v6 { 51821 } else { 51820 } }.to_value()
+                }
+                _ => serde_json::Value::Null,
+            };
+            let tunnel = matches!(opts.backend.as_str(), "vxlan" | "wireguard-native");
+            let lease = Lease {
+                public_ip: n.ip4,
+                public_ipv6: n.ip6,
+                backend_type: lease_backend(&opts.backend).to_string(),
+                backend_data: if n.ip4.is_some() { data(n.mac, false) } else { data(n.mac6, true) },
+                backend_v6_data: n.ip6.filter(|_| tunnel).map(|_| data(n.mac6, true)),
+            };
+            (n.key, lease)
+        })
+        .collect();
+    StaticDatastore { config, leases }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plan_gives_each_node_its_subnets_and_macs() {
+        let mut o = LabOptions::new("t", PathBuf::from("weft"));
+        o.kernel_peer = true;
+        let nodes = plan(&o).unwrap();
+        assert_eq!(nodes.len(), 3);
+        assert_eq!(nodes[1].key.to_string(), "10.244.2.0-24");
+        assert_eq!(nodes[1].ips(), vec![IpAddr::from([192, 168, 77, 2])]);
+        assert_eq!(nodes[2].kind, NodeKind::KernelVxlan);
+        assert_eq!(nodes[0].kind, NodeKind::Weft);
+        let ds = datastore(&o, &nodes);
+        let parsed = StaticDatastore::parse(ds.to_json().as_bytes()).unwrap();
+        assert_eq!(parsed.leases.len(), 3);
+        let (_, l) = parsed.lease_of("192.168.77.2".parse().unwrap()).unwrap();
+        assert_eq!(l.vxlan_data(false).unwrap().vtep_mac, [0x0a, 0x58, 0x0a, 0xf4, 2, 0]);
+    }
+
+    #[test]
+    fn dual_stack_and_ipv6_only_plans() {
+        let mut o = LabOptions::new("t", PathBuf::from("weft"));
+        o.cluster_cidrs = vec!["10.42.0.0/16".parse().unwrap(), "2001:cafe:42::/56".parse().unwrap()];
+        let nodes = plan(&o).unwrap();
+        assert_eq!(nodes[2].key.to_string(), "10.42.3.0-24&2001:cafe:42:3::-64");
+        assert_eq!(nodes[2].ips().len(), 2);
+        let ds = datastore(&o, &nodes);
+        let (_, l) = ds.lease_of("fd77::3".parse().unwrap()).unwrap();
+        assert_eq!(l.vxlan_data(true).unwrap().vtep_mac, [0x0a, 0x58, 0x0a, 0xf6, 3, 0]);
+        o.cluster_cidrs = vec!["2001:cafe:42::/56".parse().unwrap()];
+        let nodes = plan(&o).unwrap();
+        assert_eq!(nodes[0].key.to_string(), "2001:cafe:42:1::-64");
+        assert_eq!(nodes[0].ip4, None);
+        o.cluster_cidrs = vec!["10.42.0.0/30".parse().unwrap()];
+        assert!(plan(&o).is_err(), "no room for three /24s in a /30");
+    }
+}
