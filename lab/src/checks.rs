@@ -136,7 +136,9 @@ impl Lab {
         use weft_tunnel::wireguard::WgError;
         let wg_refused: u64 = WgError::ALL
             .iter()
-            .filter(|e| !matches!(e, WgError::Cookie | WgError::UnknownIndex | WgError::Flood | WgError::StaleTimestamp))
+            .filter(|e| {
+                !matches!(e, WgError::Cookie | WgError::UnknownIndex | WgError::Flood | WgError::StaleTimestamp)
+            })
             .map(|e| get(&format!("weft_drops_total{{reason=\"{}\"}}", e.label())))
             .sum();
         let (tx, rx) = (get("weft_udp_tx_packets_total"), get("weft_tun_tx_packets_total"));
