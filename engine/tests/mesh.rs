@@ -71,6 +71,12 @@ struct Mesh {
 
 impl Mesh {
     fn new(n: usize, kind: Kind) -> Mesh {
+        Mesh::with_offloads(n, kind, false)
+    }
+
+    /// N nodes whose pod sides play TUNs with offloads (super-packets in,
+    /// coalesced writes out) or without.
+    fn with_offloads(n: usize, kind: Kind, offloads: bool) -> Mesh {
         let seed: u64 = rand::random();
         let now = Instant::now();
         let devices: Vec<Arc<WgDevice>> =
@@ -107,7 +113,7 @@ impl Mesh {
                 .collect();
             let under = MemUnderlay::new(SocketAddr::new(addr(i), port), matches!(mesh.kind, Kind::Vxlan));
             let counters = Arc::new(WorkerCounters::default());
-            let mut dp = Datapath::new(MemPod::new(false), vec![under], backend, Arc::default(), counters, MTU);
+            let mut dp = Datapath::new(MemPod::new(offloads), vec![under], backend, Arc::default(), counters, MTU);
             let poll = mio::Poll::new().unwrap();
             let waker = Arc::new(mio::Waker::new(poll.registry(), mio::Token(0)).unwrap());
             dp.deadlines = Some(Arc::new(Deadlines::new(waker)));
@@ -211,6 +217,75 @@ impl Mesh {
     fn drops(&self, j: usize, c: DropCause) -> u64 {
         self.nodes[j].dp.counters.drops(c)
     }
+}
+
+/// The pod side's batch in, the underlay's batch out: VXLAN as Flannel's
+/// wire format has it, one datagram per packet, to the peer's VTEP.
+#[test]
+fn a_pod_batch_becomes_one_vxlan_datagram_per_packet() {
+    let mut m = Mesh::new(2, Kind::Vxlan);
+    let packets: Vec<Vec<u8>> = (0..3).map(|s| packet(0, 1, s)).collect();
+    for p in &packets {
+        m.nodes[0].dp.pod.push(p.clone());
+    }
+    let now = m.now;
+    assert!(!m.nodes[0].dp.pod_to_underlay(now).unwrap(), "one short batch");
+    let sent = m.nodes[0].dp.families[0].take_sent();
+    assert_eq!(sent.len(), 3);
+    for ((from, to, d), p) in sent.iter().zip(&packets) {
+        assert_eq!(from.ip(), addr(0));
+        assert_eq!(*to, SocketAddr::new(addr(1), 8472));
+        assert_eq!(d[..8], [0x08, 0, 0, 0, 0, 0, 1, 0], "flags, VNI 1");
+        assert_eq!(d[8..14], mac(1), "to the peer's VtepMAC");
+        assert_eq!(d[14..20], mac(0));
+        assert_eq!(d[20..22], [0x08, 0x00]);
+        assert_eq!(&d[22..], &p[..], "the packet unchanged");
+    }
+}
+
+/// A super-packet from a TUN with offloads is cut into MTU-sized
+/// segments, one datagram each; a receiver with offloads writes them back
+/// to its pod as one coalesced packet, one without as the segments.
+fn super_packet_crosses(kind: Kind, receiver_offloads: bool) {
+    let mut m = Mesh::with_offloads(2, kind, true);
+    m.nodes[1].dp.pod.offloads = receiver_offloads;
+    // A first packet for the WireGuard handshake.
+    m.send(0, 1, 0);
+    m.step(Duration::from_millis(10));
+    let before = m.log.len();
+    let sp = weft_testkit::tcp_ipv4([10, 244, 1, 2], [10, 244, 2, 2], 13_800, 1);
+    m.nodes[0].dp.pod.push_super(sp.clone(), 1380);
+    m.step(Duration::from_millis(10));
+    assert_eq!(m.log.len() - before, 10, "13 800 bytes cut at 1380 (MTU 1420): ten datagrams");
+    let got = m.got(1);
+    let payload: Vec<u8> = got[1..].iter().flat_map(|p| p[40..].iter().copied()).collect();
+    assert_eq!(payload, sp[40..], "every byte, in order");
+    if receiver_offloads {
+        assert_eq!(got.len(), 2, "one coalesced write");
+    } else {
+        assert_eq!(got.len(), 11, "one write per segment");
+        assert!(got[1..].iter().all(|p| p.len() <= MTU));
+    }
+}
+
+#[test]
+fn vxlan_cuts_a_super_packet_and_the_receiver_coalesces_it() {
+    super_packet_crosses(Kind::Vxlan, true);
+}
+
+#[test]
+fn vxlan_cuts_a_super_packet_for_a_receiver_without_offloads() {
+    super_packet_crosses(Kind::Vxlan, false);
+}
+
+#[test]
+fn wireguard_seals_each_segment_and_the_receiver_coalesces_them() {
+    super_packet_crosses(Kind::Wireguard, true);
+}
+
+#[test]
+fn wireguard_seals_each_segment_for_a_receiver_without_offloads() {
+    super_packet_crosses(Kind::Wireguard, false);
 }
 
 /// Every packet a pod got is one that was sent to it, unchanged.
