@@ -124,7 +124,7 @@ fn round(nodes: &mut [Datapath<MemPod, UdpUnderlay>; 2], sp: &[u8]) -> usize {
     while nodes[1].underlay_to_pod(0, now).unwrap() {}
     let got = nodes[1].pod.outbox.len();
     let pod = &mut nodes[1].pod;
-    pod.spare.extend(pod.outbox.drain(..));
+    pod.spare.append(&mut pod.outbox);
     got
 }
 
