@@ -185,7 +185,19 @@ pub fn source_seen(client: &str, server: &str, to: IpAddr) -> anyhow::Result<IpA
         s.write_all(seen.to_string().as_bytes())?;
         Ok(seen)
     })?;
-    ready_rx.recv_timeout(Duration::from_secs(5)).context("the source check's server did not start")?;
+    match ready_rx.recv_timeout(Duration::from_secs(5)) {
+        Ok(()) => {}
+        // The server ended without starting: its own error says why.
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+            let why = match listener.join() {
+                Ok(Err(e)) => e,
+                Ok(Ok(_)) => anyhow::anyhow!("it returned before listening"),
+                Err(_) => anyhow::anyhow!("it panicked"),
+            };
+            return Err(why.context("the source check's server did not start"));
+        }
+        Err(e) => return Err(e).context("the source check's server did not start"),
+    }
     let dst = SocketAddr::new(to, SOURCE_PORT);
     let told = netns::in_netns(client, move || -> anyhow::Result<String> {
         let mut last = None;
