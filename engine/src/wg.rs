@@ -220,7 +220,9 @@ pub const TIMER_SLACK: Duration = Duration::from_secs(1);
 impl Deadlines {
     /// Deadlines whose owner is woken through `owner`.
     pub fn new(owner: Arc<mio::Waker>) -> Deadlines {
-        Deadlines { base: Instant::now(), next: AtomicU64::new(u64::MAX), owner_sleeps: AtomicU64::new(0), owner }
+        // Due at once: the owner's first pass looks at the peers of the
+        // first snapshot (a persistent keepalive to start).
+        Deadlines { base: Instant::now(), next: AtomicU64::new(0), owner_sleeps: AtomicU64::new(0), owner }
     }
 
     fn nanos(&self, t: Instant) -> u64 {
