@@ -253,7 +253,7 @@ impl Inner {
                         st.preshared_key() != psk || st.keepalive() != keepalive
                     };
                     if changed {
-                        l.wg.reconfigure(&self.device, psk, keepalive);
+                        l.wg.reconfigure(psk, keepalive);
                     }
                     l
                 }

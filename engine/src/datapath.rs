@@ -339,12 +339,8 @@ impl<P: PodIo, U: UnderlayIo> Datapath<P, U> {
             self.wg_drain(&mut st, now);
             return;
         };
-        if st.tunnel.wants_transmit(now) {
-            self.wg_drain(&mut st, now);
-        }
-        if let Some(d) = &self.deadlines {
-            d.lower(st.tunnel.poll_timeout());
-        }
+        // A rekey the grant asked for goes out now; the deadline follows.
+        self.wg_drain(&mut st, now);
         drop(st);
         let Some(ep) = endpoint else {
             for _ in 0..segments {
@@ -655,6 +651,12 @@ impl<'a, P: PodIo, T: DatagramTx> WgRx<'a, P, T> {
         let (counters, now) = (self.counters, self.now);
         let tx = self.tx.clone();
         let reply = |d: &[u8], to: SocketAddr, local: Option<IpAddr>| tx.send_to(d, to, local, counters);
+        // What the protocol sends on its own, back to where this came from.
+        let drain = |st: &mut PeerState, mtu: usize, buf: &mut Vec<u8>| {
+            while let Some(n) = st.tunnel.poll_transmit(now, mtu, buf) {
+                reply(&buf[..n], from, local);
+            }
+        };
         let drop = |e: WgError| counters.count_drop(DropCause::Wg(e));
         let msg = match Message::parse(datagram) {
             Ok(m) => m,
@@ -706,9 +708,7 @@ impl<'a, P: PodIo, T: DatagramTx> WgRx<'a, P, T> {
                 Ok(()) => {
                     st.roam(from, local);
                     // Packets staged while the handshake ran go out now.
-                    while let Some(n) = st.tunnel.poll_transmit(now, self.mtu, self.wg_out) {
-                        reply(&self.wg_out[..n], from, local);
-                    }
+                    drain(st, self.mtu, self.wg_out);
                 }
                 Err(e) => drop(e),
             },
@@ -736,11 +736,8 @@ impl<'a, P: PodIo, T: DatagramTx> WgRx<'a, P, T> {
                 // The endpoint follows the latest authenticated datagram,
                 // whatever it carries (wireguard-go's order).
                 st.roam(from, local);
-                if st.tunnel.wants_transmit(now) {
-                    while let Some(n) = st.tunnel.poll_transmit(now, self.mtu, self.wg_out) {
-                        reply(&self.wg_out[..n], from, local);
-                    }
-                }
+                // A session this packet confirmed lets staged packets go.
+                drain(st, self.mtu, self.wg_out);
                 if len == 0 {
                     return; // a keepalive
                 }

@@ -136,7 +136,7 @@ impl WgPeer {
     }
 
     /// Takes a new preshared key (for the next handshake) and keepalive.
-    pub fn reconfigure(&self, _device: &WgDevice, preshared_key: Option<[u8; 32]>, keepalive: Option<u16>) {
+    pub fn reconfigure(&self, preshared_key: Option<[u8; 32]>, keepalive: Option<u16>) {
         let mut st = self.lock();
         st.tunnel.set_preshared_key(preshared_key);
         st.tunnel.set_keepalive(Instant::now(), keepalive);
@@ -205,12 +205,19 @@ impl WgIndex {
 /// moved later costs it one early wakeup at most.
 pub struct Deadlines {
     base: Instant,
-    /// Nanoseconds after `base`; `u64::MAX`: none.
-    next: AtomicU64,
+    /// Nanoseconds after `base`; `u64::MAX`: none. Read by every worker per
+    /// batch, written rarely.
+    next: Line,
     /// Until when the owner sleeps (nanoseconds after `base`); 0: awake.
-    owner_sleeps: AtomicU64,
+    /// Written by the owner at every wakeup: on a line of its own, so
+    /// that it does not pull `next` away from the other workers.
+    owner_sleeps: Line,
     owner: Arc<mio::Waker>,
 }
+
+/// An atomic alone on its cache line.
+#[repr(align(128))]
+struct Line(AtomicU64);
 
 /// Longest the owner sleeps even with no deadline: a peer reconfigured
 /// from outside the workers (a new keepalive through the UAPI) is looked
@@ -222,7 +229,7 @@ impl Deadlines {
     pub fn new(owner: Arc<mio::Waker>) -> Deadlines {
         // Due at once: the owner's first pass looks at the peers of the
         // first snapshot (a persistent keepalive to start).
-        Deadlines { base: Instant::now(), next: AtomicU64::new(0), owner_sleeps: AtomicU64::new(0), owner }
+        Deadlines { base: Instant::now(), next: Line(AtomicU64::new(0)), owner_sleeps: Line(AtomicU64::new(0)), owner }
     }
 
     fn nanos(&self, t: Instant) -> u64 {
@@ -233,33 +240,40 @@ impl Deadlines {
     pub fn lower(&self, t: Option<Instant>) {
         let Some(t) = t else { return };
         let t = self.nanos(t);
-        if t < self.next.fetch_min(t, Ordering::SeqCst) && t < self.owner_sleeps.load(Ordering::SeqCst) {
+        // Mostly the deadline is no earlier than the one held: a load, and
+        // no write to the shared line. (Skipping is what fetch_min would
+        // do then; the owner's pass reads the peer after this worker let
+        // its lock go.)
+        if t >= self.next.0.load(Ordering::SeqCst) {
+            return;
+        }
+        if t < self.next.0.fetch_min(t, Ordering::SeqCst) && t < self.owner_sleeps.0.load(Ordering::SeqCst) {
             let _ = self.owner.wake();
         }
     }
 
     /// The owner starts a pass: the deadline is rebuilt from the peers.
     pub fn clear(&self) {
-        self.next.store(u64::MAX, Ordering::SeqCst);
+        self.next.0.store(u64::MAX, Ordering::SeqCst);
     }
 
     /// The earliest deadline.
     pub fn next(&self) -> Option<Instant> {
-        let n = self.next.load(Ordering::SeqCst);
+        let n = self.next.0.load(Ordering::SeqCst);
         (n != u64::MAX).then(|| self.base + Duration::from_nanos(n))
     }
 
     /// The owner is about to sleep: returns how long it may (at most
     /// `cap`), after saying so to the other workers.
     pub fn sleep_for(&self, now: Instant, cap: Duration) -> Duration {
-        self.owner_sleeps.store(u64::MAX, Ordering::SeqCst);
+        self.owner_sleeps.0.store(u64::MAX, Ordering::SeqCst);
         let until = self.next().map_or(now + cap, |n| n.min(now + cap));
-        self.owner_sleeps.store(self.nanos(until).max(1), Ordering::SeqCst);
+        self.owner_sleeps.0.store(self.nanos(until).max(1), Ordering::SeqCst);
         until.saturating_duration_since(now)
     }
 
     /// The owner is awake.
     pub fn awake(&self) {
-        self.owner_sleeps.store(0, Ordering::SeqCst);
+        self.owner_sleeps.0.store(0, Ordering::SeqCst);
     }
 }

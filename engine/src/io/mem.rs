@@ -27,8 +27,8 @@ pub struct MemPod {
     pub outbox: Vec<Vec<u8>>,
     /// Whether this side plays a TUN with offloads.
     pub offloads: bool,
-    /// Buffers to write into, so that a test that hands written buffers
-    /// back ([`MemPod::recycle`]) sees no allocation per packet.
+    /// Buffers to write into: a test that moves written buffers back here
+    /// sees no allocation per packet.
     pub spare: Vec<Vec<u8>>,
 }
 
@@ -36,11 +36,6 @@ impl MemPod {
     /// A pod side with offloads or without.
     pub fn new(offloads: bool) -> MemPod {
         MemPod { offloads, ..MemPod::default() }
-    }
-
-    /// Hands buffers back (written packets a test is done with).
-    pub fn recycle(&mut self, bufs: impl IntoIterator<Item = Vec<u8>>) {
-        self.spare.extend(bufs);
     }
 
     fn buffer(&mut self) -> Vec<u8> {

@@ -298,11 +298,6 @@ impl Tunnel {
         self.want_initiation = true;
     }
 
-    /// Whether [`Tunnel::poll_transmit`] has something to give.
-    pub fn wants_transmit(&self, now: Instant) -> bool {
-        self.want_initiation || ((self.want_keepalive || !self.staged.is_empty()) && self.sendable(now).is_some())
-    }
-
     /// The next datagram the protocol sends on its own, written to `out`
     /// (at least [`INITIATION_LEN`] bytes, and room for a staged packet):
     /// an initiation, a staged packet, or a keepalive. Call until `None`.
