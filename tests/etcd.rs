@@ -268,8 +268,15 @@ fn a_hung_etcd_times_out_and_recovers() {
     let timeout = Duration::from_millis(500);
     let store = EtcdStore::connect(&etcd.endpoints(), DEFAULT_PREFIX, timeout).unwrap();
     let k = key("10.244.1.0-24");
-    let id = store.create_lease(&k, &lease([192, 168, 77, 1], 1), DAY).unwrap().unwrap();
-    let mut watch = store.watch(store.leases().unwrap().revision).unwrap();
+    // While etcd runs, a 500 ms timeout can still fire on a loaded 2-core
+    // machine (a slow fsync). The lease is made through a patient store (a
+    // retried creation could find its own first try); the idempotent calls
+    // outside the frozen window retry on the store under test until a
+    // deadline, and the test fails if one never succeeds.
+    let patient = EtcdStore::connect(&etcd.endpoints(), DEFAULT_PREFIX, Duration::from_secs(10)).unwrap();
+    let id = patient.create_lease(&k, &lease([192, 168, 77, 1], 1), DAY).unwrap().unwrap();
+    let revision = patient.leases().unwrap().revision;
+    let mut watch = until_answered("watch", || store.watch(revision));
     etcd.freeze();
 
     let bound = timeout + Duration::from_millis(500);
@@ -294,9 +301,22 @@ fn a_hung_etcd_times_out_and_recovers() {
     assert_eq!(watch.next(Duration::from_millis(200)).unwrap(), vec![]);
 
     etcd.thaw();
-    store.renew(id).unwrap();
-    store.delete_lease(&k).unwrap();
+    until_answered("renew after thaw", || store.renew(id));
+    until_answered("delete after thaw", || store.delete_lease(&k));
     assert_eq!(collect(&mut watch, 1), vec![LeaseEvent::Delete(k)]);
+}
+
+/// Runs `call` until it returns anything but a timeout, for at most 10 s;
+/// panics on any other error or if it keeps timing out.
+fn until_answered<T>(what: &str, mut call: impl FnMut() -> Result<T, StoreError>) -> T {
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        match call() {
+            Ok(v) => return v,
+            Err(StoreError::Unavailable { cause: Unreachable::Timeout(_), .. }) if Instant::now() < until => {}
+            Err(e) => panic!("{what}: {e:?}"),
+        }
+    }
 }
 
 /// A temporary directory for certificates, removed on drop.

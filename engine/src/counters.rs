@@ -125,6 +125,11 @@ pub struct WorkerCounters {
     /// Received segments merged into an earlier one before the TUN write
     /// (software GRO): TUN writes saved.
     pub gro_merged: AtomicU64,
+    /// WireGuard: plaintext bytes this worker sealed, for any worker's
+    /// packets (the AEAD is spread: see `crate::spread`).
+    pub wg_sealed_bytes: AtomicU64,
+    /// WireGuard: ciphertext bytes this worker opened, for any worker's.
+    pub wg_opened_bytes: AtomicU64,
     /// Syscalls made on the packet path.
     pub syscalls: AtomicU64,
     /// Set when the worker's loop has ended (stopped or failed).

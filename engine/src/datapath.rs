@@ -13,17 +13,20 @@
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, MutexGuard};
+use std::sync::Arc;
 use std::time::Instant;
 
 use weft_tunnel::vxlan::{Vtep, Vxlan, HEADROOM};
-use weft_tunnel::wireguard::{inner_source, Message, WgError, COOKIE_REPLY_LEN, RESPONSE_LEN};
+use weft_tunnel::wireguard::{
+    inner_source, Keypair, Message, WgError, COOKIE_REPLY_LEN, DATA_HEADER_LEN, RESPONSE_LEN,
+};
 
 use crate::coalesce::{coalesce, Out};
 use crate::counters::{add, DropCause, EngineDrop, WorkerCounters};
 use crate::io::{canonical, Batch, DatagramTx, Meta, PodIo, UnderlayIo, BATCH_SIZE, BUF_LEN, MAX_GSO_BYTES};
 use crate::segment::{segment_tcp, Plan};
 use crate::snapshot::Snapshot;
+use crate::spread::{spread, Crew};
 use crate::sys::mmsg::{MAX_GSO_PARTS, MAX_GSO_SEGMENTS};
 use crate::vnet::{complete_csum, F_NEEDS_CSUM};
 use crate::wg::{Deadlines, PeerRef, PeerState, WgDevice};
@@ -94,6 +97,12 @@ pub struct Datapath<P, U> {
     wg_out: Vec<u8>,
     /// Segment headers of one `UDP_SEGMENT` send, [`HDR_SLOT`] bytes each.
     hdrs: Vec<u8>,
+    /// WireGuard: where each transmit slot's plaintext lies and what
+    /// sealing it made.
+    seal_jobs: [SealJob; TX_SLOTS],
+    /// The workers WireGuard's AEAD spreads over, and which one this is
+    /// (`None`: everything on this thread).
+    pub crew: Option<(Arc<Crew>, usize)>,
     pod_batch: Batch,
     underlay_batch: Batch,
     tx_batch: Batch,
@@ -105,6 +114,19 @@ struct WgRun {
     peer: usize,
     len: usize,
     items: [(usize, usize, Option<Plan>); BATCH_SIZE],
+}
+
+/// One transmit slot's plaintext, for sealing in place.
+#[derive(Debug, Clone, Copy, Default)]
+struct SealJob {
+    /// Where the data packet starts in the slot's buffer (the plaintext
+    /// 16 bytes further).
+    start: usize,
+    counter: u64,
+    /// The plaintext's length.
+    plain: usize,
+    /// The data packet's length once sealed; 0 if it did not fit.
+    sealed: usize,
 }
 
 impl Default for WgRun {
@@ -136,6 +158,8 @@ impl<P: PodIo, U: UnderlayIo> Datapath<P, U> {
             scratch: vec![0u8; BUF_LEN],
             wg_out: if wg { vec![0u8; BUF_LEN] } else { Vec::new() },
             hdrs: vec![0u8; HDR_SLOT * MAX_GSO_SEGMENTS],
+            seal_jobs: [SealJob::default(); TX_SLOTS],
+            crew: None,
             pod_batch: Batch::default(),
             underlay_batch: Batch::new(TX_SLOTS),
             tx_batch: Batch::new(TX_SLOTS),
@@ -154,9 +178,9 @@ impl<P: PodIo, U: UnderlayIo> Datapath<P, U> {
     /// Underlay to pod on family `f`: one batch received, decapsulated and
     /// written. Returns whether more may be waiting.
     pub fn underlay_to_pod(&mut self, f: usize, now: Instant) -> io::Result<bool> {
-        let (mut batch, mut out) = (self.underlay_batch.take(), self.tx_batch.take());
-        let r = self.underlay_to_tun(f, &mut batch, &mut out, now);
-        (self.underlay_batch, self.tx_batch) = (batch, out);
+        let mut batch = self.underlay_batch.take();
+        let r = self.underlay_to_tun(f, &mut batch, now);
+        self.underlay_batch = batch;
         r
     }
 
@@ -312,8 +336,15 @@ impl<P: PodIo, U: UnderlayIo> Datapath<P, U> {
 
     /// Seals a run of TUN packets for one WireGuard peer into the transmit
     /// batch: the peer's lock is taken once, for the counters of every
-    /// segment and the endpoint; the AEAD runs without it. Without a
-    /// session the packets are staged and a handshake starts.
+    /// segment and the endpoint; the AEAD runs without it, in place, spread
+    /// over the workers. Without a session the packets are staged and a
+    /// handshake starts.
+    ///
+    /// ```text
+    ///  super-packet --Plan::write--> tx slot [16..]      (one copy, the segment's)
+    ///  single packet: its buffer swapped into the tx slot (no copy), header at HEADROOM - 16
+    ///  then seal_in_place over the slots, halves on two workers
+    /// ```
     fn wg_seal_run(&mut self, snapshot: &Snapshot, batch: &mut Batch, tx: &mut Batch, run: &WgRun, now: Instant) {
         let Some(wg) = &snapshot.peers()[run.peer].wg else { return };
         let items = &run.items[..run.len];
@@ -348,41 +379,66 @@ impl<P: PodIo, U: UnderlayIo> Datapath<P, U> {
             }
             return;
         };
+        let meta =
+            |start: usize| Meta { start, len: 0, addr: Some(ep.ip()), port: ep.port(), local, ..Meta::default() };
         let mut counter = grant.first;
+        // The first slot of this run not sealed yet.
+        let mut from = tx.len();
         for &(i, len, plan) in items {
             for j in 0..plan.map_or(1, |p| p.count()) {
                 if tx.len() == tx.capacity() {
+                    self.seal_slots(tx, from, &grant.keypair);
                     send_all(&mut self.families, tx, &self.counters);
+                    from = 0;
                 }
-                let inner = &batch.slot_mut(i).0[HEADROOM..HEADROOM + len];
-                let plain = match &plan {
-                    Some(plan) => match plan.write(inner, j, &mut self.scratch) {
-                        Ok(l) => &self.scratch[..l],
-                        Err(_) => {
-                            self.counters.count_drop(DropCause::Engine(EngineDrop::Encap));
-                            counter += 1;
-                            continue;
-                        }
-                    },
-                    None => inner,
-                };
                 let k = tx.len();
-                let (out, meta) = tx.slot_mut(k);
-                match grant.keypair.seal(counter, plain, self.mtu, out) {
-                    Some(dlen) => {
-                        *meta = Meta {
-                            start: 0,
-                            len: dlen,
-                            addr: Some(ep.ip()),
-                            port: ep.port(),
-                            local,
-                            ..Meta::default()
-                        };
-                        tx.set_len(k + 1);
+                let (start, plain) = match &plan {
+                    Some(plan) => {
+                        let inner = &batch.slot_mut(i).0[HEADROOM..HEADROOM + len];
+                        match plan.write(inner, j, &mut tx.slot_mut(k).0[DATA_HEADER_LEN..]) {
+                            Ok(l) => (0, l),
+                            Err(_) => {
+                                self.counters.count_drop(DropCause::Engine(EngineDrop::Encap));
+                                counter += 1;
+                                continue;
+                            }
+                        }
                     }
-                    None => self.counters.count_drop(DropCause::Engine(EngineDrop::Encap)),
-                }
+                    None => {
+                        tx.swap_buf(k, batch, i);
+                        (HEADROOM - DATA_HEADER_LEN, len)
+                    }
+                };
+                *tx.slot_mut(k).1 = meta(start);
+                self.seal_jobs[k] = SealJob { start, counter, plain, sealed: 0 };
+                tx.set_len(k + 1);
                 counter += 1;
+            }
+        }
+        self.seal_slots(tx, from, &grant.keypair);
+    }
+
+    /// Seals the plaintexts in `tx`'s slots from `from` on where they lie
+    /// (as [`Datapath::seal_jobs`] says), spread over the workers; a slot
+    /// whose buffer is too small is dropped.
+    fn seal_slots(&mut self, tx: &mut Batch, from: usize, kp: &Keypair) {
+        let (bufs, metas) = tx.parts_mut();
+        let n = bufs.len();
+        let mtu = self.mtu;
+        let jobs = &mut self.seal_jobs[from..n];
+        let (crew, me) = self.crew.as_ref().map_or((None, 0), |(c, i)| (Some(&**c), *i));
+        spread(crew, me, &mut bufs[from..n], jobs, false, &self.counters, &|b, job| {
+            job.sealed = kp.seal_in_place(job.counter, &mut b[job.start..], job.plain, mtu).unwrap_or(0);
+            if job.sealed > 0 {
+                job.plain
+            } else {
+                0
+            }
+        });
+        for (meta, job) in metas[from..n].iter_mut().zip(&self.seal_jobs[from..n]) {
+            meta.len = job.sealed;
+            if job.sealed == 0 {
+                self.counters.count_drop(DropCause::Engine(EngineDrop::Encap));
             }
         }
     }
@@ -474,9 +530,9 @@ impl<P: PodIo, U: UnderlayIo> Datapath<P, U> {
 
     /// Tunnel to pod: receive a batch on underlay family `f`, decapsulate and
     /// check, write to the TUN. Returns whether more may be waiting.
-    fn underlay_to_tun(&mut self, f: usize, batch: &mut Batch, out: &mut Batch, now: Instant) -> io::Result<bool> {
+    fn underlay_to_tun(&mut self, f: usize, batch: &mut Batch, now: Instant) -> io::Result<bool> {
         let Some(vxlan) = self.backend.vxlan(f).cloned() else {
-            return self.wg_receive(f, batch, out, now);
+            return self.wg_receive(f, batch, now);
         };
         let gro = self.pod.capabilities().gro;
         if gro {
@@ -557,48 +613,65 @@ impl<P: PodIo, U: UnderlayIo> Datapath<P, U> {
     /// WireGuard receive: find the peer, check macs, handshake or open with its session,
     /// enforce the peer's allowed IPs, follow its endpoint, write to the TUN.
     ///
-    /// With `UDP_GRO` the datagrams are opened where `recvmmsg` put them;
-    /// otherwise `batch` receives them. Decrypted packets land in `out`'s
-    /// slots, which are coalesced (with TUN offloads) and written when `out`
-    /// is full and at the end. Returns whether more may be waiting.
-    fn wg_receive(&mut self, f: usize, batch: &mut Batch, out: &mut Batch, now: Instant) -> io::Result<bool> {
+    /// Every datagram is opened where it was received: in the `UDP_GRO`
+    /// buffers, or in `batch` without them; the plaintext stays there and is
+    /// coalesced (with TUN offloads) and written gathered from there, so the
+    /// kernel's copies in and out are the only copies. Returns whether more
+    /// may be waiting.
+    fn wg_receive(&mut self, f: usize, batch: &mut Batch, now: Instant) -> io::Result<bool> {
         let Some(device) = self.backend.wireguard().cloned() else {
             let n = self.families[f].recv_batch(batch, &self.counters)?;
             return Ok(n == batch.capacity());
         };
-        out.set_len(0);
         let snapshot = self.snapshot.clone();
+        let tx = self.families[f].reply_tx();
+        let mut views: [&mut [u8]; MAX_VIEWS] = std::array::from_fn(|_| &mut [][..]);
+        let mut origins = [Origin::default(); MAX_VIEWS];
+        let mut n = 0;
+        let more = if self.families[f].capabilities().gro {
+            let got = self.families[f].recv_in_place(MAX_VIEWS, &self.counters, |r, datagram| {
+                let Some(from) = r.from else { return };
+                let local = r.local.map(|l| canonical(SocketAddr::new(l, 0)));
+                origins[n] = Origin { from: SocketAddr::new(canonical(from), from.port()), local };
+                views[n] = datagram;
+                n += 1;
+            });
+            got.unwrap_or(false)
+        } else {
+            let cap = batch.capacity();
+            let got = self.families[f].recv_batch(batch, &self.counters)?;
+            let (bufs, metas) = batch.parts_mut();
+            for (buf, meta) in bufs.iter_mut().zip(metas.iter()) {
+                let Some(ip) = meta.addr.filter(|_| meta.len > 0 && n < MAX_VIEWS) else { continue };
+                origins[n] = Origin { from: SocketAddr::new(ip, meta.port), local: meta.local };
+                views[n] = &mut buf[meta.start..meta.start + meta.len];
+                n += 1;
+            }
+            got == cap
+        };
         let mut rx = WgRx {
             device: &device,
             snapshot: &snapshot,
             counters: &self.counters,
-            pod: &mut self.pod,
             mtu: self.mtu,
             wg_out: &mut self.wg_out,
-            tx: self.families[f].reply_tx(),
-            out,
+            tx,
             now,
             deadlines: self.deadlines.as_deref(),
-            held: None,
+            crew: self.crew.as_ref().map(|(c, i)| (&**c, *i)),
         };
-        let in_place = self.families[f].recv_in_place(MAX_VIEWS, rx.counters, |r, datagram| {
-            let Some(from) = r.from else { return };
-            let local = r.local.map(|l| canonical(SocketAddr::new(l, 0)));
-            rx.open(SocketAddr::new(canonical(from), from.port()), local, datagram);
-        });
-        let more = match in_place {
-            Some(more) => more,
-            None => {
-                let n = self.families[f].recv_batch(batch, rx.counters)?;
-                for (datagram, meta) in batch.packets() {
-                    let Some(ip) = meta.addr else { continue };
-                    rx.open(SocketAddr::new(ip, meta.port), meta.local, datagram);
-                }
-                n == batch.capacity()
+        let live = rx.open_all(&mut views[..n], &origins[..n]);
+        let views = &mut views[..live];
+        if self.pod.capabilities().gro {
+            let mut outs = [Out::default(); MAX_VIEWS];
+            let stats = coalesce(views, &mut outs[..live], self.mtu, self.pod.capabilities().uso);
+            count_coalesce(&self.counters, stats);
+            self.pod.write_coalesced(views, &outs[..live], &self.counters);
+        } else {
+            for packet in views.iter() {
+                self.pod.write_one(packet, &self.counters);
             }
-        };
-        rx.release();
-        flush_to_tun(rx.pod, rx.mtu, rx.counters, rx.out);
+        }
         Ok(more)
     }
 
@@ -616,57 +689,241 @@ impl<P: PodIo, U: UnderlayIo> Datapath<P, U> {
     }
 }
 
+/// Where a received datagram came from, and the address of ours it was sent to.
+#[derive(Debug, Clone, Copy)]
+struct Origin {
+    from: SocketAddr,
+    local: Option<IpAddr>,
+}
+
+impl Default for Origin {
+    fn default() -> Self {
+        Origin { from: SocketAddr::from(([0u8; 4], 0)), local: None }
+    }
+}
+
+/// A data packet of a receive batch, between parsing and writing.
+#[derive(Debug, Clone, Copy, Default)]
+struct Opening {
+    /// Our index of the session it names.
+    receiver: u32,
+    counter: u64,
+    /// Which of the run's sessions opens it ([`NO_SESSION`]: none).
+    session: u8,
+    /// The plaintext's length once opened (padding included).
+    len: usize,
+    /// Why it failed, if it did.
+    error: Option<WgError>,
+}
+
+/// Sessions one run can name: a peer holds current, previous and next.
+const RUN_SESSIONS: usize = 3;
+const NO_SESSION: u8 = u8::MAX;
+
 /// What opening WireGuard datagrams needs of a worker, borrowed apart from
 /// its sockets so that datagrams can be opened where they were received.
-struct WgRx<'a, P, T> {
+struct WgRx<'a, T> {
     device: &'a WgDevice,
     snapshot: &'a Snapshot,
     counters: &'a WorkerCounters,
-    pod: &'a mut P,
     mtu: usize,
     wg_out: &'a mut Vec<u8>,
     /// The receiving socket: cookie replies and handshake answers leave by it.
     tx: T,
-    out: &'a mut Batch,
     /// The batch's one clock read.
     now: Instant,
     deadlines: Option<&'a Deadlines>,
-    /// The lock of the peer of the last datagram: consecutive datagrams
-    /// of one peer (a run of a batch) take it once.
-    held: Option<(usize, MutexGuard<'a, PeerState>)>,
+    /// The workers to spread the opening over, and which one this is.
+    crew: Option<(&'a Crew, usize)>,
 }
 
-impl<'a, P: PodIo, T: DatagramTx> WgRx<'a, P, T> {
-    /// Lets go of the held peer lock, lowering the timer deadline to the peer's.
-    fn release(&mut self) {
-        if let Some((_, st)) = self.held.take() {
-            if let Some(d) = self.deadlines {
-                d.lower(st.tunnel.poll_timeout());
+impl<'a, T: DatagramTx> WgRx<'a, T> {
+    /// Takes a batch of received datagrams in order: handshake messages
+    /// one by one, runs of one peer's data packets together (see
+    /// [`WgRx::open_run`]). Leaves the packets to write to the TUN at the
+    /// front of `views`, each sliced to its IP packet, and returns how many.
+    fn open_all(&mut self, views: &mut [&mut [u8]], origins: &[Origin]) -> usize {
+        let mut openings = [Opening::default(); MAX_VIEWS];
+        let mut keep = [false; MAX_VIEWS];
+        // The pending run: its first view and its peer.
+        let mut run: Option<(usize, usize)> = None;
+        for i in 0..views.len() {
+            let data = match Message::parse(views[i]) {
+                Ok(Message::Data(d)) => Some(d),
+                Ok(_) => None,
+                Err(e) => {
+                    self.counters.count_drop(DropCause::Wg(e));
+                    continue;
+                }
+            };
+            let Some(d) = data else {
+                // A handshake message may make the session the next data
+                // packets need: what came before it is opened first.
+                if let Some((start, pi)) = run.take() {
+                    self.open_run(
+                        pi,
+                        &mut views[start..i],
+                        &mut openings[start..i],
+                        &origins[start..i],
+                        &mut keep[start..i],
+                    );
+                }
+                self.handshake(origins[i], views[i]);
+                continue;
+            };
+            let Some(pi) = self.snapshot.wg_peer_index(PeerRef::Index(d.receiver >> 8)) else {
+                self.counters.count_drop(DropCause::Engine(EngineDrop::WgUnknownPeer));
+                continue;
+            };
+            openings[i] =
+                Opening { receiver: d.receiver, counter: d.counter, session: NO_SESSION, len: 0, error: None };
+            match run {
+                Some((_, p)) if p == pi => {}
+                Some((start, p)) => {
+                    self.open_run(
+                        p,
+                        &mut views[start..i],
+                        &mut openings[start..i],
+                        &origins[start..i],
+                        &mut keep[start..i],
+                    );
+                    run = Some((i, pi));
+                }
+                None => run = Some((i, pi)),
             }
+        }
+        if let Some((start, pi)) = run {
+            let n = views.len();
+            self.open_run(pi, &mut views[start..n], &mut openings[start..n], &origins[start..n], &mut keep[start..n]);
+        }
+        let mut live = 0;
+        for i in 0..views.len() {
+            if keep[i] {
+                views.swap(live, i);
+                live += 1;
+            }
+        }
+        live
+    }
+
+    /// Opens a run of peer `pi`'s data packets: the peer's lock is taken to find the sessions,
+    /// let go while the ChaCha20-Poly1305 runs (spread over the workers),
+    /// and taken again to check each packet's replay window and session
+    /// age in order, move the timers and follow the endpoint. Marks in
+    /// `keep` the packets to write, each view sliced to its IP packet.
+    fn open_run(
+        &mut self,
+        pi: usize,
+        views: &mut [&mut [u8]],
+        openings: &mut [Opening],
+        origins: &[Origin],
+        keep: &mut [bool],
+    ) {
+        let Some(wg) = self.snapshot.peers()[pi].wg.as_ref() else { return };
+        let (counters, now) = (self.counters, self.now);
+        let mut sessions: [Option<Arc<Keypair>>; RUN_SESSIONS] = Default::default();
+        {
+            let st = wg.lock();
+            for o in openings.iter_mut() {
+                let receiver = o.receiver;
+                o.session = match sessions.iter().position(|s| s.as_ref().is_some_and(|k| k.local_index == receiver)) {
+                    Some(s) => s as u8,
+                    None => match (st.tunnel.keypair(receiver), sessions.iter().position(Option::is_none)) {
+                        (Some(kp), Some(free)) => {
+                            sessions[free] = Some(kp.clone());
+                            free as u8
+                        }
+                        _ => NO_SESSION,
+                    },
+                };
+            }
+        }
+        let sessions = &sessions;
+        spread(self.crew.map(|c| c.0), self.crew.map_or(0, |c| c.1), views, openings, true, counters, &|v, o| {
+            let Some(kp) = sessions.get(o.session as usize).and_then(Option::as_ref) else {
+                o.error = Some(WgError::UnknownIndex);
+                return 0;
+            };
+            match kp.open_in_place(o.counter, &mut v[DATA_HEADER_LEN..]) {
+                Ok(len) => {
+                    o.len = len;
+                    v.len() - DATA_HEADER_LEN
+                }
+                Err(e) => {
+                    o.error = Some(e);
+                    0
+                }
+            }
+        });
+        let mut st = wg.lock();
+        let mut last = None;
+        for (i, o) in openings.iter_mut().enumerate() {
+            if o.error.is_none() {
+                let kp = sessions[o.session as usize].as_ref().expect("opened with a session");
+                match st.tunnel.accept(now, kp, o.counter, o.len) {
+                    Ok(_) => last = Some(i),
+                    Err(e) => o.error = Some(e),
+                }
+            }
+            if let Some(e) = o.error {
+                counters.count_drop(DropCause::Wg(e));
+            }
+        }
+        if let Some(i) = last {
+            // The endpoint follows the latest authenticated datagram,
+            // whatever it carries (wireguard-go's order); a session these
+            // packets confirmed lets staged packets go, to it.
+            let Origin { from, local } = origins[i];
+            st.roam(from, local);
+            while let Some(n) = st.tunnel.poll_transmit(now, self.mtu, self.wg_out) {
+                self.tx.send_to(&self.wg_out[..n], from, local, counters);
+            }
+        }
+        if let Some(d) = self.deadlines {
+            d.lower(st.tunnel.poll_timeout());
+        }
+        drop(st);
+        let peer = &self.snapshot.peers()[pi];
+        for ((v, o), k) in views.iter_mut().zip(openings.iter()).zip(keep.iter_mut()) {
+            if o.error.is_some() || o.len == 0 {
+                continue; // dropped, or a keepalive
+            }
+            let plain = &v[DATA_HEADER_LEN..DATA_HEADER_LEN + o.len];
+            let (n, inner_src) = match inner_source(plain) {
+                Ok(x) => x,
+                Err(e) => {
+                    counters.count_drop(DropCause::Wg(e));
+                    continue;
+                }
+            };
+            // Cryptokey routing: the source must route back to this very
+            // peer (a longest match), not merely lie inside one of its
+            // prefixes, which may overlap another peer's.
+            if self.snapshot.route_index(inner_src).map(|(o, _)| o) != Some(pi) {
+                counters.count_drop(DropCause::Engine(EngineDrop::WgAllowedIps));
+                continue;
+            }
+            add(&peer.counters.rx_packets, 1);
+            add(&peer.counters.rx_bytes, n as u64);
+            let whole = std::mem::take(v);
+            *v = &mut whole[DATA_HEADER_LEN..DATA_HEADER_LEN + n];
+            *k = true;
         }
     }
 
-    /// Opens one datagram from `from`, received on our address `local`.
-    fn open(&mut self, from: SocketAddr, local: Option<IpAddr>, datagram: &[u8]) {
+    /// One handshake message or cookie reply from `origin`: macs (and a
+    /// cookie reply under load), then the peer's protocol state, under its
+    /// lock; answers go back where the message came from.
+    fn handshake(&mut self, origin: Origin, datagram: &[u8]) {
         let (counters, now) = (self.counters, self.now);
-        let tx = self.tx.clone();
-        let reply = |d: &[u8], to: SocketAddr, local: Option<IpAddr>| tx.send_to(d, to, local, counters);
-        // What the protocol sends on its own, back to where this came from.
-        let drain = |st: &mut PeerState, mtu: usize, buf: &mut Vec<u8>| {
-            while let Some(n) = st.tunnel.poll_transmit(now, mtu, buf) {
-                reply(&buf[..n], from, local);
-            }
-        };
+        let Origin { from, local } = origin;
         let drop = |e: WgError| counters.count_drop(DropCause::Wg(e));
-        let msg = match Message::parse(datagram) {
-            Ok(m) => m,
-            Err(e) => return drop(e),
-        };
+        let Ok(msg) = Message::parse(datagram) else { return };
         let identity = self.device.identity();
         let mut cookie = [0u8; COOKIE_REPLY_LEN];
         if let Err(e) = identity.check_macs(now, from, &msg, &mut cookie) {
             if e == WgError::Cookie {
-                reply(&cookie, from, local);
+                self.tx.send_to(&cookie, from, local, counters);
             }
             return drop(e);
         }
@@ -686,12 +943,8 @@ impl<'a, P: PodIo, T: DatagramTx> WgRx<'a, P, T> {
             counters.count_drop(DropCause::Engine(EngineDrop::WgUnknownPeer));
             return;
         };
-        if self.held.as_ref().is_none_or(|(p, _)| *p != pi) {
-            self.release();
-            let Some(wg) = self.snapshot.peers()[pi].wg.as_ref() else { return };
-            self.held = Some((pi, wg.lock()));
-        }
-        let Some((_, st)) = self.held.as_mut() else { return };
+        let Some(wg) = self.snapshot.peers()[pi].wg.as_ref() else { return };
+        let mut st = wg.lock();
         match msg {
             Message::Initiation(_) => {
                 let Some(half) = half else { return };
@@ -699,7 +952,7 @@ impl<'a, P: PodIo, T: DatagramTx> WgRx<'a, P, T> {
                 match st.tunnel.consume_initiation(now, &half, &mut resp) {
                     Ok(()) => {
                         st.roam(from, local);
-                        reply(&resp, from, local);
+                        self.tx.send_to(&resp, from, local, counters);
                     }
                     Err(e) => drop(e),
                 }
@@ -708,7 +961,9 @@ impl<'a, P: PodIo, T: DatagramTx> WgRx<'a, P, T> {
                 Ok(()) => {
                     st.roam(from, local);
                     // Packets staged while the handshake ran go out now.
-                    drain(st, self.mtu, self.wg_out);
+                    while let Some(n) = st.tunnel.poll_transmit(now, self.mtu, self.wg_out) {
+                        self.tx.send_to(&self.wg_out[..n], from, local, counters);
+                    }
                 }
                 Err(e) => drop(e),
             },
@@ -717,47 +972,10 @@ impl<'a, P: PodIo, T: DatagramTx> WgRx<'a, P, T> {
                     drop(e);
                 }
             }
-            Message::Data(d) => {
-                let Some(kp) = st.tunnel.keypair(d.receiver).cloned() else {
-                    return drop(WgError::UnknownIndex);
-                };
-                if self.out.len() == self.out.capacity() {
-                    flush_to_tun(self.pod, self.mtu, counters, self.out);
-                }
-                let k = self.out.len();
-                let (obuf, ometa) = self.out.slot_mut(k);
-                let len = match kp.open(d.counter, d.sealed, obuf) {
-                    Ok(len) => len,
-                    Err(e) => return drop(e),
-                };
-                if let Err(e) = st.tunnel.accept(now, &kp, d.counter, len) {
-                    return drop(e);
-                }
-                // The endpoint follows the latest authenticated datagram,
-                // whatever it carries (wireguard-go's order).
-                st.roam(from, local);
-                // A session this packet confirmed lets staged packets go.
-                drain(st, self.mtu, self.wg_out);
-                if len == 0 {
-                    return; // a keepalive
-                }
-                let (n, inner_src) = match inner_source(&obuf[..len]) {
-                    Ok(x) => x,
-                    Err(e) => return drop(e),
-                };
-                // Cryptokey routing: the source must route back to this
-                // very peer (a longest match), not merely lie inside one
-                // of its prefixes, which may overlap another peer's.
-                if self.snapshot.route_index(inner_src).map(|(o, _)| o) != Some(pi) {
-                    counters.count_drop(DropCause::Engine(EngineDrop::WgAllowedIps));
-                    return;
-                }
-                let peer = &self.snapshot.peers()[pi];
-                add(&peer.counters.rx_packets, 1);
-                add(&peer.counters.rx_bytes, n as u64);
-                *ometa = Meta { start: 0, len: n, ..Meta::default() };
-                self.out.set_len(k + 1);
-            }
+            Message::Data(_) => {}
+        }
+        if let Some(d) = self.deadlines {
+            d.lower(st.tunnel.poll_timeout());
         }
     }
 }
@@ -769,19 +987,6 @@ fn send_one<U: UnderlayIo>(families: &[U], d: &[u8], ep: SocketAddr, local: Opti
         Some(u) => u.reply_tx().send_to(d, ep, local, counters),
         None => counters.count_drop(DropCause::Engine(EngineDrop::WgNoEndpoint)),
     }
-}
-
-/// Coalesces (with TUN offloads) and writes `out`'s packets, and empties it.
-fn flush_to_tun<P: PodIo>(pod: &mut P, mtu: usize, counters: &WorkerCounters, out: &mut Batch) {
-    if out.is_empty() {
-        return;
-    }
-    if pod.capabilities().gro {
-        coalesce_to_tun(pod, mtu, counters, out);
-    } else {
-        pod.write_batch(out, counters);
-    }
-    out.set_len(0);
 }
 
 /// Coalesces the live packets of `batch` and writes them to the TUN (which

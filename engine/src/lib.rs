@@ -17,6 +17,7 @@ pub mod io;
 pub mod route;
 pub mod segment;
 pub mod snapshot;
+pub mod spread;
 #[allow(unsafe_code)]
 pub mod sys;
 pub mod vnet;
@@ -26,7 +27,6 @@ pub mod worker;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
 use crossbeam_channel::Sender;
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
@@ -107,7 +107,8 @@ impl Offloads {
 }
 
 struct WorkerHandle {
-    thread: JoinHandle<std::io::Result<()>>,
+    /// Says how the worker's loop ended.
+    done: crossbeam_channel::Receiver<std::io::Result<()>>,
     control: Sender<Control>,
     waker: Arc<mio::Waker>,
 }
@@ -122,6 +123,8 @@ pub struct Engine {
     ports: (u16, u16),
     /// The mark (`SO_MARK`) on every underlay socket, if any.
     fwmark: Option<u32>,
+    /// The workers' threads (dropped after they have stopped).
+    _pool: rayon::ThreadPool,
 }
 
 /// Sockets opened for all workers at one port pair.
@@ -255,6 +258,7 @@ impl Engine {
         let opened = open_families(cfg, threads, (cfg.port, cfg.port_v6), None, true)?;
         let queues = sys::tun::TunQueue::create(&cfg.tun_name, threads, cfg.offloads.tun)?;
         let mut workers = Vec::with_capacity(threads);
+        let mut handles = Vec::with_capacity(threads);
         let mut counters = Vec::with_capacity(threads);
         let mut deadlines = None;
         for ((id, tun), families) in queues.into_iter().enumerate().zip(opened.per_worker) {
@@ -274,22 +278,50 @@ impl Engine {
             let mut dp = datapath::Datapath::new(tun, families, backend, snapshot.clone(), c.clone(), cfg.mtu);
             dp.deadlines = deadlines.clone();
             dp.timer_owner = id == 0;
-            let w =
-                Worker { poll, dp, control: rx, busy_poll: std::time::Duration::from_micros(cfg.busy_poll_us.into()) };
-            let thread = std::thread::Builder::new().name(format!("weft-worker-{id}")).spawn(move || {
-                let counters = w.dp.counters.clone();
-                let r = w.run();
-                counters.stopped.store(true, std::sync::atomic::Ordering::Relaxed);
-                if let Err(e) = &r {
-                    tracing::error!(worker = id, error = %e, "worker stopped");
-                }
-                r
-            })?;
-            workers.push(WorkerHandle { thread, control: tx, waker });
+            let busy_poll = std::time::Duration::from_micros(cfg.busy_poll_us.into());
+            workers.push(Worker { poll, dp, control: rx, busy_poll });
+            let (done_tx, done) = crossbeam_channel::bounded(1);
+            handles.push((WorkerHandle { done, control: tx, waker }, done_tx));
             counters.push(c);
         }
+        // WireGuard's AEAD spreads over the workers (see `spread`): they are
+        // the threads of one rayon pool and know how to wake each other.
+        let crew = Arc::new(spread::Crew::new(handles.iter().map(|(h, _)| h.waker.clone()).collect()));
+        for (id, w) in workers.iter_mut().enumerate() {
+            w.dp.crew = Some((crew.clone(), id));
+        }
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|id| format!("weft-worker-{id}"))
+            .panic_handler(|_| tracing::error!("a worker panicked"))
+            .build()
+            .map_err(std::io::Error::other)?;
+        let (workers, slots): (Vec<WorkerHandle>, Vec<_>) =
+            handles.into_iter().zip(workers).map(|((h, done), w)| (h, Some((w, done)))).unzip();
+        // Each thread takes its own worker and the one sender of its `done`.
+        let slots = std::sync::Mutex::new(slots);
+        pool.spawn_broadcast(move |ctx| {
+            let id = ctx.index();
+            let taken = slots.lock().ok().and_then(|mut s| s.get_mut(id).and_then(Option::take));
+            let Some((w, done)) = taken else { return };
+            let counters = w.dp.counters.clone();
+            spread::set_thread_counters(counters.clone());
+            // Marks the worker stopped however its loop ends, a panic included.
+            struct Stopped(Arc<WorkerCounters>);
+            impl Drop for Stopped {
+                fn drop(&mut self) {
+                    self.0.stopped.store(true, Ordering::Relaxed);
+                }
+            }
+            let _stopped = Stopped(counters);
+            let r = w.run();
+            if let Err(e) = &r {
+                tracing::error!(worker = id, error = %e, "worker stopped");
+            }
+            let _ = done.send(r);
+        });
         tracing::info!(tun = %cfg.tun_name, threads, port = opened.ports.0, "engine started");
-        Ok(Engine { workers, counters, cfg: cfg.clone(), ports: opened.ports, fwmark: None })
+        Ok(Engine { workers, counters, cfg: cfg.clone(), ports: opened.ports, fwmark: None, _pool: pool })
     }
 
     /// Swaps `snapshot` into every worker at its next batch boundary.
@@ -347,8 +379,9 @@ impl Engine {
             let _ = w.control.send(Control::Stop);
             let _ = w.waker.wake();
         }
-        for w in self.workers {
-            let _ = w.thread.join();
+        for w in &self.workers {
+            // A worker that panicked drops its sender: that ends the wait too.
+            let _ = w.done.recv();
         }
     }
 }

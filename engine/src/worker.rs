@@ -6,7 +6,9 @@
 //! middle of one. Readiness is edge-triggered: a side stays "pending" until a
 //! read comes back short, and the loop polls without blocking while anything
 //! is pending. Worker 0 also drives the WireGuard timers: it sleeps no later
-//! than the peers' earliest deadline.
+//! than the peers' earliest deadline. Between batches, and when another
+//! worker wakes it for that, a worker takes halves of other workers'
+//! WireGuard runs to seal or open ([`crate::spread`]).
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -20,6 +22,7 @@ use mio::{Events, Interest, Poll, Token};
 use crate::datapath::Datapath;
 use crate::io::UdpUnderlay;
 use crate::snapshot::Snapshot;
+use crate::spread;
 use crate::sys::tun::TunQueue;
 use crate::wg::{WgDevice, TIMER_SLACK};
 
@@ -82,10 +85,19 @@ impl Worker {
                     timeout = Some(d.sleep_for(now, TIMER_SLACK));
                 }
             }
+            let sleeps = timeout != Some(Duration::ZERO);
+            if let (true, Some((crew, id))) = (sleeps, &self.dp.crew) {
+                crew.sleeps(*id);
+            }
             let polled = self.poll.poll(&mut events, timeout);
             if let Some(d) = &owner {
                 d.awake();
             }
+            if let (true, Some((crew, id))) = (sleeps, &self.dp.crew) {
+                crew.wakes(*id);
+            }
+            // Halves of other workers' WireGuard runs (what woke us, maybe).
+            spread::help();
             match polled {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -137,6 +149,7 @@ impl Worker {
                 if !tun_pending && !udp_pending.iter().any(|p| *p) {
                     break;
                 }
+                spread::help();
             }
         }
     }

@@ -77,20 +77,28 @@ impl Keypair {
     /// Seals `packet` with `counter` (from [`Keypair::reserve`]) into `out`
     /// as a data packet; returns its length, or `None` when `out` is too small.
     pub fn seal(&self, counter: u64, packet: &[u8], mtu: usize, out: &mut [u8]) -> Option<usize> {
-        let len = Self::sealed_len(packet.len(), mtu);
-        let out = out.get_mut(..len)?;
+        out.get_mut(DATA_HEADER_LEN..DATA_HEADER_LEN + packet.len())?.copy_from_slice(packet);
+        self.seal_in_place(counter, out, packet.len(), mtu)
+    }
+
+    /// Seals in place: `buf` holds `len` bytes of packet at
+    /// [`DATA_HEADER_LEN`], and room after them for the padding and the tag;
+    /// the data packet's header is written in front. Returns the data
+    /// packet's length, or `None` when `buf` is too small.
+    pub fn seal_in_place(&self, counter: u64, buf: &mut [u8], len: usize, mtu: usize) -> Option<usize> {
+        let total = Self::sealed_len(len, mtu);
+        let out = buf.get_mut(..total)?;
         out[..4].copy_from_slice(&[DATA, 0, 0, 0]);
         out[4..8].copy_from_slice(&self.remote_index.to_le_bytes());
         out[8..16].copy_from_slice(&counter.to_le_bytes());
-        let (body, tag) = out[DATA_HEADER_LEN..].split_at_mut(len - DATA_HEADER_LEN - TAG_LEN);
-        body[..packet.len()].copy_from_slice(packet);
-        body[packet.len()..].fill(0);
+        let (body, tag) = out[DATA_HEADER_LEN..].split_at_mut(total - DATA_HEADER_LEN - TAG_LEN);
+        body[len..].fill(0);
         let t = self
             .send
             .seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce(counter)), Aad::empty(), body)
             .ok()?;
         tag.copy_from_slice(t.as_ref());
-        Some(len)
+        Some(total)
     }
 
     /// Opens a data packet's `sealed` part (ciphertext and tag) with
@@ -191,6 +199,22 @@ mod tests {
         assert_eq!(b.open(6, &out[16..len], &mut plain), Err(WgError::Decrypt), "another counter");
         assert_eq!(Keypair::sealed_len(1419, 1420), 16 + 1420 + 16, "padding stops at the MTU");
         assert_eq!(Keypair::sealed_len(0, 1420), 32, "a keepalive");
+    }
+
+    #[test]
+    fn sealing_in_place_makes_the_same_bytes_as_sealing_a_copy() {
+        let a = Keypair::new([7; 32], [8; 32], 1, 2, Instant::now(), true);
+        for len in [0usize, 1, 15, 16, 17, 1400, 1419] {
+            let packet: Vec<u8> = (0..len).map(|i| i as u8).collect();
+            let mut copied = vec![0u8; 1500];
+            let n = a.seal(9, &packet, 1420, &mut copied).unwrap();
+            // Garbage after the packet must not leak into the padding.
+            let mut buf = vec![0xAAu8; 1500];
+            buf[16..16 + len].copy_from_slice(&packet);
+            assert_eq!(a.seal_in_place(9, &mut buf, len, 1420), Some(n), "length {len}");
+            assert_eq!(&buf[..n], &copied[..n], "length {len}");
+        }
+        assert_eq!(a.seal_in_place(0, &mut [0u8; 40], 20, 1420), None, "no room for padding and tag");
     }
 
     #[test]
