@@ -93,7 +93,9 @@ impl MetricsState {
                 (escape_label(&p.name), escape_label(&ips), v)
             })
             .collect();
-        Sample { totals, syscalls_per_mb, drops, peers, workers: self.workers.len() as i64 }
+        let crypto =
+            self.workers.iter().map(|w| [w.wg_sealed_bytes.load(Relaxed), w.wg_opened_bytes.load(Relaxed)]).collect();
+        Sample { totals, syscalls_per_mb, drops, peers, workers: self.workers.len() as i64, crypto }
     }
 }
 
@@ -123,6 +125,8 @@ struct Sample {
     /// Name, underlay addresses, and tx/rx packets and bytes.
     peers: Vec<(String, String, [u64; 4])>,
     workers: i64,
+    /// Per worker: WireGuard plaintext bytes sealed, ciphertext bytes opened.
+    crypto: Vec<[u64; 2]>,
 }
 
 impl prometheus_client::collector::Collector for Sample {
@@ -166,6 +170,21 @@ impl prometheus_client::collector::Collector for Sample {
         }
         let g = ConstGauge::new(self.peers.len() as i64);
         g.encode(enc.encode_descriptor("weft_peers", "Remote nodes known.", None, g.metric_type())?)?;
+        let per_worker = [
+            ("weft_worker_wg_sealed_bytes", "WireGuard plaintext bytes this worker sealed (for any worker's packets)."),
+            (
+                "weft_worker_wg_opened_bytes",
+                "WireGuard ciphertext bytes this worker opened (for any worker's packets).",
+            ),
+        ];
+        for (i, (name, help)) in per_worker.iter().enumerate() {
+            let mut family =
+                enc.encode_descriptor(name, help, None, prometheus_client::metrics::MetricType::Counter)?;
+            for (w, v) in self.crypto.iter().enumerate() {
+                let worker = w.to_string();
+                ConstCounter::new(v[i]).encode(family.encode_family(&[("worker", worker.as_str())])?)?;
+            }
+        }
         let g = ConstGauge::new(self.workers);
         g.encode(enc.encode_descriptor("weft_workers", "Worker threads.", None, g.metric_type())?)?;
         Ok(())

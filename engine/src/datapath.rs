@@ -379,6 +379,11 @@ impl<P: PodIo, U: UnderlayIo> Datapath<P, U> {
             }
             return;
         };
+        if segments >= 2 * crate::spread::MIN_HALF {
+            if let Some((crew, me)) = &self.crew {
+                crew.call_one(*me);
+            }
+        }
         let meta =
             |start: usize| Meta { start, len: 0, addr: Some(ep.ip()), port: ep.port(), local, ..Meta::default() };
         let mut counter = grant.first;
@@ -649,6 +654,11 @@ impl<P: PodIo, U: UnderlayIo> Datapath<P, U> {
             }
             got == cap
         };
+        if n >= 2 * crate::spread::MIN_HALF {
+            if let Some((crew, me)) = &self.crew {
+                crew.call_one(*me);
+            }
+        }
         let mut rx = WgRx {
             device: &device,
             snapshot: &snapshot,

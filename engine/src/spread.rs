@@ -21,6 +21,7 @@
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use crate::counters::{add, WorkerCounters};
 
@@ -80,16 +81,17 @@ impl Crew {
         }
     }
 
-    /// Worker `i` is back from its poll.
-    pub fn wakes(&self, i: usize) {
-        if let Some(m) = self.members.get(i) {
-            m.sleeping.0.store(false, Ordering::Relaxed);
-        }
+    /// Worker `i` is back from its poll; returns whether another worker
+    /// woke it to help ([`Crew::call_one`] cleared its flag).
+    pub fn wakes(&self, i: usize) -> bool {
+        self.members.get(i).is_some_and(|m| !m.sleeping.0.swap(false, Ordering::Relaxed))
     }
 
     /// Wakes one sleeping worker other than `me`, so that it takes the
     /// half about to be offered; a busy one finds it between its batches.
-    fn call_one(&self, me: usize) {
+    /// Called as early as a long run is known (a woken thread takes tens
+    /// of microseconds to run), and again by [`spread`].
+    pub fn call_one(&self, me: usize) {
         let sleeping = self.members.iter().enumerate().find(|(i, m)| *i != me && m.sleeping.0.load(Ordering::Acquire));
         if let Some((_, m)) = sleeping {
             // Cleared here so that a second run does not wake it again.
@@ -104,9 +106,30 @@ impl Crew {
     }
 }
 
-/// Runs the AEAD work other workers offered, until there is none left.
-pub fn help() {
-    while let Some(rayon::Yield::Executed) = rayon::yield_now() {}
+/// How long a worker that found work keeps looking for more before it
+/// goes back to its own: a busy peer offers a half every few tens of
+/// microseconds, and a worker asleep in its poll comes too late for most.
+pub const LINGER: Duration = Duration::from_micros(200);
+
+/// Runs the AEAD work other workers offered, until there is none left;
+/// after doing some, or when `called` (another worker woke this one for
+/// it, and its run may not be offered yet), keeps looking for [`LINGER`]
+/// more. Returns whether it did any.
+pub fn help(called: bool) -> bool {
+    let mut did = false;
+    let mut last = called.then(Instant::now);
+    loop {
+        match rayon::yield_now() {
+            Some(rayon::Yield::Executed) => {
+                did = true;
+                last = Some(Instant::now());
+            }
+            _ => match last {
+                Some(t) if t.elapsed() < LINGER => std::thread::yield_now(),
+                _ => return did,
+            },
+        }
+    }
 }
 
 /// Applies `f` to each pair of `a` and `b` (of equal length), spread over
@@ -184,7 +207,7 @@ mod tests {
             set_thread_counters(counters[ctx.index()].clone());
             if ctx.index() == 1 {
                 while !stop.load(Relaxed) {
-                    help();
+                    help(false);
                     std::hint::spin_loop();
                 }
                 return;

@@ -93,11 +93,12 @@ impl Worker {
             if let Some(d) = &owner {
                 d.awake();
             }
-            if let (true, Some((crew, id))) = (sleeps, &self.dp.crew) {
-                crew.wakes(*id);
-            }
+            let called = match (sleeps, &self.dp.crew) {
+                (true, Some((crew, id))) => crew.wakes(*id),
+                _ => false,
+            };
             // Halves of other workers' WireGuard runs (what woke us, maybe).
-            spread::help();
+            spread::help(called);
             match polled {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -149,7 +150,7 @@ impl Worker {
                 if !tun_pending && !udp_pending.iter().any(|p| *p) {
                     break;
                 }
-                spread::help();
+                spread::help(false);
             }
         }
     }

@@ -132,3 +132,54 @@ pub fn exec_timeout(ns: &str, program: &str, args: &[&str], limit: std::time::Du
     let stderr = String::from_utf8_lossy(&err_t.join().unwrap_or_default()).into_owned();
     Ok(Output { success: status.success(), stdout, stderr })
 }
+
+/// The kernel's TCP extended counters in namespace `ns` (`TcpExt:` of
+/// `/proc/net/netstat`, which is per namespace), by name.
+pub fn tcp_ext(ns: &str) -> anyhow::Result<std::collections::BTreeMap<String, u64>> {
+    parse_tcp_ext(&exec(ns, "cat", &["/proc/net/netstat"])?)
+}
+
+/// `TcpExt:` of a `/proc/net/netstat` text: a line of names, then a line
+/// of values.
+pub fn parse_tcp_ext(text: &str) -> anyhow::Result<std::collections::BTreeMap<String, u64>> {
+    let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (Some(names), Some(values)) = (lines.next(), lines.next()) else {
+        anyhow::bail!("no TcpExt lines in /proc/net/netstat");
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .skip(1)
+        .map(|(n, v)| Ok((n.to_string(), v.parse::<u64>().map_err(|e| anyhow::anyhow!("TcpExt {n}: {e}"))?)))
+        .collect()
+}
+
+/// Reordering the TCP senders in `ns` detected (by SACK, timestamps or
+/// duplicate ACKs) in `after` against `before`, both [`tcp_ext`] readings.
+pub fn reorder_events(
+    before: &std::collections::BTreeMap<String, u64>,
+    after: &std::collections::BTreeMap<String, u64>,
+) -> u64 {
+    ["TCPSACKReorder", "TCPTSReorder", "TCPRenoReorder"]
+        .iter()
+        .map(|k| after.get(*k).unwrap_or(&0).saturating_sub(*before.get(*k).unwrap_or(&0)))
+        .sum()
+}
+
+#[cfg(test)]
+mod tcp_ext_tests {
+    use super::*;
+
+    #[test]
+    fn tcp_ext_takes_names_and_values_and_reorders_add_up() {
+        let text = "TcpExt: SyncookiesSent TCPSACKReorder TCPTSReorder TCPOFOQueue\nTcpExt: 0 3 1 7\nIpExt: InNoRoutes\nIpExt: 0\n";
+        let m = parse_tcp_ext(text).unwrap();
+        assert_eq!(m.get("TCPOFOQueue"), Some(&7));
+        assert_eq!(m.len(), 4);
+        let mut later = m.clone();
+        later.insert("TCPSACKReorder".into(), 5);
+        later.insert("TCPRenoReorder".into(), 2);
+        assert_eq!(reorder_events(&m, &later), 4);
+        assert!(parse_tcp_ext("IpExt: a\nIpExt: 1\n").is_err());
+    }
+}

@@ -286,7 +286,9 @@ fn measure_mode(mode: Mode, topo: &Topology, s: &Settings) -> anyhow::Result<Mea
             measure::run_iperf(&a.ns, to, IperfTest::Tcp(1), s.duration_s)
         })?;
         let tcp1 = measure::parse_iperf_tcp(&tcp1)?;
+        let (crypto0, tcp_ext0) = (aead_bytes(topo), crate::netns::tcp_ext(&a.ns).ok());
         let tcp4 = measure::parse_iperf_tcp(&measure::run_iperf(&a.ns, to, IperfTest::Tcp(4), s.duration_s)?)?;
+        let (crypto1, tcp_ext1) = (aead_bytes(topo), crate::netns::tcp_ext(&a.ns).ok());
         let udp = measure::parse_iperf_udp(&measure::run_iperf(&a.ns, to, IperfTest::Udp64, s.duration_s)?)?;
         let rtt = measure::ping_pong(&a.ns, to, s.duration_s as f64)?;
         let answered = rtt.samples_us.len();
@@ -320,10 +322,55 @@ fn measure_mode(mode: Mode, topo: &Topology, s: &Settings) -> anyhow::Result<Mea
             f.cpu_pct,
             topo.cpu_source.label()
         );
+        // What weft's WireGuard agents show of the 4-stream test: each
+        // worker's share of the bytes sealed on the sending node and opened
+        // on the receiving one, and the reordering the senders' TCP saw.
+        if let (Some(c0), Some(c1)) = (crypto0, crypto1) {
+            let share = |node: usize, k: usize| {
+                let d: Vec<f64> =
+                    (0..c1[node].len()).map(|w| c1[node][w][k] - c0[node].get(w).map_or(0.0, |x| x[k])).collect();
+                let total: f64 = d.iter().sum();
+                d.iter()
+                    .map(|x| format!("{:.0}", if total > 0.0 { x * 100.0 / total } else { 0.0 }))
+                    .collect::<Vec<_>>()
+                    .join("/")
+            };
+            let reorder = tcp_ext0.zip(tcp_ext1).map_or(-1, |(x, y)| crate::netns::reorder_events(&x, &y) as i64);
+            println!(
+                "{} rep {rep}/{}: 4 streams: sealed by worker (sending node) {} %, opened by worker (receiving node) {} %, \
+                 reordering seen by the senders' TCP {reorder}; 1 stream: {:.2} Gbit/s per core of weft",
+                mode.name(),
+                s.reps,
+                share(0, 0),
+                share(1, 1),
+                f.tcp1_gbps / (f.cpu_pct / 100.0).max(1e-9),
+            );
+        }
         reps.push(f);
         system.push(cpu.kernel_pct);
     }
     Ok(Measured { reps, cpu_source: topo.cpu_source, system_cpu_pct: report::median(&system).unwrap_or(0.0) })
+}
+
+/// Per node, per worker: the WireGuard bytes (sealed, opened) weft's
+/// agents count; `None` for modes without weft's WireGuard.
+fn aead_bytes(topo: &Topology) -> Option<Vec<Vec<[f64; 2]>>> {
+    if topo.lab.opts.backend != "wireguard-native" || topo.lab.opts.wg_peer.is_some() {
+        return None;
+    }
+    topo.lab
+        .nodes
+        .iter()
+        .take(2)
+        .map(|n| {
+            let m = topo.lab.metrics(n).ok()?;
+            let get = |name: &str, w: usize| m.get(&format!("{name}_total{{worker=\"{w}\"}}")).copied();
+            (0..)
+                .map_while(|w| Some([get("weft_worker_wg_sealed_bytes", w)?, get("weft_worker_wg_opened_bytes", w)?]))
+                .collect::<Vec<_>>()
+                .into()
+        })
+        .collect()
 }
 
 /// Runs `f` (a test of `secs` seconds) while sampling CPU over its middle:
