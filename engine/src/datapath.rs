@@ -379,7 +379,7 @@ impl<P: PodIo, U: UnderlayIo> Datapath<P, U> {
             }
             return;
         };
-        if segments >= 2 * crate::spread::MIN_HALF {
+        if crate::spread::worth_spreading(bytes) {
             if let Some((crew, me)) = &self.crew {
                 crew.call_one(*me);
             }
@@ -432,7 +432,8 @@ impl<P: PodIo, U: UnderlayIo> Datapath<P, U> {
         let mtu = self.mtu;
         let jobs = &mut self.seal_jobs[from..n];
         let (crew, me) = self.crew.as_ref().map_or((None, 0), |(c, i)| (Some(&**c), *i));
-        spread(crew, me, &mut bufs[from..n], jobs, false, &self.counters, &|b, job| {
+        let bytes = jobs.iter().map(|j| j.plain).sum();
+        spread(crew, me, &mut bufs[from..n], jobs, bytes, false, &self.counters, &|b, job| {
             job.sealed = kp.seal_in_place(job.counter, &mut b[job.start..], job.plain, mtu).unwrap_or(0);
             if job.sealed > 0 {
                 job.plain
@@ -654,7 +655,8 @@ impl<P: PodIo, U: UnderlayIo> Datapath<P, U> {
             }
             got == cap
         };
-        if n >= 2 * crate::spread::MIN_HALF {
+        let received: usize = views[..n].iter().map(|v| v.len()).sum();
+        if crate::spread::worth_spreading(received) {
             if let Some((crew, me)) = &self.crew {
                 crew.call_one(*me);
             }
@@ -849,7 +851,9 @@ impl<'a, T: DatagramTx> WgRx<'a, T> {
             }
         }
         let sessions = &sessions;
-        spread(self.crew.map(|c| c.0), self.crew.map_or(0, |c| c.1), views, openings, true, counters, &|v, o| {
+        let bytes = views.iter().map(|v| v.len()).sum();
+        let (crew, me) = self.crew.map_or((None, 0), |(c, i)| (Some(c), i));
+        spread(crew, me, views, openings, bytes, true, counters, &|v, o| {
             let Some(kp) = sessions.get(o.session as usize).and_then(Option::as_ref) else {
                 o.error = Some(WgError::UnknownIndex);
                 return 0;
