@@ -76,12 +76,11 @@ fn wireguard_with_offloads_on_and_off_and_two_workers_passes() {
     }
 }
 
-/// The least share of one stream's AEAD the second worker must take. On
-/// this 2-core machine both cores are busy with the pods' TCP and the
-/// agents, so a worker woken to help often comes after the run is done;
-/// the share shows that it happens (without spreading it is 0: the other
-/// worker never reads this flow), `weft bench` how much.
-const MIN_SHARE: f64 = 0.01;
+/// The least share of one stream's AEAD the second worker must take
+/// (without spreading it is 0: the other worker never reads this flow).
+/// Measured here 27-38 % with a debug build, also with the other lab tests
+/// and a compiler running; `weft bench` shows it with a release build.
+const MIN_SHARE: f64 = 0.1;
 
 /// One TCP stream to one peer: one TUN queue reads it all on the sending
 /// node and one UDP socket receives it all on the receiving node, so only

@@ -154,14 +154,36 @@ pub fn spread<A: Send, B: Send>(
     fallback: &WorkerCounters,
     f: &(impl Fn(&mut A, &mut B) -> usize + Sync),
 ) {
-    match crew.filter(|c| worth_spreading(bytes) && c.spreads()) {
-        Some(crew) => {
-            crew.call_one(me);
-            halves(a, b, bytes, opened, fallback, f);
-        }
-        None => run(a, b, opened, fallback, f),
-    }
+    let Some(crew) = crew.filter(|c| worth_spreading(bytes) && c.spreads()) else {
+        return run(a, b, opened, fallback, f);
+    };
+    crew.call_one(me);
+    // The second half is offered; having done the first, this worker waits
+    // a little for a helper to have taken it (a woken worker needs tens of
+    // microseconds to run) before `join` takes it back.
+    let taken = AtomicBool::new(false);
+    let mid = a.len() / 2;
+    let (a0, a1) = a.split_at_mut(mid);
+    let (b0, b1) = b.split_at_mut(mid);
+    let half = bytes / 2;
+    rayon::join(
+        || {
+            halves(a0, b0, half, opened, fallback, f);
+            let since = Instant::now();
+            while !taken.load(Ordering::Acquire) && since.elapsed() < WAIT_FOR_HELP {
+                std::thread::yield_now();
+            }
+        },
+        || {
+            taken.store(true, Ordering::Release);
+            halves(a1, b1, half, opened, fallback, f)
+        },
+    );
 }
+
+/// How long a worker that offered half a run waits, its own half done, for
+/// a helper to take the other before doing it itself.
+pub const WAIT_FOR_HELP: Duration = Duration::from_micros(50);
 
 /// Cuts in halves (by count; the packets of a run are mostly alike) down
 /// to about [`MIN_HALF_BYTES`], each offered with `rayon::join`.
