@@ -14,12 +14,14 @@
 //! ```
 //!
 //! After warm-up rounds (handshake, lazily made runtime state) the
-//! allocation count must not move over many rounds. The poll loop around
+//! allocation count must not move over many rounds: VXLAN, WireGuard, and
+//! WireGuard with its AEAD spread over two threads of a rayon pool. The poll loop around
 //! the data path is not in the picture; it allocates nothing per wakeup.
 
 use std::alloc::System;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -28,6 +30,7 @@ use stats_alloc::{Region, StatsAlloc, INSTRUMENTED_SYSTEM};
 use weft_engine::datapath::{Backend, Datapath};
 use weft_engine::io::mem::MemPod;
 use weft_engine::io::{GroRx, UdpUnderlay};
+use weft_engine::spread::{set_thread_counters, Crew};
 use weft_engine::sys::mmsg::{set_recv_pktinfo, set_udp_gro};
 use weft_engine::sys::raw::RawUdpTx;
 use weft_engine::wg::{WgDevice, WgPeer};
@@ -128,10 +131,13 @@ fn round(nodes: &mut [Datapath<MemPod, UdpUnderlay>; 2], sp: &[u8]) -> usize {
     got
 }
 
-fn steady_state_allocates_nothing(vxlan: bool) {
+fn steady_state_allocates_nothing(vxlan: bool, crew: Option<&Arc<Crew>>) {
     // The raw socket of the VXLAN side needs CAP_NET_RAW.
     assert!(RawUdpTx::open(addr(0)).is_ok(), "this test opens a raw socket and must run as root");
     let mut nodes = pair(vxlan);
+    for n in &mut nodes {
+        n.crew = crew.map(|c| (c.clone(), 0));
+    }
     let sp = weft_testkit::tcp_ipv4([10, 244, 1, 2], [10, 244, 2, 2], 64_000, 1);
     // Warm-up: the WireGuard handshake, buffers reaching their sizes.
     let mut moved = 0;
@@ -147,7 +153,7 @@ fn steady_state_allocates_nothing(vxlan: bool) {
         moved += round(&mut nodes, &sp);
     }
     let change = region.change();
-    let segments = nodes[1].counters.udp_rx_packets.load(std::sync::atomic::Ordering::Relaxed);
+    let segments = nodes[1].counters.udp_rx_packets.load(Relaxed);
     assert!(moved >= 100, "{moved} coalesced packets reached the pod");
     assert!(segments > 9000, "{segments} datagrams");
     assert_eq!((change.allocations, change.reallocations), (0, 0), "allocations over {segments} datagrams");
@@ -157,6 +163,18 @@ fn steady_state_allocates_nothing(vxlan: bool) {
 /// second test running beside it would be counted too.
 #[test]
 fn the_vxlan_and_wireguard_data_paths_allocate_nothing_per_packet() {
-    steady_state_allocates_nothing(true);
-    steady_state_allocates_nothing(false);
+    steady_state_allocates_nothing(true, None);
+    steady_state_allocates_nothing(false, None);
+    // WireGuard with its AEAD spread: the data paths run on one thread of a
+    // two-thread rayon pool, and the other takes halves (rayon wakes it).
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+    let counters: Vec<Arc<WorkerCounters>> = (0..2).map(|_| Arc::new(WorkerCounters::default())).collect();
+    pool.broadcast(|ctx| set_thread_counters(counters[ctx.index()].clone()));
+    let polls: Vec<mio::Poll> = (0..2).map(|_| mio::Poll::new().unwrap()).collect();
+    let wakers = polls.iter().map(|p| Arc::new(mio::Waker::new(p.registry(), mio::Token(0)).unwrap())).collect();
+    let crew = Arc::new(Crew::new(wakers));
+    pool.install(|| steady_state_allocates_nothing(false, Some(&crew)));
+    let worked = counters.iter().map(|c| c.wg_sealed_bytes.load(Relaxed) + c.wg_opened_bytes.load(Relaxed));
+    let worked: Vec<u64> = worked.collect();
+    assert!(worked.iter().all(|w| *w > 0), "both pool threads sealed or opened: {worked:?}");
 }
