@@ -270,6 +270,7 @@ mod tests {
             drops: vec![("short", 3)],
             peers: vec![(escape_label("evil\"node\n\\"), escape_label("192.0.2.1"), [1, 2, 3, 4])],
             workers: 2,
+            crypto: vec![[10, 20], [30, 40]],
         };
         let mut registry = prometheus_client::registry::Registry::default();
         registry.register_collector(Box::new(sample));
@@ -280,6 +281,8 @@ mod tests {
         assert!(out.contains(r#"weft_drops_total{reason="short"} 3"#), "{out}");
         assert!(out.contains(r#"weft_peer_rx_bytes_total{node="evil\"node\n\\",public_ip="192.0.2.1"} 4"#), "{out}");
         assert!(out.contains("weft_workers 2") && out.contains("weft_peers 1"), "{out}");
+        assert!(out.contains(r#"weft_worker_wg_sealed_bytes_total{worker="1"} 30"#), "{out}");
+        assert!(out.contains(r#"weft_worker_wg_opened_bytes_total{worker="0"} 20"#), "{out}");
         assert!(out.trim_end().ends_with("# EOF"), "{out}");
     }
 

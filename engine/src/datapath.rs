@@ -809,11 +809,9 @@ impl<'a, T: DatagramTx> WgRx<'a, T> {
             self.open_run(pi, &mut views[start..n], &mut openings[start..n], &origins[start..n], &mut keep[start..n]);
         }
         let mut live = 0;
-        for i in 0..views.len() {
-            if keep[i] {
-                views.swap(live, i);
-                live += 1;
-            }
+        for (i, _) in keep[..views.len()].iter().enumerate().filter(|(_, k)| **k) {
+            views.swap(live, i);
+            live += 1;
         }
         live
     }
