@@ -154,31 +154,14 @@ pub fn spread<A: Send, B: Send>(
     fallback: &WorkerCounters,
     f: &(impl Fn(&mut A, &mut B) -> usize + Sync),
 ) {
-    let Some(crew) = crew.filter(|c| worth_spreading(bytes) && c.spreads()) else {
-        return run(a, b, opened, fallback, f);
-    };
-    crew.call_one(me);
-    // The second half is offered; having done the first, this worker waits
-    // a little for a helper to have taken it (a woken worker needs tens of
-    // microseconds to run) before `join` takes it back.
-    let taken = AtomicBool::new(false);
-    let mid = a.len() / 2;
-    let (a0, a1) = a.split_at_mut(mid);
-    let (b0, b1) = b.split_at_mut(mid);
-    let half = bytes / 2;
-    rayon::join(
-        || {
-            halves(a0, b0, half, opened, fallback, f);
-            let since = Instant::now();
-            while !taken.load(Ordering::Acquire) && since.elapsed() < WAIT_FOR_HELP {
-                std::thread::yield_now();
-            }
-        },
-        || {
-            taken.store(true, Ordering::Release);
-            halves(a1, b1, half, opened, fallback, f)
-        },
-    );
+    let task = Task { opened, fallback, f };
+    match crew.filter(|c| worth_spreading(bytes) && c.spreads()) {
+        Some(crew) => {
+            crew.call_one(me);
+            halves(a, b, bytes, &task, true);
+        }
+        None => task.run(a, b),
+    }
 }
 
 /// How long a worker that offered half a run waits, its own half done, for
@@ -188,29 +171,60 @@ pub fn spread<A: Send, B: Send>(
 /// steals quarters back); throughput moved within the noise.
 pub const WAIT_FOR_HELP: Duration = Duration::from_micros(100);
 
+/// What to do with each pair, and where to count it.
+struct Task<'a, F> {
+    opened: bool,
+    fallback: &'a WorkerCounters,
+    f: &'a F,
+}
+
+impl<F> Task<'_, F> {
+    fn run<A, B>(&self, a: &mut [A], b: &mut [B])
+    where
+        F: Fn(&mut A, &mut B) -> usize,
+    {
+        let bytes: usize = a.iter_mut().zip(b.iter_mut()).map(|(x, y)| (self.f)(x, y)).sum();
+        let opened = self.opened;
+        with_counters(self.fallback, |c| {
+            add(if opened { &c.wg_opened_bytes } else { &c.wg_sealed_bytes }, bytes as u64)
+        });
+    }
+}
+
 /// Cuts in halves (by count; the packets of a run are mostly alike) down
-/// to about [`MIN_HALF_BYTES`], each offered with `rayon::join`.
-fn halves<A: Send, B: Send>(
+/// to about [`MIN_HALF_BYTES`], each second half offered with
+/// `rayon::join`. With `wait` (the top cut, a helper called for it), this
+/// worker, its first half done, waits up to [`WAIT_FOR_HELP`] for the
+/// helper to have taken the second (a woken worker needs tens of
+/// microseconds to run) before `join` takes it back.
+fn halves<A: Send, B: Send, F: Fn(&mut A, &mut B) -> usize + Sync>(
     a: &mut [A],
     b: &mut [B],
     bytes: usize,
-    opened: bool,
-    fallback: &WorkerCounters,
-    f: &(impl Fn(&mut A, &mut B) -> usize + Sync),
+    task: &Task<'_, F>,
+    wait: bool,
 ) {
     if a.len() < 2 || !worth_spreading(bytes) {
-        return run(a, b, opened, fallback, f);
+        return task.run(a, b);
     }
     let mid = a.len() / 2;
     let (a0, a1) = a.split_at_mut(mid);
     let (b0, b1) = b.split_at_mut(mid);
     let half = bytes / 2;
-    rayon::join(|| halves(a0, b0, half, opened, fallback, f), || halves(a1, b1, half, opened, fallback, f));
-}
-
-fn run<A, B>(a: &mut [A], b: &mut [B], opened: bool, fallback: &WorkerCounters, f: &impl Fn(&mut A, &mut B) -> usize) {
-    let bytes: usize = a.iter_mut().zip(b.iter_mut()).map(|(x, y)| f(x, y)).sum();
-    with_counters(fallback, |c| add(if opened { &c.wg_opened_bytes } else { &c.wg_sealed_bytes }, bytes as u64));
+    let taken = AtomicBool::new(false);
+    rayon::join(
+        || {
+            halves(a0, b0, half, task, false);
+            let since = Instant::now();
+            while wait && !taken.load(Ordering::Acquire) && since.elapsed() < WAIT_FOR_HELP {
+                std::thread::yield_now();
+            }
+        },
+        || {
+            taken.store(true, Ordering::Release);
+            halves(a1, b1, half, task, false)
+        },
+    );
 }
 
 #[cfg(test)]
@@ -254,7 +268,7 @@ mod tests {
             for round in 0..200 {
                 let mut a: Vec<u64> = (0..64).map(|i| round * 64 + i).collect();
                 let mut b = vec![0u64; 64];
-                halves(&mut a, &mut b, 64 * 1400, true, &counters[0], &|x: &mut u64, y: &mut u64| {
+                let f = |x: &mut u64, y: &mut u64| {
                     // About a microsecond of work, as a packet's AEAD.
                     let mut h = *x;
                     for _ in 0..300 {
@@ -263,7 +277,8 @@ mod tests {
                     *y = *x + 1;
                     std::hint::black_box(h);
                     1
-                });
+                };
+                halves(&mut a, &mut b, 64 * 1400, &Task { opened: true, fallback: &counters[0], f: &f }, false);
                 assert!(a.iter().zip(&b).all(|(x, y)| *y == *x + 1), "every pair done, in place");
                 done.lock().unwrap().push(round);
             }
