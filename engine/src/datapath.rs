@@ -379,11 +379,7 @@ impl<P: PodIo, U: UnderlayIo> Datapath<P, U> {
             }
             return;
         };
-        if crate::spread::worth_spreading(bytes) {
-            if let Some((crew, me)) = &self.crew {
-                crew.call_one(*me);
-            }
-        }
+        call_helper(&self.crew, bytes);
         let meta =
             |start: usize| Meta { start, len: 0, addr: Some(ep.ip()), port: ep.port(), local, ..Meta::default() };
         let mut counter = grant.first;
@@ -431,7 +427,7 @@ impl<P: PodIo, U: UnderlayIo> Datapath<P, U> {
         let n = bufs.len();
         let mtu = self.mtu;
         let jobs = &mut self.seal_jobs[from..n];
-        let (crew, me) = self.crew.as_ref().map_or((None, 0), |(c, i)| (Some(&**c), *i));
+        let (crew, me) = crew_of(&self.crew);
         let bytes = jobs.iter().map(|j| j.plain).sum();
         spread(crew, me, &mut bufs[from..n], jobs, bytes, false, &self.counters, &|b, job| {
             job.sealed = kp.seal_in_place(job.counter, &mut b[job.start..], job.plain, mtu).unwrap_or(0);
@@ -609,10 +605,7 @@ impl<P: PodIo, U: UnderlayIo> Datapath<P, U> {
                 Err(reason) => counters.count_drop(DropCause::Decap(reason)),
             }
         })?;
-        let mut outs = [Out::default(); MAX_VIEWS];
-        let stats = coalesce(&mut pkts[..n], &mut outs[..n], self.mtu, self.pod.capabilities().uso);
-        count_coalesce(counters, stats);
-        self.pod.write_coalesced(&pkts[..n], &outs[..n], counters);
+        coalesce_views(&mut self.pod, self.mtu, counters, &mut pkts[..n]);
         Some(more)
     }
 
@@ -655,12 +648,7 @@ impl<P: PodIo, U: UnderlayIo> Datapath<P, U> {
             }
             got == cap
         };
-        let received: usize = views[..n].iter().map(|v| v.len()).sum();
-        if crate::spread::worth_spreading(received) {
-            if let Some((crew, me)) = &self.crew {
-                crew.call_one(*me);
-            }
-        }
+        call_helper(&self.crew, views[..n].iter().map(|v| v.len()).sum());
         let mut rx = WgRx {
             device: &device,
             snapshot: &snapshot,
@@ -670,15 +658,12 @@ impl<P: PodIo, U: UnderlayIo> Datapath<P, U> {
             tx,
             now,
             deadlines: self.deadlines.as_deref(),
-            crew: self.crew.as_ref().map(|(c, i)| (&**c, *i)),
+            crew: crew_of(&self.crew),
         };
         let live = rx.open_all(&mut views[..n], &origins[..n]);
         let views = &mut views[..live];
         if self.pod.capabilities().gro {
-            let mut outs = [Out::default(); MAX_VIEWS];
-            let stats = coalesce(views, &mut outs[..live], self.mtu, self.pod.capabilities().uso);
-            count_coalesce(&self.counters, stats);
-            self.pod.write_coalesced(views, &outs[..live], &self.counters);
+            coalesce_views(&mut self.pod, self.mtu, &self.counters, views);
         } else {
             for packet in views.iter() {
                 self.pod.write_one(packet, &self.counters);
@@ -746,7 +731,7 @@ struct WgRx<'a, T> {
     now: Instant,
     deadlines: Option<&'a Deadlines>,
     /// The workers to spread the opening over, and which one this is.
-    crew: Option<(&'a Crew, usize)>,
+    crew: (Option<&'a Crew>, usize),
 }
 
 impl<'a, T: DatagramTx> WgRx<'a, T> {
@@ -771,15 +756,7 @@ impl<'a, T: DatagramTx> WgRx<'a, T> {
             let Some(d) = data else {
                 // A handshake message may make the session the next data
                 // packets need: what came before it is opened first.
-                if let Some((start, pi)) = run.take() {
-                    self.open_run(
-                        pi,
-                        &mut views[start..i],
-                        &mut openings[start..i],
-                        &origins[start..i],
-                        &mut keep[start..i],
-                    );
-                }
+                self.open_pending(run.take(), i, views, &mut openings, origins, &mut keep);
                 self.handshake(origins[i], views[i]);
                 continue;
             };
@@ -789,31 +766,33 @@ impl<'a, T: DatagramTx> WgRx<'a, T> {
             };
             openings[i] =
                 Opening { receiver: d.receiver, counter: d.counter, session: NO_SESSION, len: 0, error: None };
-            match run {
-                Some((_, p)) if p == pi => {}
-                Some((start, p)) => {
-                    self.open_run(
-                        p,
-                        &mut views[start..i],
-                        &mut openings[start..i],
-                        &origins[start..i],
-                        &mut keep[start..i],
-                    );
-                    run = Some((i, pi));
-                }
-                None => run = Some((i, pi)),
+            if run.is_none_or(|(_, p)| p != pi) {
+                self.open_pending(run.replace((i, pi)), i, views, &mut openings, origins, &mut keep);
             }
         }
-        if let Some((start, pi)) = run {
-            let n = views.len();
-            self.open_run(pi, &mut views[start..n], &mut openings[start..n], &origins[start..n], &mut keep[start..n]);
-        }
+        self.open_pending(run, views.len(), views, &mut openings, origins, &mut keep);
         let mut live = 0;
         for (i, _) in keep[..views.len()].iter().enumerate().filter(|(_, k)| **k) {
             views.swap(live, i);
             live += 1;
         }
         live
+    }
+
+    /// Opens the pending run (its first view and its peer) up to `end`.
+    fn open_pending(
+        &mut self,
+        run: Option<(usize, usize)>,
+        end: usize,
+        views: &mut [&mut [u8]],
+        openings: &mut [Opening],
+        origins: &[Origin],
+        keep: &mut [bool],
+    ) {
+        if let Some((start, pi)) = run {
+            let r = start..end;
+            self.open_run(pi, &mut views[r.clone()], &mut openings[r.clone()], &origins[r.clone()], &mut keep[r]);
+        }
     }
 
     /// Opens a run of peer `pi`'s data packets: the peer's lock is taken to find the sessions,
@@ -850,7 +829,7 @@ impl<'a, T: DatagramTx> WgRx<'a, T> {
         }
         let sessions = &sessions;
         let bytes = views.iter().map(|v| v.len()).sum();
-        let (crew, me) = self.crew.map_or((None, 0), |(c, i)| (Some(c), i));
+        let (crew, me) = self.crew;
         spread(crew, me, views, openings, bytes, true, counters, &|v, o| {
             let Some(kp) = sessions.get(o.session as usize).and_then(Option::as_ref) else {
                 o.error = Some(WgError::UnknownIndex);
@@ -992,6 +971,21 @@ impl<'a, T: DatagramTx> WgRx<'a, T> {
     }
 }
 
+/// The crew WireGuard's AEAD spreads over, and which worker this is.
+fn crew_of(c: &Option<(Arc<Crew>, usize)>) -> (Option<&Crew>, usize) {
+    c.as_ref().map_or((None, 0), |(c, i)| (Some(&**c), *i))
+}
+
+/// Wakes a helper as soon as a run of `bytes` is known to be worth
+/// spreading: a woken worker takes tens of microseconds to run.
+fn call_helper(c: &Option<(Arc<Crew>, usize)>, bytes: usize) {
+    if let (Some(crew), me) = crew_of(c) {
+        if crate::spread::worth_spreading(bytes) {
+            crew.call_one(me);
+        }
+    }
+}
+
 /// Sends one datagram to `ep` from `local` on the underlay of its
 /// address family.
 fn send_one<U: UnderlayIo>(families: &[U], d: &[u8], ep: SocketAddr, local: Option<IpAddr>, counters: &WorkerCounters) {
@@ -999,6 +993,17 @@ fn send_one<U: UnderlayIo>(families: &[U], d: &[u8], ep: SocketAddr, local: Opti
         Some(u) => u.reply_tx().send_to(d, ep, local, counters),
         None => counters.count_drop(DropCause::Engine(EngineDrop::WgNoEndpoint)),
     }
+}
+
+/// Coalesces packets lying where they were received (at most
+/// [`MAX_VIEWS`]) and writes them to the TUN (which has a virtio-net
+/// header), merged payloads gathered where they lie.
+fn coalesce_views<P: PodIo>(pod: &mut P, mtu: usize, counters: &WorkerCounters, pkts: &mut [&mut [u8]]) {
+    let mut outs = [Out::default(); MAX_VIEWS];
+    let outs = &mut outs[..pkts.len()];
+    let stats = coalesce(pkts, outs, mtu, pod.capabilities().uso);
+    count_coalesce(counters, stats);
+    pod.write_coalesced(pkts, outs, counters);
 }
 
 /// Coalesces the live packets of `batch` and writes them to the TUN (which
