@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -17,7 +17,7 @@ use crate::etcd::{etcd_security, etcd_url};
 use crate::namespaces::{read_pid, subnet_env_path, wg_key_path};
 use crate::netns;
 use crate::peers::wg_ifname;
-use crate::plan::{Lab, Node, NodeKind};
+use crate::plan::{Emulated, Lab, Node, NodeArch, NodeKind};
 
 /// Metrics port of every agent (inside its own node namespace).
 pub const METRICS_PORT: u16 = 9464;
@@ -90,10 +90,20 @@ pub(crate) fn start_agent(lab: &Lab, n: &Node, ds_path: &Path) -> anyhow::Result
     }
     let log = std::fs::File::create(lab.dir.join(format!("n{}.log", n.index)))?;
     let cfg_s = cfg_path.display().to_string();
-    let bin = lab.opts.weft_bin.display().to_string();
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &n.ns]);
+    match (&lab.opts.emulated, n.index) {
+        (Some(e), 0) => {
+            let (qemu, prefix) = qemu_for(e.arch)?;
+            cmd.arg(qemu).arg("-L").arg(prefix).arg(&e.bin);
+        }
+        _ => {
+            cmd.arg(&lab.opts.weft_bin);
+        }
+    }
     use std::os::unix::process::CommandExt;
-    let child = Command::new("ip")
-        .args(["netns", "exec", &n.ns, &bin, "agent", "--config", &cfg_s])
+    let child = cmd
+        .args(["agent", "--config", &cfg_s])
         .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
@@ -105,6 +115,48 @@ pub(crate) fn start_agent(lab: &Lab, n: &Node, ds_path: &Path) -> anyhow::Result
         .with_context(|| format!("starting the agent of {}", n.ns))?;
     std::fs::write(lab.dir.join(format!("n{}.pid", n.index)), child.id().to_string())?;
     Ok(())
+}
+
+/// The qemu-user emulator for `arch` and the prefix it loads the target's
+/// shared libraries from: Debian's cross C library, found through the cross
+/// compiler (as `scripts/qemu-run` finds it).
+pub fn qemu_for(arch: NodeArch) -> anyhow::Result<(&'static str, PathBuf)> {
+    let (qemu, gcc) = arch.qemu_and_gcc();
+    let out = Command::new(gcc)
+        .arg("-print-file-name=libc.so.6")
+        .output()
+        .with_context(|| format!("running {gcc} (scripts/setup installs it)"))?;
+    let libc = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    // <prefix>/lib/libc.so.6: the prefix is two levels up.
+    let prefix = libc.parent().map(|lib| lib.join("..")).and_then(|p| p.canonicalize().ok());
+    match prefix {
+        Some(p) if libc.is_absolute() && libc.exists() => Ok((qemu, p)),
+        _ => bail!("{gcc} finds no libc.so.6 for {} (scripts/setup installs it)", arch.triple()),
+    }
+}
+
+/// The emulated first node of `--node-arch`: its binary as given, or the
+/// one beside `host_bin`; refused if it is not there.
+pub fn emulated(
+    arch: NodeArch,
+    bin: Option<PathBuf>,
+    host_bin: &Path,
+) -> anyhow::Result<Emulated> {
+    let bin = match bin {
+        Some(b) => b,
+        None => arch.binary_beside(host_bin).context("no target directory beside this binary")?,
+    };
+    if !bin.is_file() {
+        bail!(
+            "--node-arch {}: no weft binary at {} (build it with `cargo build --target {}`{}, or pass --node-bin)",
+            arch.rust_arch(),
+            bin.display(),
+            arch.triple(),
+            if host_bin.parent().and_then(|p| p.file_name()).is_some_and(|n| n == "release") { " --release" } else { "" }
+        );
+    }
+    qemu_for(arch)?;
+    Ok(Emulated { arch, bin })
 }
 
 /// Whether an HTTP response's status is 200.

@@ -1,7 +1,8 @@
 //! The checks `weft lab` prints: ping between every pair of pods on
 //! different nodes, a SHA-256-checked TCP transfer both ways, masquerade
 //! (what a server outside the cluster, and a pod, see as the source), that
-//! only WireGuard crosses the underlay, and every agent's counters.
+//! only WireGuard crosses the underlay, every agent's counters, and, with an
+//! emulated node, that its agent is the foreign binary.
 
 use std::fmt::Write as _;
 use std::io::{Read, Write};
@@ -66,7 +67,23 @@ impl Lab {
         for n in self.weft_nodes() {
             checks.push(self.counter_check(n));
         }
+        if let Some(e) = &self.opts.emulated {
+            checks.push(self.arch_check(&self.nodes[0], e.arch.rust_arch()));
+        }
         checks
+    }
+
+    /// That the agent of `n` reports the CPU architecture `arch` (the
+    /// binary built for it, under qemu-user, answered).
+    fn arch_check(&self, n: &Node, arch: &str) -> Check {
+        let name = format!("agent of {} is an {arch} binary", n.ns);
+        let m = match self.metrics(n) {
+            Ok(m) => m,
+            Err(e) => return Check { name, passed: false, detail: format!("{e:#}") },
+        };
+        let info = m.keys().find(|k| k.starts_with("weft_build_info{")).cloned().unwrap_or_default();
+        let passed = info.contains(&format!("arch=\"{arch}\""));
+        Check { name, passed, detail: if info.is_empty() { "no weft_build_info".into() } else { info } }
     }
 
     /// The masquerade rows of family `v6`: a pod of every weft node reaches

@@ -67,6 +67,14 @@ pub struct LabArgs {
     /// The agents' `flannel-ipv6-masq`, when the lab has IPv6.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     flannel_ipv6_masq: bool,
+    /// Run the first node's agent as a Raspberry Pi binary under qemu-user:
+    /// aarch64 or armv7 (build it first: `cargo build --target <triple>`).
+    #[arg(long, value_parser = ["aarch64", "armv7"])]
+    node_arch: Option<String>,
+    /// With --node-arch: the weft binary built for it (default: the one
+    /// beside this binary, `target/<triple>/<profile>/weft`).
+    #[arg(long, requires = "node_arch")]
+    node_bin: Option<std::path::PathBuf>,
 }
 
 /// `weft lab`'s actions besides building one.
@@ -120,6 +128,9 @@ pub fn run(l: LabArgs) -> anyhow::Result<ExitCode> {
     opts.ipv6_masq = l.flannel_ipv6_masq;
     opts.etcd_tls = l.etcd_tls;
     opts.etcd_auth = l.etcd_auth;
+    if let Some(a) = &l.node_arch {
+        opts.emulated = Some(crate::emulated(crate::NodeArch::parse(a)?, l.node_bin.clone(), &opts.weft_bin)?);
+    }
 
     // Ctrl-C or SIGTERM: remove everything, then leave.
     let name = opts.name.clone();
@@ -132,8 +143,13 @@ pub fn run(l: LabArgs) -> anyhow::Result<ExitCode> {
         }
     });
 
+    let arm = opts
+        .emulated
+        .as_ref()
+        .map(|e| format!(", the first one's agent {} under qemu-user ({})", e.arch.rust_arch(), e.bin.display()))
+        .unwrap_or_default();
     println!(
-        "building lab {}: {} nodes{}",
+        "building lab {}: {} nodes{arm}{}",
         opts.name,
         opts.nodes,
         if opts.kernel_peer {
@@ -165,3 +181,4 @@ pub fn run(l: LabArgs) -> anyhow::Result<ExitCode> {
     }
     Ok(if passed { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
+

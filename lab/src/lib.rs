@@ -66,7 +66,7 @@ mod namespaces;
 mod peers;
 mod plan;
 
-pub use agents::{http_ok, METRICS_PORT};
+pub use agents::{emulated, http_ok, qemu_for, METRICS_PORT};
 pub use capture::pcap_frames;
 pub use checks::{source_seen, table, transfer_check};
 pub use cli::{run, LabAction, LabArgs};
@@ -76,4 +76,4 @@ pub use namespaces::{
     down, internet_ips, internet_ns, up, valid_name, CNI_PATH, INTERNET_V4, INTERNET_V6, STATE_ROOT, UNDERLAY_MTU,
 };
 pub use peers::{find_program, wg_ifname};
-pub use plan::{datastore, plan, Check, Lab, LabOptions, Node, NodeKind, Pod};
+pub use plan::{datastore, plan, Check, Emulated, Lab, LabOptions, Node, NodeArch, NodeKind, Pod};

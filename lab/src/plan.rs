@@ -23,6 +23,69 @@ pub enum NodeKind {
     UserspaceWg,
 }
 
+/// A CPU another than the host's, for one node's agent run under qemu-user
+/// (the Raspberry Pi targets).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeArch {
+    /// 64-bit ARM: Pi 3/4/5 with a 64-bit OS.
+    Aarch64,
+    /// 32-bit ARM, hard float: Pi 2/3 with a 32-bit OS.
+    Armv7,
+}
+
+impl NodeArch {
+    /// Parses `--node-arch`'s value.
+    pub fn parse(s: &str) -> anyhow::Result<Self> {
+        match s {
+            "aarch64" | "arm64" => Ok(NodeArch::Aarch64),
+            "armv7" | "arm" => Ok(NodeArch::Armv7),
+            _ => bail!("--node-arch {s}: aarch64 or armv7"),
+        }
+    }
+
+    /// Rust's target triple.
+    pub fn triple(self) -> &'static str {
+        match self {
+            NodeArch::Aarch64 => "aarch64-unknown-linux-gnu",
+            NodeArch::Armv7 => "armv7-unknown-linux-gnueabihf",
+        }
+    }
+
+    /// `std::env::consts::ARCH` of a binary built for it.
+    pub fn rust_arch(self) -> &'static str {
+        match self {
+            NodeArch::Aarch64 => "aarch64",
+            NodeArch::Armv7 => "arm",
+        }
+    }
+
+    /// The qemu-user emulator and the cross compiler whose C library it
+    /// loads the binary with.
+    pub fn qemu_and_gcc(self) -> (&'static str, &'static str) {
+        match self {
+            NodeArch::Aarch64 => ("qemu-aarch64", "aarch64-linux-gnu-gcc"),
+            NodeArch::Armv7 => ("qemu-arm", "arm-linux-gnueabihf-gcc"),
+        }
+    }
+
+    /// The cross-built weft beside a host build: `<target>/<profile>/weft`
+    /// gives `<target>/<triple>/<profile>/weft`.
+    pub fn binary_beside(self, host_bin: &std::path::Path) -> Option<PathBuf> {
+        let profile_dir = host_bin.parent()?;
+        let target_dir = profile_dir.parent()?;
+        Some(target_dir.join(self.triple()).join(profile_dir.file_name()?).join(host_bin.file_name()?))
+    }
+}
+
+/// The first node's agent run as a foreign binary under qemu-user.
+#[derive(Debug, Clone)]
+pub struct Emulated {
+    /// Its CPU.
+    pub arch: NodeArch,
+    /// The weft binary built for it.
+    pub bin: PathBuf,
+}
+
 /// How to build a lab.
 #[derive(Debug, Clone)]
 pub struct LabOptions {
@@ -77,6 +140,9 @@ pub struct LabOptions {
     /// authentication enabled; every agent gets `etcd-username`,
     /// `etcd-password`.
     pub etcd_auth: bool,
+    /// Run the first node's agent as a binary of another CPU under
+    /// qemu-user (`weft lab --node-arch`).
+    pub emulated: Option<Emulated>,
 }
 
 impl LabOptions {
@@ -103,6 +169,7 @@ impl LabOptions {
             ipv6_masq: true,
             etcd_tls: false,
             etcd_auth: false,
+            emulated: None,
         }
     }
 
