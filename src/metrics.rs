@@ -190,8 +190,13 @@ impl prometheus_client::collector::Collector for Sample {
         let g = ConstGauge::new(1);
         let labels = [("version", env!("CARGO_PKG_VERSION")), ("arch", std::env::consts::ARCH)];
         g.encode(
-            enc.encode_descriptor("weft_build_info", "The binary's version and CPU architecture (always 1).", None, g.metric_type())?
-                .encode_family(&labels)?,
+            enc.encode_descriptor(
+                "weft_build_info",
+                "The binary's version and CPU architecture (always 1).",
+                None,
+                g.metric_type(),
+            )?
+            .encode_family(&labels)?,
         )?;
         Ok(())
     }
@@ -290,7 +295,10 @@ mod tests {
         assert!(out.contains(r#"weft_worker_wg_sealed_bytes_total{worker="1"} 30"#), "{out}");
         assert!(out.contains(r#"weft_worker_wg_opened_bytes_total{worker="0"} 20"#), "{out}");
         let arch = format!(r#"arch="{}""#, std::env::consts::ARCH);
-        assert!(out.lines().any(|l| l.starts_with("weft_build_info{") && l.contains(&arch) && l.ends_with(" 1")), "{out}");
+        assert!(
+            out.lines().any(|l| l.starts_with("weft_build_info{") && l.contains(&arch) && l.ends_with(" 1")),
+            "{out}"
+        );
         assert!(out.trim_end().ends_with("# EOF"), "{out}");
     }
 

@@ -93,7 +93,7 @@ pub(crate) fn start_agent(lab: &Lab, n: &Node, ds_path: &Path) -> anyhow::Result
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", &n.ns]);
     match (&lab.opts.emulated, n.index) {
-        (Some(e), 0) => {
+        (Some(e), 1) => {
             let (qemu, prefix) = qemu_for(e.arch)?;
             cmd.arg(qemu).arg("-L").arg(prefix).arg(&e.bin);
         }
@@ -137,11 +137,7 @@ pub fn qemu_for(arch: NodeArch) -> anyhow::Result<(&'static str, PathBuf)> {
 
 /// The emulated first node of `--node-arch`: its binary as given, or the
 /// one beside `host_bin`; refused if it is not there.
-pub fn emulated(
-    arch: NodeArch,
-    bin: Option<PathBuf>,
-    host_bin: &Path,
-) -> anyhow::Result<Emulated> {
+pub fn emulated(arch: NodeArch, bin: Option<PathBuf>, host_bin: &Path) -> anyhow::Result<Emulated> {
     let bin = match bin {
         Some(b) => b,
         None => arch.binary_beside(host_bin).context("no target directory beside this binary")?,
@@ -152,7 +148,11 @@ pub fn emulated(
             arch.rust_arch(),
             bin.display(),
             arch.triple(),
-            if host_bin.parent().and_then(|p| p.file_name()).is_some_and(|n| n == "release") { " --release" } else { "" }
+            if host_bin.parent().and_then(|p| p.file_name()).is_some_and(|n| n == "release") {
+                " --release"
+            } else {
+                ""
+            }
         );
     }
     qemu_for(arch)?;

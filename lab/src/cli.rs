@@ -181,4 +181,3 @@ pub fn run(l: LabArgs) -> anyhow::Result<ExitCode> {
     }
     Ok(if passed { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
-
