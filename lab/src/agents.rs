@@ -92,12 +92,12 @@ pub(crate) fn start_agent(lab: &Lab, n: &Node, ds_path: &Path) -> anyhow::Result
     let cfg_s = cfg_path.display().to_string();
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", &n.ns]);
-    match (&lab.opts.emulated, n.index) {
-        (Some(e), 1) => {
+    match lab.opts.emulated_on(n) {
+        Some(e) => {
             let (qemu, prefix) = qemu_for(e.arch)?;
             cmd.arg(qemu).arg("-L").arg(prefix).arg(&e.bin);
         }
-        _ => {
+        None => {
             cmd.arg(&lab.opts.weft_bin);
         }
     }

@@ -67,8 +67,10 @@ impl Lab {
         for n in self.weft_nodes() {
             checks.push(self.counter_check(n));
         }
-        if let Some(e) = &self.opts.emulated {
-            checks.push(self.arch_check(&self.nodes[0], e.arch.rust_arch()));
+        for n in &self.nodes {
+            if let Some(e) = self.opts.emulated_on(n) {
+                checks.push(self.arch_check(n, e.arch.rust_arch()));
+            }
         }
         checks
     }

@@ -23,7 +23,7 @@ pub enum NodeKind {
     UserspaceWg,
 }
 
-/// A CPU another than the host's, for one node's agent run under qemu-user
+/// A CPU other than the host's, for one node's agent run under qemu-user
 /// (the Raspberry Pi targets).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NodeArch {
@@ -37,8 +37,8 @@ impl NodeArch {
     /// Parses `--node-arch`'s value.
     pub fn parse(s: &str) -> anyhow::Result<Self> {
         match s {
-            "aarch64" | "arm64" => Ok(NodeArch::Aarch64),
-            "armv7" | "arm" => Ok(NodeArch::Armv7),
+            "aarch64" => Ok(NodeArch::Aarch64),
+            "armv7" => Ok(NodeArch::Armv7),
             _ => bail!("--node-arch {s}: aarch64 or armv7"),
         }
     }
@@ -171,6 +171,12 @@ impl LabOptions {
             etcd_auth: false,
             emulated: None,
         }
+    }
+
+    /// What runs node `n`'s agent under qemu-user, if anything: the first
+    /// node's (indices start at 1) with `emulated` set.
+    pub fn emulated_on(&self, n: &Node) -> Option<&Emulated> {
+        self.emulated.as_ref().filter(|_| n.index == 1)
     }
 
     /// Whether the weft nodes masquerade pod traffic of a family leaving
