@@ -1,7 +1,8 @@
 //! The `weft` command: `weft agent` runs a node's data plane (the `weft`
 //! crate), `weft wg` a plain userspace WireGuard device (the `weft` crate),
 //! `weft lab` builds a namespace cluster on this machine and checks it, and
-//! `weft bench` measures data planes on one (both `weft-lab`). This file
+//! `weft bench` measures data planes on one (both `weft-lab`, feature
+//! `lab`, on by default; a node's binary is built without). This file
 //! only parses the command line and calls into those crates.
 
 #![forbid(unsafe_code)]
@@ -25,8 +26,10 @@ enum Command {
     /// Run this node's data plane.
     Agent(AgentArgs),
     /// Build a cluster of network namespaces here, run agents, check pods talk.
+    #[cfg(feature = "lab")]
     Lab(weft_lab::LabArgs),
     /// Measure pod-to-pod throughput, packet rate, latency and CPU per data plane.
+    #[cfg(feature = "lab")]
     Bench(weft_lab::bench::BenchArgs),
     /// A userspace WireGuard device, as `wireguard-go IFNAME` (also run as `weft-wg IFNAME`).
     Wg(weft::standalone::WgArgs),
@@ -48,7 +51,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse_from(argv());
     let result = match cli.command {
         Command::Agent(a) => agent(a).map(|()| ExitCode::SUCCESS),
+        #[cfg(feature = "lab")]
         Command::Lab(l) => weft_lab::run(l),
+        #[cfg(feature = "lab")]
         Command::Bench(b) => weft_lab::bench::run(b),
         Command::Wg(w) => weft::standalone::run(w),
     };

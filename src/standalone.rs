@@ -26,7 +26,6 @@ use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::IpAddr;
 use std::process::{Command, ExitCode, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
@@ -42,8 +41,6 @@ pub const DEFAULT_MTU: u32 = 1420;
 const NOTIFY_ENV: &str = "WEFT_WG_NOTIFY_READY";
 /// What the background process prints when it is ready.
 const READY: &str = "ready";
-/// How often the foreground loop looks for its exit conditions.
-const WATCH_INTERVAL: Duration = Duration::from_millis(100);
 
 /// `weft wg`'s flags.
 #[derive(clap::Args, Debug)]
@@ -82,31 +79,69 @@ pub fn run(args: WgArgs) -> anyhow::Result<ExitCode> {
             return Err(e).with_context(|| format!("UAPI socket {}", path.display()));
         }
     };
-    let stop = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-        signal_hook::flag::register(sig, stop.clone()).context("installing signal handlers")?;
-    }
+    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT])
+        .context("installing signal handlers")?;
+    let (signalled_tx, signalled) = crossbeam_channel::bounded(1);
+    std::thread::Builder::new().name("weft-signals".into()).spawn(move || {
+        if signals.forever().next().is_some() {
+            let _ = signalled_tx.send(());
+        }
+    })?;
+    let stopped = dev.stopped();
+    // The socket's directory is watched, so that its removal is seen without
+    // polling; where inotify is refused, it is looked at every second.
+    let (dir_changes, poll_socket) = match watch_dir(&path) {
+        Ok(rx) => (rx, crossbeam_channel::never()),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch the UAPI socket's directory; checking it every second");
+            (crossbeam_channel::never(), crossbeam_channel::tick(Duration::from_secs(1)))
+        }
+    };
     tracing::info!(ifname = %args.ifname, socket = %path.display(), "device up");
     if std::env::var_os(NOTIFY_ENV).is_some() {
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "{READY}").and_then(|()| out.flush());
     }
     let why = loop {
-        std::thread::sleep(WATCH_INTERVAL);
-        if stop.load(Ordering::Relaxed) {
-            break "signal";
-        }
         if dev.failed() {
             break "the TUN device is gone";
         }
         if server.socket_gone() {
             break "the UAPI socket was removed";
         }
+        crossbeam_channel::select! {
+            recv(signalled) -> _ => break "signal",
+            recv(stopped) -> _ => {}
+            recv(dir_changes) -> _ => {}
+            recv(poll_socket) -> _ => {}
+        }
     };
     tracing::info!(ifname = %args.ifname, reason = why, "shutting down");
     drop(server);
     dev.stop();
     Ok(ExitCode::SUCCESS)
+}
+
+/// Watches the directory of `path` with inotify: a message for every
+/// entry created, removed or renamed there (the socket's removal among
+/// them), and for the directory's own removal.
+fn watch_dir(path: &std::path::Path) -> nix::Result<crossbeam_channel::Receiver<()>> {
+    use nix::sys::inotify::{AddWatchFlags as F, InitFlags, Inotify};
+    let dir = path.parent().unwrap_or(std::path::Path::new("."));
+    let inotify = Inotify::init(InitFlags::IN_CLOEXEC)?;
+    let flags = F::IN_CREATE | F::IN_DELETE | F::IN_MOVED_FROM | F::IN_MOVED_TO | F::IN_DELETE_SELF | F::IN_MOVE_SELF;
+    inotify.add_watch(dir, flags)?;
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let spawned = std::thread::Builder::new().name("weft-watch".into()).spawn(move || {
+        // Ends when the read fails (the watch removed with its directory
+        // leaves the descriptor readable no more) or nobody listens.
+        while let Ok(events) = inotify.read_events() {
+            if events.is_empty() || tx.send(()).is_err() {
+                break;
+            }
+        }
+    });
+    spawned.map(|_| rx).map_err(|_| nix::Error::EAGAIN)
 }
 
 /// Interface names the kernel accepts: 1 to 15 bytes, no `/`, no
@@ -128,8 +163,14 @@ fn check_ifname(name: &str) -> anyhow::Result<()> {
 fn daemonize(args: &WgArgs) -> anyhow::Result<ExitCode> {
     use std::os::unix::process::CommandExt;
     let exe = std::env::current_exe().context("finding this program")?;
-    let mut cmd = Command::new(exe);
-    cmd.arg("wg").arg("--foreground");
+    // The `weft-wg` program takes the device's flags alone; `weft`, the
+    // subcommand first.
+    let own_program = exe.file_name().is_some_and(|n| n == "weft-wg");
+    let mut cmd = Command::new(&exe);
+    if !own_program {
+        cmd.arg("wg");
+    }
+    cmd.arg("--foreground");
     if let Some(t) = args.threads {
         cmd.arg("--threads").arg(t.to_string());
     }
@@ -212,6 +253,12 @@ impl StandaloneWg {
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Gets a message when the engine stops on its own (see
+    /// [`StandaloneWg::failed`]); never, once it was stopped.
+    pub fn stopped(&self) -> crossbeam_channel::Receiver<()> {
+        self.lock().engine.as_ref().map_or_else(crossbeam_channel::never, |e| e.stopped())
     }
 
     /// Whether the engine stopped on its own (the TUN was deleted).

@@ -85,6 +85,7 @@ impl Device for AgentWg {
                 let psk = p.preshared_key.map(|k| k.map(|k| k.0)).unwrap_or(psk);
                 let keepalive = p.persistent_keepalive.map(Some).unwrap_or(keepalive);
                 wg.reconfigure(psk, keepalive);
+                self.device.timers_changed();
             }
         }
         Ok(())

@@ -1,12 +1,13 @@
 //! `weft bench --quick` (root): the harness builds its topologies, measures,
-//! reports a table, JSON and SVG, and leaves nothing behind. It checks the
+//! reports a table, JSON and SVG, and leaves nothing behind; `weft bench
+//! --footprint` measures every process it names and the binary. It checks the
 //! harness works, not the figures: a benchmark is never a timed test.
 
 mod common;
 
 use std::process::Command;
 
-use common::{unique_name, weft_bin};
+use common::{require_root, unique_name, weft_bin};
 
 const MODES: [&str; 3] = ["weft-vxlan", "kernel-vxlan", "kernel-hostgw"];
 const FIELDS: [&str; 7] = ["tcp1_gbps", "tcp4_gbps", "udp64_pps", "udp64_loss", "rtt_avg_us", "rtt_p99_us", "cpu_pct"];
@@ -74,4 +75,56 @@ fn quick_bench_reports_every_mode_and_cleans_up() {
         assert!(svg.contains(m), "the chart does not name {m}");
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn footprint_measures_each_device_the_agents_and_the_binary() {
+    require_root();
+    let name = unique_name("fp");
+    let out = Command::new(weft_bin())
+        .args(["bench", "--footprint", "--window", "2", "--name", &name])
+        .output()
+        .expect("running weft bench --footprint");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let leftovers: Vec<String> =
+        weft_lab::netns::list().into_iter().filter(|n| n.starts_with(&format!("{name}-"))).collect();
+    weft_lab::down(&name);
+    assert!(
+        out.status.success(),
+        "weft bench --footprint failed: {}\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        out.status
+    );
+    assert!(leftovers.is_empty(), "namespaces left behind: {leftovers:?}");
+    assert!(!std::path::Path::new(weft_lab::STATE_ROOT).join(&name).exists(), "state directory left behind");
+    let no_socket = std::fs::read_dir("/var/run/wireguard")
+        .map(|d| d.flatten().all(|e| !e.file_name().to_string_lossy().starts_with(&name[..name.len().min(8)])))
+        .unwrap_or(true);
+    assert!(no_socket, "a UAPI socket of the run is left in /var/run/wireguard");
+
+    // Every process measured (the anchors are installed by scripts/setup):
+    // RSS, wakeups and threads are numbers, RSS above what any process holds.
+    for what in [
+        "weft wg (100 peers)",
+        "wireguard-go (100 peers)",
+        "boringtun-cli (100 peers)",
+        "weft agent (vxlan, file datastore)",
+        "weft agent (wireguard-native, file datastore)",
+    ] {
+        let line =
+            stdout.lines().find(|l| l.starts_with(what)).unwrap_or_else(|| panic!("no line for {what}:\n{stdout}"));
+        let figures: Vec<f64> =
+            line[what.len()..].split_whitespace().take(3).map(|f| f.parse().unwrap_or(f64::NAN)).collect();
+        assert!(figures.len() == 3 && figures.iter().all(|f| f.is_finite()), "{what} not measured: {line}");
+        assert!(figures[0] > 0.5, "{what}: RSS {} MiB", figures[0]);
+        assert!(figures[2] >= 1.0, "{what}: {} threads", figures[2]);
+    }
+    // weft's own lines are judged against their budgets, the anchors not.
+    let judged = stdout.lines().filter(|l| l.contains("memory within") || l.contains("memory OVER")).count();
+    assert_eq!(judged, 4, "{stdout}");
+    let bin =
+        stdout.lines().find(|l| l.starts_with(&format!("binary weft {}", std::env::consts::ARCH))).expect(&stdout);
+    let mb: f64 = bin.split(": ").nth(1).and_then(|r| r.split(' ').next()).and_then(|m| m.parse().ok()).expect(bin);
+    let unstripped = std::fs::metadata(weft_bin()).unwrap().len() as f64 / 1e6;
+    assert!(mb > 0.5 && mb < unstripped, "stripped {mb} MB of {unstripped} MB: {bin}");
 }

@@ -28,6 +28,7 @@ use crate::segment::{segment_tcp, Plan};
 use crate::snapshot::Snapshot;
 use crate::spread::{spread, Crew};
 use crate::sys::mmsg::{MAX_GSO_PARTS, MAX_GSO_SEGMENTS};
+use crate::sys::pages::PageBuf;
 use crate::vnet::{complete_csum, F_NEEDS_CSUM};
 use crate::wg::{Deadlines, PeerRef, PeerState, WgDevice};
 
@@ -92,9 +93,9 @@ pub struct Datapath<P, U> {
     /// Whether this data path drives the WireGuard timers.
     pub timer_owner: bool,
     /// Where segments are built, one at a time.
-    scratch: Vec<u8>,
+    scratch: PageBuf,
     /// Where WireGuard writes what its protocol sends on its own.
-    wg_out: Vec<u8>,
+    wg_out: PageBuf,
     /// Segment headers of one `UDP_SEGMENT` send, [`HDR_SLOT`] bytes each.
     hdrs: Vec<u8>,
     /// WireGuard: where each transmit slot's plaintext lies and what
@@ -155,8 +156,8 @@ impl<P: PodIo, U: UnderlayIo> Datapath<P, U> {
             mtu,
             deadlines: None,
             timer_owner: false,
-            scratch: vec![0u8; BUF_LEN],
-            wg_out: if wg { vec![0u8; BUF_LEN] } else { Vec::new() },
+            scratch: PageBuf::zeroed(BUF_LEN),
+            wg_out: PageBuf::zeroed(if wg { BUF_LEN } else { 0 }),
             hdrs: vec![0u8; HDR_SLOT * MAX_GSO_SEGMENTS],
             seal_jobs: [SealJob::default(); TX_SLOTS],
             crew: None,
@@ -724,7 +725,7 @@ struct WgRx<'a, T> {
     snapshot: &'a Snapshot,
     counters: &'a WorkerCounters,
     mtu: usize,
-    wg_out: &'a mut Vec<u8>,
+    wg_out: &'a mut [u8],
     /// The receiving socket: cookie replies and handshake answers leave by it.
     tx: T,
     /// The batch's one clock read.

@@ -18,6 +18,7 @@ use crate::coalesce::{parts, Out, MAX_PARTS};
 use crate::counters::{add, DropCause, EngineDrop, WorkerCounters};
 pub use crate::sys::mmsg::Received;
 use crate::sys::mmsg::{recv_mmsg, send_gso, send_mmsg, Outgoing, MAX_GSO_SEGMENTS, MAX_MMSG};
+use crate::sys::pages::PageBuf;
 use crate::sys::raw::RawUdpTx;
 use crate::sys::tun::TunQueue;
 use crate::vnet::{VnetHdr, GSO_UDP_L4, VNET_HDR_LEN};
@@ -68,9 +69,10 @@ pub struct Meta {
     pub local: Option<IpAddr>,
 }
 
-/// A fixed set of packet buffers, allocated once per worker.
+/// A fixed set of packet buffers, allocated once per worker (each on pages
+/// of its own: resident only once packets were written to it).
 pub struct Batch {
-    bufs: Vec<Box<[u8]>>,
+    bufs: Vec<PageBuf>,
     meta: Vec<Meta>,
     count: usize,
 }
@@ -85,7 +87,7 @@ impl Batch {
     /// A batch of `slots` buffers of [`BUF_LEN`] bytes.
     pub fn new(slots: usize) -> Self {
         Batch {
-            bufs: (0..slots).map(|_| vec![0u8; BUF_LEN].into_boxed_slice()).collect(),
+            bufs: (0..slots).map(|_| PageBuf::zeroed(BUF_LEN)).collect(),
             meta: vec![Meta::default(); slots],
             count: 0,
         }
@@ -108,7 +110,7 @@ impl Batch {
     }
 
     /// The buffers and metadata of the packets in the batch.
-    pub fn parts_mut(&mut self) -> (&mut [Box<[u8]>], &mut [Meta]) {
+    pub fn parts_mut(&mut self) -> (&mut [PageBuf], &mut [Meta]) {
         (&mut self.bufs[..self.count], &mut self.meta[..self.count])
     }
 

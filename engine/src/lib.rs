@@ -123,6 +123,10 @@ pub struct Engine {
     ports: (u16, u16),
     /// The mark (`SO_MARK`) on every underlay socket, if any.
     fwmark: Option<u32>,
+    /// The WireGuard timers' deadlines (backend WireGuard).
+    deadlines: Option<Arc<wg::Deadlines>>,
+    /// Gets a message when a worker stops, for [`Engine::stopped`].
+    stopped: crossbeam_channel::Receiver<()>,
     /// The workers' threads (dropped after they have stopped).
     _pool: rayon::ThreadPool,
 }
@@ -300,6 +304,7 @@ impl Engine {
             handles.into_iter().zip(workers).map(|((h, done), w)| (h, Some((w, done)))).unzip();
         // Each thread takes its own worker and the one sender of its `done`.
         let slots = std::sync::Mutex::new(slots);
+        let (stopped_tx, stopped) = crossbeam_channel::unbounded();
         pool.spawn_broadcast(move |ctx| {
             let id = ctx.index();
             let taken = slots.lock().ok().and_then(|mut s| s.get_mut(id).and_then(Option::take));
@@ -307,21 +312,34 @@ impl Engine {
             let counters = w.dp.counters.clone();
             spread::set_thread_counters(counters.clone());
             // Marks the worker stopped however its loop ends, a panic included.
-            struct Stopped(Arc<WorkerCounters>);
+            struct Stopped(Arc<WorkerCounters>, crossbeam_channel::Sender<()>);
             impl Drop for Stopped {
                 fn drop(&mut self) {
                     self.0.stopped.store(true, Ordering::Relaxed);
+                    let _ = self.1.send(());
                 }
             }
-            let _stopped = Stopped(counters);
+            let _stopped = Stopped(counters, stopped_tx.clone());
             let r = w.run();
             if let Err(e) = &r {
                 tracing::error!(worker = id, error = %e, "worker stopped");
             }
             let _ = done.send(r);
         });
+        if let (Some(d), Some(dl)) = (&wg, &deadlines) {
+            d.attach_timers(dl.clone());
+        }
         tracing::info!(tun = %cfg.tun_name, threads, port = opened.ports.0, "engine started");
-        Ok(Engine { workers, counters, cfg: cfg.clone(), ports: opened.ports, fwmark: None, _pool: pool })
+        Ok(Engine {
+            workers,
+            counters,
+            cfg: cfg.clone(),
+            ports: opened.ports,
+            fwmark: None,
+            deadlines,
+            stopped,
+            _pool: pool,
+        })
     }
 
     /// Swaps `snapshot` into every worker at its next batch boundary.
@@ -356,6 +374,9 @@ impl Engine {
     /// Replaces the WireGuard device (a new private key). The peers built
     /// with the old key must be replaced too, with [`Engine::update`].
     pub fn set_wg_device(&self, device: Arc<WgDevice>) {
+        if let Some(d) = &self.deadlines {
+            device.attach_timers(d.clone());
+        }
         for w in &self.workers {
             let _ = w.control.send(Control::WgDevice(device.clone()));
             let _ = w.waker.wake();
@@ -366,6 +387,12 @@ impl Engine {
     /// failed: the device was deleted, for instance).
     pub fn failed(&self) -> bool {
         self.counters.iter().any(|c| c.stopped.load(Ordering::Relaxed))
+    }
+
+    /// Gets a message each time a worker stops (see [`Engine::failed`]):
+    /// lets a caller wait for that without polling.
+    pub fn stopped(&self) -> crossbeam_channel::Receiver<()> {
+        self.stopped.clone()
     }
 
     /// Per-worker counters.

@@ -21,6 +21,8 @@ pub use weft_tunnel::wireguard::{DATA_OVERHEAD, HANDSHAKE_RATE_LIMIT};
 /// This node's WireGuard identity.
 pub struct WgDevice {
     identity: Arc<Identity>,
+    /// The timer deadlines of the engine running this device, once it runs.
+    timers: Mutex<Option<Arc<Deadlines>>>,
 }
 
 impl WgDevice {
@@ -33,7 +35,21 @@ impl WgDevice {
     /// clock at that instant): tests set the handshake rate limit so.
     pub fn with_identity(make: impl FnOnce((Instant, Duration)) -> Identity) -> Self {
         let unix = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
-        WgDevice { identity: Arc::new(make((Instant::now(), unix))) }
+        WgDevice { identity: Arc::new(make((Instant::now(), unix))), timers: Mutex::new(None) }
+    }
+
+    /// The engine that runs this device drives its peers' timers by `deadlines`.
+    pub(crate) fn attach_timers(&self, deadlines: Arc<Deadlines>) {
+        *self.timers.lock().unwrap_or_else(|p| p.into_inner()) = Some(deadlines);
+    }
+
+    /// A peer's timers were changed from outside the engine (a keepalive set
+    /// through the UAPI, [`WgPeer::reconfigure`]): the worker that drives
+    /// them looks at every peer at once.
+    pub fn timers_changed(&self) {
+        if let Some(d) = &*self.timers.lock().unwrap_or_else(|p| p.into_inner()) {
+            d.lower(Some(Instant::now()));
+        }
     }
 
     /// The protocol identity.
@@ -219,11 +235,6 @@ pub struct Deadlines {
 #[repr(align(128))]
 struct Line(AtomicU64);
 
-/// Longest the owner sleeps even with no deadline: a peer reconfigured
-/// from outside the workers (a new keepalive through the UAPI) is looked
-/// at within this.
-pub const TIMER_SLACK: Duration = Duration::from_secs(1);
-
 impl Deadlines {
     /// Deadlines whose owner is woken through `owner`.
     pub fn new(owner: Arc<mio::Waker>) -> Deadlines {
@@ -263,13 +274,15 @@ impl Deadlines {
         (n != u64::MAX).then(|| self.base + Duration::from_nanos(n))
     }
 
-    /// The owner is about to sleep: returns how long it may (at most
-    /// `cap`), after saying so to the other workers.
-    pub fn sleep_for(&self, now: Instant, cap: Duration) -> Duration {
+    /// The owner is about to sleep: returns how long it may (`None`: until
+    /// woken; no peer has a timer running), after saying so to the other
+    /// workers. With no deadline it needs no wakeup of its own: whatever
+    /// starts a timer lowers the deadline, which wakes it.
+    pub fn sleep_for(&self, now: Instant) -> Option<Duration> {
         self.owner_sleeps.0.store(u64::MAX, Ordering::SeqCst);
-        let until = self.next().map_or(now + cap, |n| n.min(now + cap));
+        let until = self.next()?;
         self.owner_sleeps.0.store(self.nanos(until).max(1), Ordering::SeqCst);
-        until.saturating_duration_since(now)
+        Some(until.saturating_duration_since(now))
     }
 
     /// The owner is awake.

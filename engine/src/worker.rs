@@ -24,7 +24,7 @@ use crate::io::UdpUnderlay;
 use crate::snapshot::Snapshot;
 use crate::spread;
 use crate::sys::tun::TunQueue;
-use crate::wg::{WgDevice, TIMER_SLACK};
+use crate::wg::WgDevice;
 
 /// Batches per side handled before the loop polls again, so that one busy
 /// direction cannot starve the other or the control channel. 8 x 32 packets
@@ -82,7 +82,7 @@ impl Worker {
                 let now = Instant::now();
                 self.dp.poll_timers(now);
                 if timeout.is_none() {
-                    timeout = Some(d.sleep_for(now, TIMER_SLACK));
+                    timeout = d.sleep_for(now);
                 }
             }
             let sleeps = timeout != Some(Duration::ZERO);

@@ -9,6 +9,7 @@
 //! mode's ratio to kernel VXLAN), and on request to JSON and an SVG chart.
 //! It measures; it judges nothing: targets are read off the table by people.
 
+pub mod footprint;
 pub mod measure;
 pub mod report;
 pub mod topo;
@@ -56,6 +57,14 @@ pub struct BenchArgs {
     /// Prefix of every namespace the bench creates.
     #[arg(long, default_value = "weftbench")]
     pub name: String,
+    /// Instead of throughput: memory and wakeups at rest of `weft wg` (100
+    /// peers) beside wireguard-go and boringtun-cli, and of the agent; the
+    /// stripped binary's size.
+    #[arg(long)]
+    pub footprint: bool,
+    /// With --footprint: seconds wakeups are counted over (default 60; 10 with --quick).
+    #[arg(long)]
+    pub window: Option<u64>,
 }
 
 /// A data plane `weft bench` measures.
@@ -154,6 +163,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     if !nix::unistd::Uid::effective().is_root() {
         bail!("weft bench creates network namespaces: run it as root");
     }
+    if args.footprint {
+        return run_footprint(&args);
+    }
     for p in ["iperf3", "ping", "ss"] {
         if crate::find_program(p).is_none() {
             bail!("weft bench needs {p} (Debian packages iperf3, iputils-ping, iproute2; scripts/setup installs them)");
@@ -165,16 +177,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     let weft_bin = std::env::current_exe().context("finding the weft binary")?;
     let name = args.name.clone();
 
-    // Ctrl-C or SIGTERM: remove the topology, then leave.
-    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])?;
-    let sig_name = name.clone();
-    std::thread::spawn(move || {
-        if signals.forever().next().is_some() {
-            eprintln!("\ninterrupted: removing {sig_name}-*");
-            crate::down(&sig_name);
-            std::process::exit(130);
-        }
-    });
+    remove_on_signal(&name)?;
 
     // A topology left by a crashed run goes first.
     crate::down(&name);
@@ -240,6 +243,36 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             .with_context(|| format!("writing {}", path.display()))?;
     }
     let failed = outcomes.iter().any(|o| matches!(o, Outcome::Failed(..)));
+    Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+}
+
+/// Ctrl-C or SIGTERM: remove what the bench made under `name`, then leave.
+fn remove_on_signal(name: &str) -> anyhow::Result<()> {
+    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])?;
+    let name = name.to_string();
+    std::thread::spawn(move || {
+        if signals.forever().next().is_some() {
+            eprintln!("\ninterrupted: removing {name}-*");
+            crate::down(&name);
+            std::process::exit(130);
+        }
+    });
+    Ok(())
+}
+
+/// `weft bench --footprint`: the report of [`footprint`], on stdout.
+fn run_footprint(args: &BenchArgs) -> anyhow::Result<ExitCode> {
+    let weft_bin = std::env::current_exe().context("finding the weft binary")?;
+    let window = Duration::from_secs(args.window.unwrap_or(if args.quick { 10 } else { 60 }).max(1));
+    let name = args.name.clone();
+    remove_on_signal(&name)?;
+    let m = machine();
+    println!("machine: {}, {} cores, {}; commit {}; {}", m.cpu, m.cores, m.kernel, commit(), weft_bin.display());
+    let rows = footprint::run(&name, &weft_bin, window)?;
+    let bins = footprint::binaries(&weft_bin);
+    println!();
+    print!("{}", footprint::table(&rows, &bins, window));
+    let failed = rows.iter().any(|r| r.rest.is_err() && r.wakeup_budget);
     Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
 }
 
