@@ -18,8 +18,11 @@ pub mod vnet_coalesce;
 pub mod vxlan_decap;
 pub mod wg_receive;
 
+/// A target's invariant check: panics when `data` breaks it.
+pub type Target = fn(&[u8]);
+
 /// Every target by name (its directory under `fuzz/seeds/` and `fuzz/regressions/`).
-pub const TARGETS: [(&str, fn(&[u8])); 7] = [
+pub const TARGETS: [(&str, Target); 7] = [
     ("config_parsers", config_parsers::run),
     ("kube_node", kube_node::run),
     ("segment", segment::run),
