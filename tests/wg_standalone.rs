@@ -36,9 +36,18 @@ impl Net {
         let tag = format!("{tag}{}x{}", std::process::id() % 100_000, SEQ.fetch_add(1, Ordering::Relaxed));
         let dir = std::env::temp_dir().join(format!("weft-wg-{tag}"));
         std::fs::create_dir_all(&dir).unwrap();
-        // wg-quick finds the userspace implementation by name on PATH.
-        std::os::unix::fs::symlink(weft_bin(), dir.join("weft-wg")).unwrap();
+        // wg-quick finds the userspace implementation by name on PATH: the
+        // weft-wg program itself.
+        std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_weft-wg"), dir.join("weft-wg")).unwrap();
         Net { tag, namespaces: Vec::new(), ifaces: Vec::new(), dir }
+    }
+
+    /// Makes `weft-wg` on this test's PATH the `weft` binary under that
+    /// name (the symlink an image without the weft-wg program uses).
+    fn weft_wg_as_symlink_to_weft(&self) {
+        let link = self.dir.join("weft-wg");
+        std::fs::remove_file(&link).unwrap();
+        std::os::unix::fs::symlink(weft_bin(), link).unwrap();
     }
 
     /// A namespace named after the test, with loopback up.
@@ -220,7 +229,9 @@ fn wg_quick_up_with_weft_wg_carries_traffic_both_ways_and_down_ends_it() {
         (&b, &ib, quick_conf(&kb, "10.93.0.2/24", &pa, "10.93.0.1/32", "192.168.93.1:51820")),
     ] {
         wg_quick_up(&net, ns, iface, &text, "weft-wg");
-        assert!(device_pid(iface).is_some(), "weft wg runs in the background");
+        let pid = device_pid(iface).expect("weft-wg runs in the background");
+        let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
+        assert_eq!(exe.file_name().unwrap(), "weft-wg", "the weft-wg program serves {iface}: {exe:?}");
     }
 
     assert!(ping_within(&a, "10.93.0.2", Duration::from_secs(5)), "a -> b");
@@ -269,12 +280,16 @@ fn wg_quick_up(net: &Net, ns: &str, iface: &str, text: &str, program: &str) {
 #[test]
 fn weft_wg_and_wireguard_go_talk_through_wg_quick() {
     let mut net = Net::new("g");
+    net.weft_wg_as_symlink_to_weft();
     let (a, b) = (net.ns("a"), net.ns("b"));
     net.link(&a, &b, 98);
     let (ia, ib) = (net.iface("a"), net.iface("b"));
     let (ka, pa) = net.keypair();
     let (kb, pb) = net.keypair();
     wg_quick_up(&net, &a, &ia, &quick_conf(&ka, "10.98.0.1/24", &pb, "10.98.0.2/32", "192.168.98.2:51820"), "weft-wg");
+    let pid = device_pid(&ia).expect("weft runs in the background");
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
+    assert_eq!(exe.file_name().unwrap(), "weft", "weft under the name weft-wg serves {ia}: {exe:?}");
     wg_quick_up(
         &net,
         &b,
