@@ -1,6 +1,6 @@
 //! A Raspberry Pi node in the lab (root): the first node's agent is the
 //! aarch64 (or armv7) weft binary under qemu-user, next to an x86 node, for
-//! backends vxlan and wireguard-native; every usual check passes, and the
+//! backends vxlan and wireguard-native on both; every usual check passes, and the
 //! node reports its architecture. The Pi binaries are cross-built beside
 //! the test's weft (`cargo build --target aarch64-unknown-linux-gnu --bin
 //! weft`, the same for armv7-unknown-linux-gnueabihf); `scripts/test` builds
@@ -42,4 +42,9 @@ fn aarch64_node_carries_wireguard_pod_traffic() {
 #[test]
 fn armv7_node_carries_vxlan_pod_traffic() {
     emulated_lab("pv", NodeArch::Armv7, "vxlan");
+}
+
+#[test]
+fn armv7_node_carries_wireguard_pod_traffic() {
+    emulated_lab("pg", NodeArch::Armv7, "wireguard-native");
 }
