@@ -122,9 +122,11 @@ fn footprint_measures_each_device_the_agents_and_the_binary() {
     // weft's own lines are judged against their budgets, the anchors not.
     let judged = stdout.lines().filter(|l| l.contains("memory within") || l.contains("memory OVER")).count();
     assert_eq!(judged, 4, "{stdout}");
-    let bin =
-        stdout.lines().find(|l| l.starts_with(&format!("binary weft {}", std::env::consts::ARCH))).expect(&stdout);
-    let mb: f64 = bin.split(": ").nth(1).and_then(|r| r.split(' ').next()).and_then(|m| m.parse().ok()).expect(bin);
-    let unstripped = std::fs::metadata(weft_bin()).unwrap().len() as f64 / 1e6;
-    assert!(mb > 0.5 && mb < unstripped, "stripped {mb} MB of {unstripped} MB: {bin}");
+    for (program, path) in [("weft", weft_bin()), ("weft-wg", env!("CARGO_BIN_EXE_weft-wg").into())] {
+        let prefix = format!("binary {program} {}", std::env::consts::ARCH);
+        let bin = stdout.lines().find(|l| l.starts_with(&prefix)).expect(&stdout);
+        let mb: f64 = bin.split(": ").nth(1).and_then(|r| r.split(' ').next()).and_then(|m| m.parse().ok()).expect(bin);
+        let unstripped = std::fs::metadata(path).unwrap().len() as f64 / 1e6;
+        assert!(mb > 0.5 && mb < unstripped, "stripped {mb} MB of {unstripped} MB: {bin}");
+    }
 }

@@ -13,7 +13,7 @@
 //!   and `wireguard-native`, measured the same way once the lab is up and
 //!   idle (no pod traffic: the WireGuard agent has no session, so no
 //!   protocol timer runs).
-//! - The size of the weft binary stripped of its symbols, for this build
+//! - The size of the weft and weft-wg binaries stripped of their symbols, for this build
 //!   and for the aarch64 build beside it when there is one.
 //!
 //! Every figure is printed beside its budget (issue 14: a Raspberry Pi's
@@ -265,26 +265,34 @@ pub fn run(name: &str, weft_bin: &Path, window: Duration) -> anyhow::Result<Vec<
     Ok(rows)
 }
 
-/// The binaries' lines: this one, and the aarch64 build of the same
-/// profile beside it (`target/aarch64-unknown-linux-gnu/<profile>/weft`).
+/// The binaries' lines: this one and `weft-wg` beside it, and the aarch64
+/// builds of the same profile (`target/aarch64-unknown-linux-gnu/<profile>/`).
 pub fn binaries(weft_bin: &Path) -> Vec<(String, Result<u64, String>)> {
     let tmp = std::env::temp_dir().join(format!("weft-footprint-{}", std::process::id()));
     let mut out = Vec::new();
     let arch = std::env::consts::ARCH;
-    out.push((format!("weft {arch} ({})", weft_bin.display()), stripped_size(weft_bin, "strip", &tmp)));
-    // <target>/<profile>/weft -> <target>/aarch64-unknown-linux-gnu/<profile>/weft
-    let cross = weft_bin.parent().and_then(|profile| {
+    let here = weft_bin.parent();
+    // <target>/<profile>/ -> <target>/aarch64-unknown-linux-gnu/<profile>/
+    let cross = here.and_then(|profile| {
         let target = profile.parent()?;
-        Some(target.join("aarch64-unknown-linux-gnu").join(profile.file_name()?).join("weft"))
+        Some(target.join("aarch64-unknown-linux-gnu").join(profile.file_name()?))
     });
-    if arch != "aarch64" {
-        match cross {
-            Some(c) if c.is_file() => out
-                .push((format!("weft aarch64 ({})", c.display()), stripped_size(&c, "aarch64-linux-gnu-strip", &tmp))),
-            Some(c) => {
-                out.push(("weft aarch64".into(), Err(anyhow::anyhow!("not built ({} is missing)", c.display()))))
-            }
-            None => {}
+    for program in ["weft", "weft-wg"] {
+        let bin =
+            if program == "weft" { weft_bin.to_path_buf() } else { here.map(|d| d.join(program)).unwrap_or_default() };
+        let size = if bin.is_file() {
+            stripped_size(&bin, "strip", &tmp)
+        } else {
+            Err(anyhow::anyhow!("not built ({} is missing)", bin.display()))
+        };
+        out.push((format!("{program} {arch} ({})", bin.display()), size));
+        if let Some(c) = cross.as_ref().filter(|_| arch != "aarch64").map(|d| d.join(program)) {
+            let size = if c.is_file() {
+                stripped_size(&c, "aarch64-linux-gnu-strip", &tmp)
+            } else {
+                Err(anyhow::anyhow!("not built ({} is missing)", c.display()))
+            };
+            out.push((format!("{program} aarch64 ({})", c.display()), size));
         }
     }
     let _ = std::fs::remove_file(&tmp);
