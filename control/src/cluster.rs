@@ -36,6 +36,10 @@ pub const KEYS: &[(&str, &str)] = &[
     ("node-ip", "this node's internal address(es), at most one per family, comma separated (required)"),
     ("node-external-ip", "this node's external address(es), at most one per family, comma separated"),
     ("flannel-external-ip", "send tunnel traffic to nodes' external IPs instead of their internal IPs (default false)"),
+    (
+        "flannel-external-ip-unencrypted",
+        "allow flannel-external-ip with vxlan or host-gw, whose tunnel traffic is neither encrypted nor authenticated (default false)",
+    ),
     ("flannel-ipv6-masq", "masquerade IPv6 pod traffic leaving the cluster (default false)"),
 ];
 
@@ -179,6 +183,22 @@ impl ClusterConfig {
                 "true",
                 "false unless node-external-ip is set: flannel-external-ip sends tunnel \
                  traffic to the node's external IP, and none is given",
+            ));
+        }
+
+        // External addresses are for nodes that reach each other across the
+        // internet: only WireGuard protects what crosses it.
+        let unencrypted = parse_bool("flannel-external-ip-unencrypted", get("flannel-external-ip-unencrypted"))?;
+        if flannel_external_ip && matches!(backend, Backend::Vxlan | Backend::HostGw) && !unencrypted {
+            return Err(ConfigError::new(
+                "flannel-external-ip",
+                "true",
+                format!(
+                    "false with flannel-backend {}: its pod traffic would cross the nodes' external \
+                     network unencrypted and unauthenticated; use flannel-backend wireguard-native, or set \
+                     flannel-external-ip-unencrypted: true if that network is trusted",
+                    backend.name()
+                ),
             ));
         }
 
@@ -731,6 +751,7 @@ mod tests {
                 "node-ip",
                 "node-external-ip",
                 "flannel-external-ip",
+                "flannel-external-ip-unencrypted",
                 "flannel-ipv6-masq",
             ]
         );
@@ -1040,8 +1061,26 @@ mod tests {
     #[test]
     fn flannel_external_ip_needs_a_node_external_ip() {
         refused(&[("flannel-external-ip", "true")], "flannel-external-ip", "true", "unless node-external-ip is set");
-        let c = good(&[("flannel-external-ip", "true"), ("node-external-ip", "203.0.113.7")]);
+        let c = good(&[
+            ("flannel-external-ip", "true"),
+            ("node-external-ip", "203.0.113.7"),
+            ("flannel-backend", "wireguard-native"),
+        ]);
         assert!(c.flannel_external_ip);
+    }
+
+    #[test]
+    fn flannel_external_ip_with_an_unencrypted_backend_is_refused_unless_allowed() {
+        for backend in ["vxlan", "host-gw"] {
+            let kv = [("flannel-external-ip", "true"), ("node-external-ip", "203.0.113.7"), ("flannel-backend", backend)];
+            refused(&kv, "flannel-external-ip", "true", "use flannel-backend wireguard-native");
+            refused(&kv, "flannel-external-ip", "true", backend);
+            let allowed = [kv[0], kv[1], kv[2], ("flannel-external-ip-unencrypted", "true")];
+            assert!(good(&allowed).flannel_external_ip, "{backend} allowed by the explicit key");
+        }
+        refused(&[("flannel-external-ip-unencrypted", "yes")], "flannel-external-ip-unencrypted", "yes", "true or false");
+        // The internal addresses of one network: vxlan as ever.
+        assert_eq!(good(&[("node-external-ip", "203.0.113.7")]).backend, Backend::Vxlan);
     }
 
     #[test]
@@ -1050,11 +1089,19 @@ mod tests {
         let c = good(&as_refs(&kv));
         assert_eq!(c.public_ip(false), Some(ip("10.0.0.1")), "flannel-external-ip off");
         assert_eq!(c.public_ip(true), Some(ip("fd00::1")));
-        let kv = dual(&[("node-external-ip", "203.0.113.7"), ("flannel-external-ip", "true")]);
+        let kv = dual(&[
+            ("node-external-ip", "203.0.113.7"),
+            ("flannel-external-ip", "true"),
+            ("flannel-backend", "wireguard-native"),
+        ]);
         let c = good(&as_refs(&kv));
         assert_eq!(c.public_ip(false), Some(ip("203.0.113.7")));
         assert_eq!(c.public_ip(true), Some(ip("fd00::1")), "no IPv6 external IP: internal");
-        let c = good(&[("node-external-ip", "2001:db8::7"), ("flannel-external-ip", "true")]);
+        let c = good(&[
+            ("node-external-ip", "2001:db8::7"),
+            ("flannel-external-ip", "true"),
+            ("flannel-backend", "wireguard-native"),
+        ]);
         assert_eq!(c.public_ip(false), Some(ip("10.0.0.1")));
         assert_eq!(c.public_ip(true), Some(ip("2001:db8::7")));
         assert_eq!(good(&[]).public_ip(true), None);
