@@ -144,8 +144,14 @@ pub fn desired(cfg: &AgentConfig, ds: &StaticDatastore) -> anyhow::Result<Desire
             if wireguard && wg.is_none() {
                 // One WireGuard peer per node: its first underlay family
                 // we share (IPv4 first) is where its datagrams go.
+                // A node of our own location is reached in the private
+                // network we share, not through its external address.
+                let via = match (&cfg.node_location, lease.private_path(ip.is_ipv6())) {
+                    (Some(ours), Some(p)) if *ours == p.location => p.address,
+                    _ => ip,
+                };
                 match lease.wireguard_data(ip.is_ipv6()) {
-                    Ok(d) => wg = Some((d, SocketAddr::new(ip, d.port))),
+                    Ok(d) => wg = Some((d, SocketAddr::new(via, d.port))),
                     Err(e) => {
                         refused = Some(e.to_string());
                         continue;
@@ -630,6 +636,44 @@ mod tests {
         let routes = routes_for("vxlan", &d, 7, &[]).unwrap();
         assert_eq!(routes, vec![Route { dst: "10.244.2.0/24".parse().unwrap(), oif: 7, gateway: None, onlink: false }]);
         assert!(routes_for("none", &d, 7, &[]).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_peer_of_our_location_is_reached_at_its_node_ip_the_others_at_their_lease_address() {
+        let key = |b: u8| weft_control::keys::encode(&[b; 32]);
+        let lease = |n: u8, ext: &str, loc: &str| {
+            format!(
+                r#""10.244.{n}.0-24":{{"PublicIP":"{ext}","BackendType":"wireguard","BackendData":{{"PublicKey":"{}","Port":51820{loc}}}}}"#,
+                key(n)
+            )
+        };
+        let json = format!(
+            r#"{{"config":{{"Network":"10.244.0.0/16","Backend":{{"Type":"wireguard"}}}},"subnets":{{{},{},{},{}}}}}"#,
+            lease(1, "198.51.100.101", r#","WeftLocation":"c1","WeftInternalIP":"172.16.0.11""#),
+            lease(2, "198.51.100.102", r#","WeftLocation":"c2","WeftInternalIP":"172.16.0.11""#),
+            lease(3, "198.51.100.103", r#","WeftLocation":"c1","WeftInternalIP":"172.16.0.12""#),
+            lease(4, "192.168.1.10", ""),
+        );
+        let ds = StaticDatastore::parse(json.as_bytes()).unwrap();
+        let base = [
+            ("flannel-backend", "wireguard-native"),
+            ("node-external-ip", "198.51.100.101"),
+            ("flannel-external-ip", "true"),
+        ];
+        let endpoint = |d: &Desired, n: u8| {
+            let p = d.peers.iter().find(|p| p.key.to_string() == format!("10.244.{n}.0-24")).unwrap();
+            p.wg.unwrap().1.to_string()
+        };
+        let located = [&base[..], &[("node-location", "c1")]].concat();
+        let d = desired(&cfg_with("172.16.0.11", &located), &ds).unwrap();
+        assert_eq!(d.own_key.to_string(), "10.244.1.0-24", "found by its external IP");
+        assert_eq!(endpoint(&d, 3), "172.16.0.12:51820", "same location: the private network");
+        assert_eq!(endpoint(&d, 2), "198.51.100.102:51820", "another location, its node-ip the same as ours");
+        assert_eq!(endpoint(&d, 4), "192.168.1.10:51820", "no location: the lease's address");
+        // The peer's VTEP (what it is known by) stays its lease address.
+        assert_eq!(d.peers.iter().find(|p| p.key.to_string() == "10.244.3.0-24").unwrap().vtep4.unwrap().addr.to_string(), "198.51.100.103");
+        let d = desired(&cfg_with("172.16.0.11", &base), &ds).unwrap();
+        assert_eq!(endpoint(&d, 3), "198.51.100.103:51820", "no location of our own: every peer at its lease address");
     }
 
     #[test]

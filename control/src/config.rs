@@ -45,7 +45,15 @@ pub const AGENT_KEYS: &[(&str, &str)] = &[
     ("offload-udp-gro", "UDP_GRO receives on the underlay (default true)"),
     ("busy-poll-us", "microseconds a worker keeps polling after its last packet before it sleeps (default 0: off)"),
     ("ip-masq", "masquerade IPv4 pod traffic leaving the cluster, in nftables table inet weft (default true)"),
+    (
+        "node-location",
+        "the private network this node is in (a cloud, a site): nodes of one location reach each other at their \
+         node-ip, not their external IP (default: none)",
+    ),
 ];
+
+/// Longest `node-location`: a Kubernetes label value's limit.
+pub const LOCATION_MAX: usize = 63;
 
 /// Backends this build runs.
 pub const BACKENDS: &[Backend] = &[Backend::Vxlan, Backend::HostGw, Backend::WireguardNative, Backend::None];
@@ -138,6 +146,9 @@ pub struct AgentConfig {
     /// `ip-masq`: masquerade pod traffic leaving the cluster (IPv6 too
     /// with `flannel-ipv6-masq`).
     pub ip_masq: bool,
+    /// `node-location`: the private network this node shares with the
+    /// nodes of the same location.
+    pub node_location: Option<String>,
 }
 
 impl AgentConfig {
@@ -298,6 +309,19 @@ impl AgentConfig {
         let busy_poll_us = parse_num("busy-poll-us", get("busy-poll-us"), DEFAULT_BUSY_POLL_US, 0, 10_000)?;
         let ip_masq = parse_bool("ip-masq", get("ip-masq"), true)?;
         let subnet_file = PathBuf::from(get("subnet-file").unwrap_or("/run/flannel/subnet.env"));
+        let node_location = get("node-location").map(str::to_string);
+        if let Some(l) = &node_location {
+            if !valid_location(l) {
+                return Err(ConfigError::new(
+                    "node-location",
+                    l,
+                    format!(
+                        "1 to {LOCATION_MAX} letters, digits, '-', '_' or '.', starting and ending with a letter \
+                         or digit (a Kubernetes label value)"
+                    ),
+                ));
+            }
+        }
         let node_name = match get("node-name") {
             Some(v) => v.to_string(),
             None if std::env::var("NODE_NAME").is_ok_and(|n| !n.trim().is_empty()) => {
@@ -323,8 +347,19 @@ impl AgentConfig {
             offloads,
             busy_poll_us,
             ip_masq,
+            node_location,
         })
     }
+}
+
+/// Whether `l` is a valid `node-location`: what Kubernetes accepts as a
+/// label value, less the empty one.
+pub fn valid_location(l: &str) -> bool {
+    let edge_ok = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric());
+    l.len() <= LOCATION_MAX
+        && edge_ok(l.chars().next())
+        && edge_ok(l.chars().last())
+        && l.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
 }
 
 /// The keys of etcd's TLS files and user, Flannel's names.
@@ -550,6 +585,20 @@ mod tests {
         for bad in ["yes", "0", "off"] {
             let e = refused(&format!("{GOOD}ip-masq: {bad}\n"));
             assert_eq!((e.key.as_str(), e.value.as_str(), e.accepted.as_str()), ("ip-masq", bad, "true or false"));
+        }
+    }
+
+    #[test]
+    fn node_location_is_a_label_value_or_absent() {
+        assert_eq!(parse(GOOD).unwrap().node_location, None);
+        for good in ["eu-west-1", "home", "a", "cloud_2.b"] {
+            assert_eq!(parse(&format!("{GOOD}node-location: {good}\n")).unwrap().node_location.as_deref(), Some(good));
+        }
+        let long = "x".repeat(LOCATION_MAX + 1);
+        for bad in ["-eu", "eu-", "eu west", "eu/west", long.as_str()] {
+            let e = refused(&format!("{GOOD}node-location: '{bad}'\n"));
+            assert_eq!((e.key.as_str(), e.value.as_str()), ("node-location", bad));
+            assert!(e.accepted.contains("a Kubernetes label value"), "{e}");
         }
     }
 

@@ -196,10 +196,53 @@ impl Lease {
         WgData::from_value(data)
     }
 
+    /// The private path of the given underlay family, if the backend data
+    /// announces a valid one: a location as `node-location` takes it and a
+    /// unicast address of that family. Anything else is no path (the public
+    /// address is used), never an error: the fields are an optimisation.
+    pub fn private_path(&self, v6: bool) -> Option<PrivatePath> {
+        let data = if v6 { self.backend_v6_data.as_ref().unwrap_or(&self.backend_data) } else { &self.backend_data };
+        let location = data.get(LOCATION_FIELD)?.as_str()?;
+        let address: IpAddr = data.get(INTERNAL_IP_FIELD)?.as_str()?.parse().ok()?;
+        let unicast = !address.is_unspecified() && !address.is_multicast() && address != IpAddr::from([255, 255, 255, 255]);
+        (crate::config::valid_location(location) && address.is_ipv6() == v6 && unicast)
+            .then(|| PrivatePath { location: location.to_string(), address })
+    }
+
     /// VXLAN backend data for the given underlay family.
     pub fn vxlan_data(&self, v6: bool) -> Result<VxlanData, DatastoreError> {
         let data = if v6 { self.backend_v6_data.as_ref().unwrap_or(&self.backend_data) } else { &self.backend_data };
         VxlanData::from_value(data)
+    }
+}
+
+/// Field of a lease's backend data naming the node's `node-location`.
+pub const LOCATION_FIELD: &str = "WeftLocation";
+/// Field of a lease's backend data holding the node's internal address of
+/// that family (its `node-ip`), for the nodes of its location.
+pub const INTERNAL_IP_FIELD: &str = "WeftInternalIP";
+
+/// How a node of the same location reaches a node: weft's addition to a
+/// lease's backend data (`"WeftLocation"`, `"WeftInternalIP"`). Flannel
+/// ignores both, as it ignores every field it does not know, so a kernel
+/// Flannel node still sends to the lease's public address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PrivatePath {
+    /// The node's `node-location`.
+    pub location: String,
+    /// Its internal address of the family the backend data is for.
+    pub address: IpAddr,
+}
+
+impl PrivatePath {
+    /// `data` with this path's fields set, if it is an object (the backend
+    /// data of vxlan and wireguard are); anything else is returned as it is.
+    pub fn add_to(&self, mut data: serde_json::Value) -> serde_json::Value {
+        if let Some(o) = data.as_object_mut() {
+            o.insert(LOCATION_FIELD.into(), self.location.clone().into());
+            o.insert(INTERNAL_IP_FIELD.into(), self.address.to_string().into());
+        }
+        data
     }
 }
 
@@ -407,6 +450,43 @@ mod tests {
     fn fixture(name: &str) -> Vec<u8> {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/flannel-etcd").join(name);
         std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
+
+    #[test]
+    fn a_private_path_rides_in_the_backend_data_and_the_rest_still_parses() {
+        let key = [7u8; 32];
+        let path = PrivatePath { location: "eu-1".into(), address: "172.16.0.11".parse().unwrap() };
+        let path6 = PrivatePath { location: "eu-1".into(), address: "fd16::11".parse().unwrap() };
+        let lease = Lease {
+            public_ip: Some(Ipv4Addr::new(198, 51, 100, 101)),
+            public_ipv6: Some("2001:db8::101".parse().unwrap()),
+            backend_type: "wireguard".into(),
+            backend_data: path.add_to(WgData { public_key: key, port: 51820 }.to_value()),
+            backend_v6_data: Some(path6.add_to(WgData { public_key: key, port: 51821 }.to_value())),
+        };
+        let again = Lease::parse(serde_json::to_string(&lease).unwrap().as_bytes()).unwrap();
+        assert_eq!(again.private_path(false), Some(path));
+        assert_eq!(again.private_path(true), Some(path6));
+        assert_eq!(again.wireguard_data(false).unwrap(), WgData { public_key: key, port: 51820 }, "still wireguard data");
+        // A lease without the fields (kernel Flannel's) has no private path;
+        // fields that are wrong are no path either, never an error.
+        let plain = Lease { backend_data: WgData { public_key: key, port: 51820 }.to_value(), ..lease.clone() };
+        assert_eq!(plain.private_path(false), None);
+        for (loc, addr) in [("eu-1", "fd16::11"), ("-bad", "172.16.0.11"), ("eu-1", "0.0.0.0"), ("eu-1", "x"), ("eu-1", "224.0.0.1")] {
+            let mut data = WgData { public_key: key, port: 51820 }.to_value();
+            data[LOCATION_FIELD] = loc.into();
+            data[INTERNAL_IP_FIELD] = addr.into();
+            let l = Lease { backend_data: data, backend_v6_data: None, ..lease.clone() };
+            assert_eq!(l.private_path(false), None, "{loc} {addr}");
+        }
+        let mut data = WgData { public_key: key, port: 51820 }.to_value();
+        data[LOCATION_FIELD] = 5.into();
+        assert_eq!(Lease { backend_data: data, ..lease }.private_path(false), None, "a location that is no string");
+        assert_eq!(path_of_null(), serde_json::Value::Null, "no object: left as it is");
+    }
+
+    fn path_of_null() -> serde_json::Value {
+        PrivatePath { location: "a".into(), address: "10.0.0.1".parse().unwrap() }.add_to(serde_json::Value::Null)
     }
 
     #[test]

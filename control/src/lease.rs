@@ -24,7 +24,7 @@ use serde_json::Value;
 use crate::alloc;
 use crate::cluster::Backend;
 use crate::config::AgentConfig;
-use crate::datastore::{Lease, NetworkConfig, StaticDatastore, VxlanData, WgData};
+use crate::datastore::{Lease, NetworkConfig, PrivatePath, StaticDatastore, VxlanData, WgData};
 use crate::error::ConfigError;
 use crate::etcd::{EtcdStore, LeaseEvent, StoreError};
 use crate::etcd_tls::{EtcdSecurity, HandshakeError, TlsFile};
@@ -112,13 +112,21 @@ pub fn our_lease(cfg: &AgentConfig, net: &NetworkConfig, wg_public: Option<[u8; 
         (Backend::WireguardNative, Some(k)) => Some((k, net.wireguard_options()?)),
         _ => None,
     };
-    let data = |addr: Option<IpAddr>| match (c.backend, addr, &wg) {
-        (Backend::Vxlan, Some(a), _) => VxlanData { vni: cfg.vni, vtep_mac: vtep_mac(a) }.to_value(),
-        (Backend::WireguardNative, Some(a), Some((key, o))) => {
-            let port = if a.is_ipv6() { o.listen_port_v6 } else { o.listen_port };
-            WgData { public_key: *key, port }.to_value()
+    let data = |addr: Option<IpAddr>| {
+        let data = match (c.backend, addr, &wg) {
+            (Backend::Vxlan, Some(a), _) => VxlanData { vni: cfg.vni, vtep_mac: vtep_mac(a) }.to_value(),
+            (Backend::WireguardNative, Some(a), Some((key, o))) => {
+                let port = if a.is_ipv6() { o.listen_port_v6 } else { o.listen_port };
+                WgData { public_key: *key, port }.to_value()
+            }
+            _ => Value::Null,
+        };
+        // With a location, the nodes of the same one learn the node-ip too.
+        let internal = addr.and_then(|a| cfg.node_ips().iter().copied().find(|i| i.is_ipv6() == a.is_ipv6()));
+        match (&cfg.node_location, internal) {
+            (Some(location), Some(address)) => PrivatePath { location: location.clone(), address }.add_to(data),
+            _ => data,
         }
-        _ => Value::Null,
     };
     let as_ip4 = |a: IpAddr| if let IpAddr::V4(a) = a { Some(a) } else { None };
     let as_ip6 = |a: IpAddr| if let IpAddr::V6(a) = a { Some(a) } else { None };
@@ -344,6 +352,24 @@ mod tests {
         assert_eq!(a, vtep_mac("192.168.77.1".parse().unwrap()));
         assert_ne!(a, vtep_mac("192.168.77.2".parse().unwrap()));
         assert_eq!(a[0] & 0x03, 0x02, "locally administered, unicast");
+    }
+
+    #[test]
+    fn a_located_node_announces_its_external_ip_and_its_node_ip_for_its_location() {
+        let yaml = "node-ip: 172.16.0.11\nnode-external-ip: 198.51.100.101\nflannel-external-ip: true\n\
+                    flannel-backend: wireguard-native\ncluster-cidr: 10.244.0.0/16\ndatastore-file: /x.json\n";
+        let net = NetworkConfig::for_cluster(Some(("10.244.0.0/16".parse().unwrap(), 24)), None, "wireguard");
+        let located = AgentConfig::from_pairs(
+            &AgentConfig::pairs_from_yaml(&format!("{yaml}node-location: eu-1\n")).unwrap(),
+        )
+        .unwrap();
+        let lease = our_lease(&located, &net, Some([9; 32])).unwrap();
+        assert_eq!(lease.public_ip, Some("198.51.100.101".parse().unwrap()), "peers elsewhere: the external IP");
+        let path = lease.private_path(false).expect("a private path");
+        assert_eq!((path.location.as_str(), path.address), ("eu-1", "172.16.0.11".parse().unwrap()));
+        assert_eq!(lease.wireguard_data(false).unwrap().public_key, [9; 32]);
+        let unlocated = AgentConfig::from_pairs(&AgentConfig::pairs_from_yaml(yaml).unwrap()).unwrap();
+        assert_eq!(our_lease(&unlocated, &net, Some([9; 32])).unwrap().private_path(false), None);
     }
 
     #[test]

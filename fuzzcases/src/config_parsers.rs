@@ -97,6 +97,11 @@ fn check_lease(bytes: &[u8]) {
     };
     let _ = lease.vxlan_data(false);
     let _ = lease.vxlan_data(true);
+    for v6 in [false, true] {
+        if let Some(p) = lease.private_path(v6) {
+            assert_eq!(p.address.is_ipv6(), v6, "a private path of the other family");
+        }
+    }
     let json = serde_json::to_string(&lease).expect("serialising a lease");
     let again = Lease::parse(json.as_bytes()).unwrap_or_else(|e| panic!("serialised lease refused: {e}\n{json}"));
     assert_eq!(again, lease, "lease does not round-trip:\n{json}");

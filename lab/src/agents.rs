@@ -38,6 +38,12 @@ pub(crate) fn start_agent(lab: &Lab, n: &Node, ds_path: &Path) -> anyhow::Result
         o.node_mask_v6,
         subnet_env_path(lab, n).display()
     );
+    if let Some(ext) = n.external4 {
+        let _ = writeln!(cfg, "node-external-ip: {ext}\nflannel-external-ip: true");
+    }
+    if let Some(location) = n.location(o) {
+        let _ = writeln!(cfg, "node-location: {location}");
+    }
     if o.backend == "wireguard-native" {
         let _ = writeln!(cfg, "wireguard-key-file: {}", wg_key_path(&lab.dir, n.index).display());
         // The UAPI socket is named after the device, in a directory all

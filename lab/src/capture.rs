@@ -9,17 +9,30 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 
 use crate::netns::exec;
-use crate::plan::Lab;
+use crate::plan::{Lab, Node};
 
 impl Lab {
     /// Captures the underlay bridge (tcpdump `filter`) while `during` runs;
     /// returns the pcap file.
     pub fn capture_underlay(&self, filter: &[&str], during: impl FnOnce()) -> anyhow::Result<PathBuf> {
-        let pcap = self.dir.join("underlay.pcap");
-        let ul = format!("{}-ul", self.opts.name);
+        self.capture(&format!("{}-ul", self.opts.name), "br0", "underlay", filter, during)
+    }
+
+    /// Captures interface `iface` of namespace `ns` (tcpdump `filter`) while
+    /// `during` runs; returns the pcap file, `<tag>.pcap` in the lab's
+    /// directory (captures that run at once need tags of their own).
+    pub fn capture(
+        &self,
+        ns: &str,
+        iface: &str,
+        tag: &str,
+        filter: &[&str],
+        during: impl FnOnce(),
+    ) -> anyhow::Result<PathBuf> {
+        let pcap = self.dir.join(format!("{tag}.pcap"));
         let pcap_s = pcap.display().to_string();
         let mut dump = Command::new("ip")
-            .args(["netns", "exec", &ul, "tcpdump", "-Z", "root", "--immediate-mode", "-U", "-n", "-i", "br0"])
+            .args(["netns", "exec", ns, "tcpdump", "-Z", "root", "--immediate-mode", "-U", "-n", "-i", iface])
             .args(["-w", &pcap_s])
             .args(filter)
             .stdout(Stdio::null())
@@ -47,7 +60,13 @@ impl Lab {
     /// The capture behind [`Lab::check`]'s underlay check; an error says
     /// what crossed the underlay in clear.
     pub fn underlay_capture(&self) -> anyhow::Result<String> {
-        let (a, b) = (&self.nodes[0].pods[0], &self.nodes[self.nodes.len() - 1].pods[0]);
+        self.underlay_capture_between(&self.nodes[0], &self.nodes[self.nodes.len() - 1])
+    }
+
+    /// The underlay capture while a pod of node `a` pings a pod of node `b`
+    /// (in a multi-cloud lab the underlay bridge is the internet).
+    pub fn underlay_capture_between(&self, a: &Node, b: &Node) -> anyhow::Result<String> {
+        let (a, b) = (&a.pods[0], &b.pods[0]);
         let v6 = a.ip(false).is_none();
         let (Some(from), Some(to)) = (a.ip(v6), b.ip(v6)) else { bail!("pods without addresses") };
         // "weftmark" as the ping payload pattern.

@@ -35,6 +35,9 @@ impl Lab {
     /// Runs every check of the lab. With the backend `none` there is no data
     /// plane: pods on different nodes must then *not* reach each other.
     pub fn check(&self) -> Vec<Check> {
+        if let Some(m) = &self.opts.multicloud {
+            return self.multicloud_checks(m);
+        }
         let mut checks = Vec::new();
         let none = self.opts.backend == "none";
         for v6 in self.families() {
@@ -139,7 +142,7 @@ impl Lab {
         }
     }
 
-    fn counter_check(&self, n: &Node) -> Check {
+    pub(crate) fn counter_check(&self, n: &Node) -> Check {
         let ips = n.ips().iter().map(|a| a.to_string()).collect::<Vec<_>>().join(",");
         let name = format!("counters {} ({ips})", n.ns);
         let m = match self.metrics(n) {
@@ -242,7 +245,7 @@ pub fn source_seen(client: &str, server: &str, to: IpAddr) -> anyhow::Result<IpA
     Ok(seen)
 }
 
-fn ping_check(a: &Pod, b: &Pod, v6: bool) -> Check {
+pub(crate) fn ping_check(a: &Pod, b: &Pod, v6: bool) -> Check {
     let (Some(from), Some(to)) = (a.ip(v6), b.ip(v6)) else {
         return Check { name: format!("ping {} -> {}", a.ns, b.ns), passed: false, detail: "no address".into() };
     };
@@ -275,11 +278,17 @@ fn fill(buf: &mut [u8], state: &mut u64) {
 /// Sends `bytes` of data from pod `a` to pod `b` over TCP and compares the
 /// SHA-256 computed at both ends.
 pub fn transfer_check(a: &Pod, b: &Pod, v6: bool, bytes: usize) -> Check {
+    transfer_with(a, b, v6, bytes, None)
+}
+
+/// [`transfer_check`], running `midway` once half the bytes are sent (the
+/// sender goes on meanwhile); a transfer that fails earlier never runs it.
+pub fn transfer_with(a: &Pod, b: &Pod, v6: bool, bytes: usize, midway: Option<&mut dyn FnMut()>) -> Check {
     let (Some(from), Some(to)) = (a.ip(v6), b.ip(v6)) else {
         return Check { name: format!("tcp {} -> {}", a.ns, b.ns), passed: false, detail: "no address".into() };
     };
     let name = format!("tcp {} MiB {from} -> {to}", bytes >> 20);
-    match transfer(a, b, to, bytes) {
+    match transfer(a, b, to, bytes, midway) {
         Ok((sent, got, secs)) if sent == got => {
             let gbps = bytes as f64 * 8.0 / secs / 1e9;
             Check {
@@ -297,7 +306,14 @@ pub fn transfer_check(a: &Pod, b: &Pod, v6: bool, bytes: usize) -> Check {
 
 type Digest32 = [u8; 32];
 
-fn transfer(a: &Pod, b: &Pod, to: IpAddr, bytes: usize) -> anyhow::Result<(Digest32, Digest32, f64)> {
+fn transfer(
+    a: &Pod,
+    b: &Pod,
+    to: IpAddr,
+    bytes: usize,
+    midway: Option<&mut dyn FnMut()>,
+) -> anyhow::Result<(Digest32, Digest32, f64)> {
+    let (half_tx, half_rx) = std::sync::mpsc::channel();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let receiver = netns::spawn_in_netns(&b.ns, move || -> anyhow::Result<(Digest32, usize)> {
         let any: IpAddr = if to.is_ipv6() { Ipv6Addr::UNSPECIFIED.into() } else { Ipv4Addr::UNSPECIFIED.into() };
@@ -339,18 +355,30 @@ fn transfer(a: &Pod, b: &Pod, to: IpAddr, bytes: usize) -> anyhow::Result<(Diges
         let mut buf = vec![0u8; 1 << 16];
         let mut state = 0x9e37_79b9_7f4a_7c15u64;
         let mut left = bytes;
+        let mut half = Some(half_tx);
         while left > 0 {
             let n = left.min(buf.len());
             fill(&mut buf[..n], &mut state);
             s.write_all(&buf[..n]).context("sending")?;
             h.update(&buf[..n]);
             left -= n;
+            if left <= bytes / 2 {
+                if let Some(t) = half.take() {
+                    let _ = t.send(());
+                }
+            }
         }
         s.shutdown(std::net::Shutdown::Write)?;
         // Wait for the receiver to close, so the time covers delivery.
         let _ = s.read(&mut [0u8; 1]);
         Ok((h.finalize().into(), start.elapsed().as_secs_f64()))
     })?;
+    if let Some(f) = midway {
+        // Only once the sender says so; it dropping the channel means it failed.
+        if half_rx.recv().is_ok() {
+            f();
+        }
+    }
     let sent = sender.join().map_err(|_| anyhow::anyhow!("sender panicked"))?;
     let (got, total) = receiver.join().map_err(|_| anyhow::anyhow!("receiver panicked"))??;
     let (sent, secs) = sent?;

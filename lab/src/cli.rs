@@ -15,12 +15,14 @@ use crate::LabOptions;
 pub struct LabArgs {
     #[command(subcommand)]
     action: Option<LabAction>,
-    /// Number of nodes.
-    #[arg(long, default_value_t = 3)]
-    nodes: usize,
-    /// Backend of the weft nodes: vxlan, host-gw, wireguard-native or none.
-    #[arg(long, default_value = "vxlan", value_parser = ["vxlan", "host-gw", "wireguard-native", "none"])]
-    backend: String,
+    /// Number of nodes (default 3; with --multicloud one per cloud, one
+    /// more in the first, and the home node).
+    #[arg(long)]
+    nodes: Option<usize>,
+    /// Backend of the weft nodes: vxlan (default), host-gw, wireguard-native
+    /// or none; with --multicloud wireguard-native (the only one allowed).
+    #[arg(long, value_parser = ["vxlan", "host-gw", "wireguard-native", "none"])]
+    backend: Option<String>,
     /// Pod network(s), K3s style: `10.42.0.0/16`, `2001:cafe:42::/56`, or both comma separated.
     #[arg(long, default_value = "10.244.0.0/16")]
     cluster_cidr: String,
@@ -75,6 +77,39 @@ pub struct LabArgs {
     /// beside this binary, `target/<triple>/<profile>/weft`).
     #[arg(long, requires = "node_arch")]
     node_bin: Option<std::path::PathBuf>,
+    /// Nodes in separate private networks ("clouds") behind NAT gateways,
+    /// joined over an internet bridge by their external addresses
+    /// (`node-external-ip`, `flannel-external-ip`); wireguard-native only.
+    #[arg(long)]
+    multicloud: bool,
+    /// With --multicloud: how many clouds.
+    #[arg(long, default_value_t = 2, requires = "multicloud")]
+    clouds: usize,
+    /// With --multicloud: one more node at home, behind a masquerading
+    /// router, with no address anyone can reach.
+    #[arg(long, requires = "multicloud")]
+    nat_node: bool,
+    /// With --multicloud: a cloud's underlay MTU, `K=MTU` (cloud K from 1),
+    /// repeatable.
+    #[arg(long, requires = "multicloud")]
+    cloud_mtu: Vec<String>,
+    /// With --multicloud: nodes announce their cloud as `node-location`, so
+    /// nodes of one cloud talk in it rather than through its NAT.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, requires = "multicloud")]
+    locations: bool,
+}
+
+/// `--cloud-mtu K=MTU` values as MTUs by cloud (index K - 1).
+fn cloud_mtus(values: &[String], clouds: usize) -> anyhow::Result<Vec<u32>> {
+    let mut mtus = vec![crate::UNDERLAY_MTU; clouds];
+    for v in values {
+        let parsed = v.split_once('=').and_then(|(k, m)| Some((k.trim().parse::<usize>().ok()?, m.trim().parse::<u32>().ok()?)));
+        match parsed {
+            Some((k, m)) if (1..=clouds).contains(&k) && (1280..=9000).contains(&m) => mtus[k - 1] = m,
+            _ => anyhow::bail!("--cloud-mtu {v}: K=MTU with K a cloud from 1 to {clouds} and MTU from 1280 to 9000"),
+        }
+    }
+    Ok(mtus)
 }
 
 /// `weft lab`'s actions besides building one.
@@ -103,8 +138,16 @@ pub fn run(l: LabArgs) -> anyhow::Result<ExitCode> {
         anyhow::bail!("weft lab creates network namespaces: run it as root");
     }
     let mut opts = LabOptions::new(&l.name, std::env::current_exe()?);
-    opts.nodes = l.nodes;
-    opts.backend = l.backend;
+    opts.nodes = l.nodes.unwrap_or(if l.multicloud { l.clouds + 1 + l.nat_node as usize } else { 3 });
+    if l.multicloud {
+        opts.multicloud = Some(crate::Multicloud {
+            clouds: l.clouds,
+            nat_node: l.nat_node,
+            mtus: cloud_mtus(&l.cloud_mtu, l.clouds)?,
+            locations: l.locations,
+        });
+    }
+    opts.backend = l.backend.unwrap_or_else(|| if l.multicloud { "wireguard-native" } else { "vxlan" }.into());
     opts.kernel_peer = l.peer.as_deref() == Some("kernel-vxlan");
     opts.wg_peer = l.peer.clone().filter(|p| p != "kernel-vxlan");
     opts.pods_per_node = l.pods.max(1);

@@ -31,6 +31,8 @@
 //! - `etcd`: the lab's etcd process, its TLS and its user
 //! - `kube`: the Kubernetes API server stand-in the agents use
 //! - `peers`: the kernel VXLAN and userspace WireGuard peers
+//! - `multicloud`: clouds behind NAT gateways on an internet bridge, a
+//!   node at home, and their checks (`weft lab --multicloud`)
 //! - `checks`: ping, TCP transfer, masquerade, counters
 //! - `capture`: tcpdump on the underlay, pcap frames
 //!
@@ -62,6 +64,7 @@ mod checks;
 mod cli;
 mod etcd;
 mod kube;
+mod multicloud;
 mod namespaces;
 mod peers;
 mod plan;
@@ -76,4 +79,5 @@ pub use namespaces::{
     down, internet_ips, internet_ns, up, valid_name, CNI_PATH, INTERNET_V4, INTERNET_V6, STATE_ROOT, UNDERLAY_MTU,
 };
 pub use peers::{find_program, wg_ifname};
-pub use plan::{datastore, plan, Check, Emulated, Lab, LabOptions, Node, NodeArch, NodeKind, Pod};
+pub use multicloud::{gateway_ns, switch_ns, HOME_PUBLIC, HOME_PUBLIC_NEXT};
+pub use plan::{datastore, plan, Check, Emulated, Lab, LabOptions, Multicloud, Node, NodeArch, NodeKind, Pod, Site};

@@ -60,6 +60,14 @@ pub fn up(opts: &LabOptions) -> anyhow::Result<Lab> {
     if (opts.etcd_tls || opts.etcd_auth) && opts.datastore != "etcd" {
         bail!("--etcd-tls and --etcd-auth need --datastore etcd");
     }
+    if opts.multicloud.is_some()
+        && (opts.backend != "wireguard-native" || opts.datastore != "file" || opts.kernel_peer || opts.wg_peer.is_some())
+    {
+        bail!(
+            "--multicloud runs weft nodes with --backend wireguard-native and --datastore file: \
+             only WireGuard may cross the internet"
+        );
+    }
     let mut lab =
         Lab { opts: opts.clone(), nodes: plan(opts)?, dir: Path::new(STATE_ROOT).join(&opts.name), kube: None };
     match build(&mut lab) {
@@ -102,8 +110,13 @@ pub(crate) fn build_underlay(lab: &Lab) -> anyhow::Result<()> {
 }
 
 fn build(lab: &mut Lab) -> anyhow::Result<()> {
-    build_underlay(lab)?;
-    build_internet(lab)?;
+    match lab.opts.multicloud.clone() {
+        Some(m) => crate::multicloud::build_network(lab, &m)?,
+        None => {
+            build_underlay(lab)?;
+            build_internet(lab)?;
+        }
+    }
     if lab.opts.backend == "wireguard-native" {
         // Each node's key, made as the agent would make it; the static
         // datastore announces the public halves (with etcd, the agents'

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
-use weft_control::datastore::{Lease, NetworkConfig, StaticDatastore, VxlanData, WgData};
+use weft_control::datastore::{Lease, NetworkConfig, PrivatePath, StaticDatastore, VxlanData, WgData};
 use weft_control::subnet::SubnetKey;
 
 use crate::kube::KubeLab;
@@ -77,6 +77,43 @@ impl NodeArch {
     }
 }
 
+/// Where a node is in the lab's network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Site {
+    /// On the shared underlay bridge: every lab but `--multicloud`.
+    Underlay,
+    /// In cloud `k` (from 1) of a multi-cloud lab, behind its gateway.
+    Cloud(usize),
+    /// At home in a multi-cloud lab: behind a masquerading router, with no
+    /// address anyone outside can reach.
+    Home,
+}
+
+/// The shape of `weft lab --multicloud` (see the `multicloud` module).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Multicloud {
+    /// How many clouds, each a private network behind a NAT gateway.
+    pub clouds: usize,
+    /// The last node is at home (`--nat-node`).
+    pub nat_node: bool,
+    /// Underlay MTU of cloud `k` at index `k - 1`; clouds past the end and
+    /// the home network have [`UNDERLAY_MTU`](crate::UNDERLAY_MTU).
+    pub mtus: Vec<u32>,
+    /// Nodes announce their cloud as `node-location`, so nodes of one cloud
+    /// reach each other in it.
+    pub locations: bool,
+}
+
+impl Multicloud {
+    /// The underlay MTU of a site.
+    pub fn mtu(&self, site: Site) -> u32 {
+        match site {
+            Site::Cloud(k) => self.mtus.get(k - 1).copied().unwrap_or(crate::UNDERLAY_MTU),
+            _ => crate::UNDERLAY_MTU,
+        }
+    }
+}
+
 /// The first node's agent run as a foreign binary under qemu-user.
 #[derive(Debug, Clone)]
 pub struct Emulated {
@@ -143,6 +180,8 @@ pub struct LabOptions {
     /// Run the first node's agent as a binary of another CPU under
     /// qemu-user (`weft lab --node-arch`).
     pub emulated: Option<Emulated>,
+    /// Nodes in clouds behind NAT instead of on one underlay.
+    pub multicloud: Option<Multicloud>,
 }
 
 impl LabOptions {
@@ -170,6 +209,7 @@ impl LabOptions {
             etcd_tls: false,
             etcd_auth: false,
             emulated: None,
+            multicloud: None,
         }
     }
 
@@ -227,12 +267,25 @@ pub struct Node {
     pub pods: Vec<Pod>,
     /// Its WireGuard public key (backend wireguard-native, static datastore).
     pub wg_public: Option<[u8; 32]>,
+    /// Where it is in the lab's network.
+    pub site: Site,
+    /// Its external IPv4 address (`node-external-ip`), mapped 1:1 by its
+    /// cloud's gateway.
+    pub external4: Option<Ipv4Addr>,
 }
 
 impl Node {
     /// The node's underlay addresses, IPv4 first.
     pub fn ips(&self) -> Vec<IpAddr> {
         self.ip4.map(IpAddr::V4).into_iter().chain(self.ip6.map(IpAddr::V6)).collect()
+    }
+
+    /// Its `node-location`, in a multi-cloud lab that announces them.
+    pub fn location(&self, opts: &LabOptions) -> Option<String> {
+        match self.site {
+            Site::Cloud(k) if opts.multicloud.as_ref().is_some_and(|m| m.locations) => Some(format!("cloud{k}")),
+            _ => None,
+        }
     }
 }
 
@@ -332,9 +385,17 @@ pub fn plan(opts: &LabOptions) -> anyhow::Result<Vec<Node>> {
                 kind,
                 pods,
                 wg_public: None,
+                site: Site::Underlay,
+                external4: None,
             })
         })
-        .collect()
+        .collect::<anyhow::Result<Vec<Node>>>()
+        .and_then(|mut nodes| {
+            if let Some(m) = &opts.multicloud {
+                crate::multicloud::place(m, &mut nodes)?;
+            }
+            Ok(nodes)
+        })
 }
 
 /// The backend's name in Flannel's config and leases.
@@ -348,11 +409,15 @@ fn lease_backend(backend: &str) -> &str {
 
 /// The static datastore of a lab (pure).
 pub fn datastore(opts: &LabOptions, nodes: &[Node]) -> StaticDatastore {
-    let config = NetworkConfig::for_cluster(
+    let mut config = NetworkConfig::for_cluster(
         opts.cluster_v4().map(|n| (n, opts.node_mask_v4)),
         opts.cluster_v6().map(|n| (n, opts.node_mask_v6)),
         lease_backend(&opts.backend),
     );
+    if opts.multicloud.is_some() && opts.backend == "wireguard-native" {
+        // K3s's wireguard-native default: what keeps a NAT's mapping open.
+        config.backend["PersistentKeepaliveInterval"] = 25.into();
+    }
     let leases = nodes
         .iter()
         .map(|n| {
@@ -364,8 +429,16 @@ pub fn datastore(opts: &LabOptions, nodes: &[Node]) -> StaticDatastore {
                 _ => serde_json::Value::Null,
             };
             let tunnel = matches!(opts.backend.as_str(), "vxlan" | "wireguard-native");
+            let data = |mac, v6: bool| match (n.location(opts), n.ip4) {
+                // What the agent announces with node-location (its lease,
+                // when it writes one): the private path beside the data.
+                (Some(location), Some(address)) if !v6 => {
+                    PrivatePath { location, address: address.into() }.add_to(data(mac, v6))
+                }
+                _ => data(mac, v6),
+            };
             let lease = Lease {
-                public_ip: n.ip4,
+                public_ip: n.external4.or(n.ip4),
                 public_ipv6: n.ip6,
                 backend_type: lease_backend(&opts.backend).to_string(),
                 backend_data: if n.ip4.is_some() { data(n.mac, false) } else { data(n.mac6, true) },

@@ -117,14 +117,30 @@ pub type Outgoing<'a> = (&'a [u8], SocketAddr, Option<IpAddr>);
 pub fn set_recv_pktinfo(fd: RawFd, v6: bool) -> io::Result<()> {
     let (level, name) =
         if v6 { (libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO) } else { (libc::IPPROTO_IP, libc::IP_PKTINFO) };
-    let on: libc::c_int = 1;
-    // SAFETY: `on` is a live c_int and its exact size is passed.
+    set_int_opt(fd, level, name, 1)
+}
+
+/// Sends IPv4 datagrams on `fd` without "don't fragment" and at the
+/// interface's MTU whatever the path's (`IP_PMTUDISC_INTERFACE`), as the
+/// kernel's WireGuard and VXLAN devices send their outer packets: a hop of
+/// a smaller MTU (another cloud's network) fragments them rather than drop
+/// them, and an ICMP "fragmentation needed", spoofed or not, cannot lower
+/// what the socket sends (with `UDP_SEGMENT`, a path MTU below the segment
+/// size would make every send fail).
+pub fn set_pmtu_interface(fd: RawFd) -> io::Result<()> {
+    set_int_opt(fd, libc::IPPROTO_IP, libc::IP_MTU_DISCOVER, libc::IP_PMTUDISC_INTERFACE)
+}
+
+/// `setsockopt` of an int option.
+fn set_int_opt(fd: RawFd, level: libc::c_int, name: libc::c_int, value: libc::c_int) -> io::Result<()> {
+    // SAFETY: `value` is a live c_int and its exact size is passed; the
+    // kernel copies it before returning.
     let rc = unsafe {
         libc::setsockopt(
             fd,
             level,
             name,
-            &on as *const libc::c_int as *const libc::c_void,
+            &value as *const libc::c_int as *const libc::c_void,
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
@@ -176,21 +192,7 @@ unsafe fn write_pktinfo(c: *mut libc::cmsghdr, src: IpAddr) {
 
 /// Asks the kernel to coalesce received datagrams of one flow (`UDP_GRO`).
 pub fn set_udp_gro(fd: RawFd) -> io::Result<()> {
-    let on: libc::c_int = 1;
-    // SAFETY: `on` is a live c_int and its exact size is passed.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_UDP,
-            UDP_GRO,
-            &on as *const libc::c_int as *const libc::c_void,
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    set_int_opt(fd, libc::SOL_UDP, UDP_GRO, 1)
 }
 
 /// Slices one [`send_gso`] gathers at most: a header and a payload for
