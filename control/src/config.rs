@@ -46,6 +46,11 @@ pub const AGENT_KEYS: &[(&str, &str)] = &[
     ("busy-poll-us", "microseconds a worker keeps polling after its last packet before it sleeps (default 0: off)"),
     ("ip-masq", "masquerade IPv4 pod traffic leaving the cluster, in nftables table inet weft (default true)"),
     (
+        "node-location-label",
+        "with kube-subnet-mgr: take node-location from this label of the node's Node, such as \
+         topology.kubernetes.io/region (default: none)",
+    ),
+    (
         "node-location",
         "the private network this node is in (a cloud, a site): nodes of one location reach each other at their \
          node-ip, not their external IP (default: none)",
@@ -86,6 +91,9 @@ pub struct KubeSource {
     /// Flannel's `net-conf.json`; `None`: derived from `cluster-cidr` and
     /// `flannel-backend`.
     pub net_config: Option<PathBuf>,
+    /// `node-location-label`: the label of this node's Node that holds
+    /// its `node-location`.
+    pub location_label: Option<String>,
 }
 
 /// The offloads the operator allows the engine (`offload-tun`,
@@ -254,7 +262,7 @@ impl AgentConfig {
             }
         }
         let kube = parse_bool("kube-subnet-mgr", get("kube-subnet-mgr"), false)?;
-        for key in ["kubeconfig", "net-config-path"] {
+        for key in ["kubeconfig", "net-config-path", "node-location-label"] {
             if let (Some(v), false) = (get(key), kube) {
                 return Err(ConfigError::new(key, v, "only with kube-subnet-mgr: true"));
             }
@@ -263,6 +271,7 @@ impl AgentConfig {
             (None, None) if kube => DatastoreSource::Kube(KubeSource {
                 kubeconfig: get("kubeconfig").map(PathBuf::from),
                 net_config: get("net-config-path").map(PathBuf::from),
+                location_label: get("node-location-label").map(str::to_string),
             }),
             (Some(_), _) | (_, Some(_)) if kube => {
                 return Err(ConfigError::new(
@@ -310,6 +319,26 @@ impl AgentConfig {
         let ip_masq = parse_bool("ip-masq", get("ip-masq"), true)?;
         let subnet_file = PathBuf::from(get("subnet-file").unwrap_or("/run/flannel/subnet.env"));
         let node_location = get("node-location").map(str::to_string);
+        if let (Some(label), Some(l)) = (get("node-location-label"), &node_location) {
+            return Err(ConfigError::new(
+                "node-location-label",
+                label,
+                format!("not with node-location (`{l}`): one says where the node is"),
+            ));
+        }
+        if let Some(label) = get("node-location-label") {
+            let ok = label.len() <= 317
+                && label.split('/').count() <= 2
+                && label.split('/').all(|part| !part.is_empty())
+                && label.chars().all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c));
+            if !ok {
+                return Err(ConfigError::new(
+                    "node-location-label",
+                    label,
+                    "a Kubernetes label key: [prefix/]name of letters, digits, '-', '_' and '.'",
+                ));
+            }
+        }
         if let Some(l) = &node_location {
             if !valid_location(l) {
                 return Err(ConfigError::new(
@@ -551,13 +580,18 @@ mod tests {
             c.datastore,
             DatastoreSource::Kube(KubeSource {
                 kubeconfig: Some("/etc/rancher/k3s/k3s.yaml".into()),
-                net_config: None
+                net_config: None,
+                location_label: None,
             })
         );
         let c = parse("node-ip: 10.0.0.1\nkube-subnet-mgr: true\nnet-config-path: n.json\n").unwrap();
         assert_eq!(
             c.datastore,
-            DatastoreSource::Kube(KubeSource { kubeconfig: None, net_config: Some("n.json".into()) })
+            DatastoreSource::Kube(KubeSource {
+                kubeconfig: None,
+                net_config: Some("n.json".into()),
+                location_label: None
+            })
         );
         let e = refused(&format!("{GOOD}kube-subnet-mgr: true\n"));
         assert_eq!((e.key.as_str(), e.value.as_str()), ("kube-subnet-mgr", "true"));
@@ -599,6 +633,22 @@ mod tests {
             let e = refused(&format!("{GOOD}node-location: '{bad}'\n"));
             assert_eq!((e.key.as_str(), e.value.as_str()), ("node-location", bad));
             assert!(e.accepted.contains("a Kubernetes label value"), "{e}");
+        }
+    }
+
+    #[test]
+    fn node_location_label_is_for_the_kube_subnet_manager_and_not_beside_node_location() {
+        let kube = "node-ip: 10.0.0.1\nkube-subnet-mgr: true\n";
+        let c = parse(&format!("{kube}node-location-label: topology.kubernetes.io/region\n")).unwrap();
+        let DatastoreSource::Kube(src) = &c.datastore else { panic!("not kube: {:?}", c.datastore) };
+        assert_eq!(src.location_label.as_deref(), Some("topology.kubernetes.io/region"));
+        let e = refused(&format!("{GOOD}node-location-label: zone\n"));
+        assert_eq!((e.key.as_str(), e.accepted.as_str()), ("node-location-label", "only with kube-subnet-mgr: true"));
+        let e = refused(&format!("{kube}node-location-label: zone\nnode-location: eu\n"));
+        assert!(e.key == "node-location-label" && e.accepted.contains("not with node-location"), "{e}");
+        for bad in ["a b", "a/b/c", "/zone", "zone/"] {
+            let e = refused(&format!("{kube}node-location-label: '{bad}'\n"));
+            assert_eq!((e.key.as_str(), e.value.as_str()), ("node-location-label", bad), "{e}");
         }
     }
 

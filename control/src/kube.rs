@@ -226,6 +226,19 @@ pub fn public_ip_overrides(node: &Node) -> Result<(Option<Ipv4Addr>, Option<Ipv6
     Ok((v4, v6))
 }
 
+/// The `node-location` a Node's label `label` gives: `None` without the
+/// label, an error naming it when its value is no location.
+pub fn location_from_label(node: &Node, label: &str) -> Result<Option<String>, String> {
+    let Some(v) = node.metadata.labels.as_ref().and_then(|l| l.get(label)) else { return Ok(None) };
+    if !crate::config::valid_location(v) {
+        return Err(format!(
+            "the Node's label {label} is `{v}`, which is no location (1 to {} letters, digits, '-', '_' or '.')",
+            crate::config::LOCATION_MAX
+        ));
+    }
+    Ok(Some(v.clone()))
+}
+
 /// The status patch that sets `NetworkUnavailable` to `False`, as Flannel
 /// does once its backend is up. `now` is RFC 3339.
 pub fn network_available_patch(now: &str) -> Value {
@@ -282,6 +295,16 @@ pub fn start(
     let api: Api<Node> = Api::all(client);
     let name = cfg.node_name.clone();
     let node = rt.block_on(wait_for_pod_cidr(&api, &name, &config))?;
+    if let Some(label) = &src.location_label {
+        match location_from_label(&node, label) {
+            Ok(Some(l)) => {
+                tracing::info!(node = %name, location = %l, %label, "node-location from the Node's label");
+                cfg.node_location = Some(l);
+            }
+            Ok(None) => tracing::warn!(node = %name, %label, "the Node has no such label: no node-location"),
+            Err(e) => bail!("config key `node-location-label`: {e}"),
+        }
+    }
     let (v4, v6) = public_ip_overrides(&node).map_err(|e| anyhow::anyhow!("node {name}: {e}"))?;
     for ip in v4.map(IpAddr::V4).into_iter().chain(v6.map(IpAddr::V6)) {
         tracing::info!(node = %name, %ip, "announcing the public address from the node's annotations");
@@ -536,6 +559,20 @@ mod tests {
                 "node.alpha.kubernetes.io/ttl": "0"}},
             "spec": {"podCIDR": "10.42.3.0/24", "podCIDRs": ["10.42.3.0/24"]}
         }))
+    }
+
+    #[test]
+    fn node_location_comes_from_the_label_named_if_it_holds_one() {
+        let labelled = |v: &str| {
+            node(json!({"apiVersion": "v1", "kind": "Node",
+                "metadata": {"name": "n", "labels": {"topology.kubernetes.io/region": v}}}))
+        };
+        let label = "topology.kubernetes.io/region";
+        assert_eq!(location_from_label(&labelled("eu-west-1"), label), Ok(Some("eu-west-1".into())));
+        assert_eq!(location_from_label(&labelled("eu-west-1"), "other"), Ok(None));
+        assert_eq!(location_from_label(&flannel_node(), label), Ok(None), "a Node without labels");
+        let e = location_from_label(&labelled("-x"), label).unwrap_err();
+        assert!(e.contains(label) && e.contains("`-x`"), "{e}");
     }
 
     #[test]
