@@ -191,8 +191,13 @@ pub fn run(l: LabArgs) -> anyhow::Result<ExitCode> {
         .as_ref()
         .map(|e| format!(", the first one's agent {} under qemu-user ({})", e.arch.rust_arch(), e.bin.display()))
         .unwrap_or_default();
+    let clouds = opts
+        .multicloud
+        .as_ref()
+        .map(|m| format!(" in {} clouds behind NAT{}", m.clouds, if m.nat_node { ", the last one at home" } else { "" }))
+        .unwrap_or_default();
     println!(
-        "building lab {}: {} nodes{arm}{}",
+        "building lab {}: {} nodes{clouds}{arm}{}",
         opts.name,
         opts.nodes,
         if opts.kernel_peer {
