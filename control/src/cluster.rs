@@ -120,6 +120,9 @@ pub struct ClusterConfig {
     pub node_external_ips: Vec<IpAddr>,
     /// Peers send tunnel traffic to external IPs rather than internal ones.
     pub flannel_external_ip: bool,
+    /// `flannel-external-ip-unencrypted`: external IPs allowed with vxlan
+    /// and host-gw.
+    pub external_ip_unencrypted: bool,
     /// Masquerade IPv6 pod traffic leaving the cluster.
     pub ipv6_masq: bool,
 }
@@ -189,17 +192,10 @@ impl ClusterConfig {
         // External addresses are for nodes that reach each other across the
         // internet: only WireGuard protects what crosses it.
         let unencrypted = parse_bool("flannel-external-ip-unencrypted", get("flannel-external-ip-unencrypted"))?;
-        if flannel_external_ip && matches!(backend, Backend::Vxlan | Backend::HostGw) && !unencrypted {
-            return Err(ConfigError::new(
-                "flannel-external-ip",
-                "true",
-                format!(
-                    "false with flannel-backend {}: its pod traffic would cross the nodes' external \
-                     network unencrypted and unauthenticated; use flannel-backend wireguard-native, or set \
-                     flannel-external-ip-unencrypted: true if that network is trusted",
-                    backend.name()
-                ),
-            ));
+        if flannel_external_ip && !unencrypted {
+            if let Some(why) = unencrypted_across_external(backend) {
+                return Err(ConfigError::new("flannel-external-ip", "true", format!("false {why}")));
+            }
         }
 
         let ipv6_masq = parse_bool("flannel-ipv6-masq", get("flannel-ipv6-masq"))?;
@@ -232,6 +228,7 @@ impl ClusterConfig {
             node_ips,
             node_external_ips,
             flannel_external_ip,
+            external_ip_unencrypted: unencrypted,
             ipv6_masq,
         })
     }
@@ -627,6 +624,20 @@ fn check_node_ips(
         }
     }
     Ok(())
+}
+
+/// Why external addresses are refused with `backend` (unless
+/// `flannel-external-ip-unencrypted` allows them): only WireGuard protects
+/// what crosses the nodes' external network. `None`: they are fine.
+pub fn unencrypted_across_external(backend: Backend) -> Option<String> {
+    matches!(backend, Backend::Vxlan | Backend::HostGw).then(|| {
+        format!(
+            "with flannel-backend {}: its pod traffic would cross the nodes' external network unencrypted \
+             and unauthenticated; use flannel-backend wireguard-native, or set \
+             flannel-external-ip-unencrypted: true if that network is trusted (K3s only warns)",
+            backend.name()
+        )
+    })
 }
 
 fn parse_bool(key: &str, v: Option<&str>) -> Result<bool, ConfigError> {

@@ -52,8 +52,8 @@ pub const AGENT_KEYS: &[(&str, &str)] = &[
     ),
     (
         "node-location",
-        "the private network this node is in (a cloud, a site): nodes of one location reach each other at their \
-         node-ip, not their external IP (default: none)",
+        "the private network this node is in (a cloud, a site): with wireguard-native, nodes of one location \
+         reach each other at their node-ip, not their external IP (default: none)",
     ),
 ];
 

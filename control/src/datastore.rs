@@ -204,7 +204,12 @@ impl Lease {
         let data = if v6 { self.backend_v6_data.as_ref().unwrap_or(&self.backend_data) } else { &self.backend_data };
         let location = data.get(LOCATION_FIELD)?.as_str()?;
         let address: IpAddr = data.get(INTERNAL_IP_FIELD)?.as_str()?.parse().ok()?;
-        let unicast = !address.is_unspecified() && !address.is_multicast() && address != IpAddr::from([255, 255, 255, 255]);
+        let mapped = matches!(address, IpAddr::V6(a) if a.to_ipv4_mapped().is_some());
+        let unicast = !address.is_unspecified()
+            && !address.is_multicast()
+            && !address.is_loopback()
+            && !mapped
+            && address != IpAddr::from([255, 255, 255, 255]);
         (crate::config::valid_location(location) && address.is_ipv6() == v6 && unicast)
             .then(|| PrivatePath { location: location.to_string(), address })
     }
@@ -472,7 +477,7 @@ mod tests {
         // fields that are wrong are no path either, never an error.
         let plain = Lease { backend_data: WgData { public_key: key, port: 51820 }.to_value(), ..lease.clone() };
         assert_eq!(plain.private_path(false), None);
-        for (loc, addr) in [("eu-1", "fd16::11"), ("-bad", "172.16.0.11"), ("eu-1", "0.0.0.0"), ("eu-1", "x"), ("eu-1", "224.0.0.1")] {
+        for (loc, addr) in [("eu-1", "fd16::11"), ("-bad", "172.16.0.11"), ("eu-1", "0.0.0.0"), ("eu-1", "x"), ("eu-1", "224.0.0.1"), ("eu-1", "127.0.0.1")] {
             let mut data = WgData { public_key: key, port: 51820 }.to_value();
             data[LOCATION_FIELD] = loc.into();
             data[INTERNAL_IP_FIELD] = addr.into();

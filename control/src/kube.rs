@@ -229,7 +229,9 @@ pub fn public_ip_overrides(node: &Node) -> Result<(Option<Ipv4Addr>, Option<Ipv6
 /// The `node-location` a Node's label `label` gives: `None` without the
 /// label, an error naming it when its value is no location.
 pub fn location_from_label(node: &Node, label: &str) -> Result<Option<String>, String> {
-    let Some(v) = node.metadata.labels.as_ref().and_then(|l| l.get(label)) else { return Ok(None) };
+    let Some(v) = node.metadata.labels.as_ref().and_then(|l| l.get(label)).filter(|v| !v.is_empty()) else {
+        return Ok(None);
+    };
     if !crate::config::valid_location(v) {
         return Err(format!(
             "the Node's label {label} is `{v}`, which is no location (1 to {} letters, digits, '-', '_' or '.')",
@@ -302,10 +304,18 @@ pub fn start(
                 cfg.node_location = Some(l);
             }
             Ok(None) => tracing::warn!(node = %name, %label, "the Node has no such label: no node-location"),
-            Err(e) => bail!("config key `node-location-label`: {e}"),
+            // The label is the cluster's data, and a location only saves a
+            // detour: without one the node still reaches every peer.
+            Err(e) => tracing::warn!(node = %name, "config key `node-location-label`: {e}; no node-location"),
         }
     }
     let (v4, v6) = public_ip_overrides(&node).map_err(|e| anyhow::anyhow!("node {name}: {e}"))?;
+    if v4.is_some() || v6.is_some() {
+        let c = &cfg.cluster;
+        if let (false, Some(why)) = (c.external_ip_unencrypted, crate::cluster::unencrypted_across_external(c.backend)) {
+            bail!("node {name}: annotation {} (or {}) refused {why}", annotation(PUBLIC_IP_OVERWRITE), annotation(NODE_PUBLIC_IP));
+        }
+    }
     for ip in v4.map(IpAddr::V4).into_iter().chain(v6.map(IpAddr::V6)) {
         tracing::info!(node = %name, %ip, "announcing the public address from the node's annotations");
         cfg.cluster.node_external_ips.retain(|a| a.is_ipv6() != ip.is_ipv6());

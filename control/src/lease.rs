@@ -86,12 +86,21 @@ impl Hasher for Fnv {
 /// none is there yet.
 pub fn network_config(cfg: &AgentConfig) -> NetworkConfig {
     let c = &cfg.cluster;
-    NetworkConfig::for_cluster(
+    let mut net = NetworkConfig::for_cluster(
         c.cluster_v4().map(|n| (n, c.node_mask_v4)),
         c.cluster_v6().map(|n| (n, c.node_mask_v6)),
         cfg.lease_backend(),
-    )
+    );
+    if c.backend == Backend::WireguardNative {
+        // K3s's wireguard-native default: it keeps NAT mappings open and
+        // lets a node nobody can reach first be learned by its peers.
+        net.backend["PersistentKeepaliveInterval"] = K3S_KEEPALIVE.into();
+    }
+    net
 }
+
+/// K3s's `PersistentKeepaliveInterval` for wireguard-native, in seconds.
+pub const K3S_KEEPALIVE: u16 = 25;
 
 /// The lease value this node announces (pure).
 pub fn our_lease(cfg: &AgentConfig, net: &NetworkConfig, wg_public: Option<[u8; 32]>) -> anyhow::Result<Lease> {
@@ -370,6 +379,17 @@ mod tests {
         assert_eq!(lease.wireguard_data(false).unwrap().public_key, [9; 32]);
         let unlocated = AgentConfig::from_pairs(&AgentConfig::pairs_from_yaml(yaml).unwrap()).unwrap();
         assert_eq!(our_lease(&unlocated, &net, Some([9; 32])).unwrap().private_path(false), None);
+    }
+
+    #[test]
+    fn a_derived_network_config_keeps_alive_as_k3s_does_for_wireguard_only() {
+        let cfg = |backend: &str| {
+            let yaml = format!("node-ip: 10.0.0.1\nflannel-backend: {backend}\ndatastore-file: /x.json\n");
+            AgentConfig::from_pairs(&AgentConfig::pairs_from_yaml(&yaml).unwrap()).unwrap()
+        };
+        let wg = network_config(&cfg("wireguard-native"));
+        assert_eq!(wg.wireguard_options().unwrap().keepalive, K3S_KEEPALIVE);
+        assert_eq!(network_config(&cfg("vxlan")).backend.get("PersistentKeepaliveInterval"), None);
     }
 
     #[test]

@@ -436,7 +436,7 @@ fn gso_pool(local: IpAddr) -> std::io::Result<Vec<std::net::UdpSocket>> {
         let s = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
         let _ = s.set_send_buffer_size(4 << 20);
         if local.is_ipv4() {
-            sys::mmsg::set_pmtu_interface(std::os::fd::AsRawFd::as_raw_fd(&s))?;
+            sys::mmsg::set_pmtu_omit(std::os::fd::AsRawFd::as_raw_fd(&s))?;
         }
         s.bind(&SockAddr::from(SocketAddr::new(local, 0)))?;
         pool.push(s.into());
@@ -458,7 +458,7 @@ fn udp_socket(local: IpAddr, port: u16, reuse: bool) -> std::io::Result<std::net
         // Outer packets without DF, as the kernel's tunnels send them. IPv6
         // routers never fragment: there the kernel's path MTU discovery
         // stays on.
-        sys::mmsg::set_pmtu_interface(std::os::fd::AsRawFd::as_raw_fd(&s))?;
+        sys::mmsg::set_pmtu_omit(std::os::fd::AsRawFd::as_raw_fd(&s))?;
     }
     s.set_reuse_port(reuse)?;
     s.set_nonblocking(true)?;

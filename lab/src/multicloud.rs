@@ -11,7 +11,7 @@
 //! ```text
 //!                  internet <name>-ul: bridge br0, 198.51.100.0/24
 //!        ┌──────────────────────────┼────────────────────────────┐
-//!  <name>-g1 wan0 .1 .101 .103  <name>-g2 wan0 .2 .102     <name>-g0 wan0 .200
+//!  <name>-g1 wan0 .1 .101 .103  <name>-g2 wan0 .2 .102     <name>-g0 wan0 .250
 //!       lan0 172.16.0.1          lan0 172.16.0.1        lan0 192.168.1.1 (home)
 //!  <name>-c1 bridge br0         <name>-c2 bridge br0     <name>-c0 bridge br0
 //!   n1 172.16.0.11  n3 .12       n2 172.16.0.11           n4 192.168.1.10
@@ -35,9 +35,9 @@ use crate::plan::{Check, Lab, Multicloud, Node, Site};
 const EXTERNAL_BASE: u8 = 100;
 /// The home router's address on the internet, and the one its ISP gives it
 /// next ([`Lab::move_home_mapping`]).
-pub const HOME_PUBLIC: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 200);
+pub const HOME_PUBLIC: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 250);
 /// See [`HOME_PUBLIC`].
-pub const HOME_PUBLIC_NEXT: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 201);
+pub const HOME_PUBLIC_NEXT: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 251);
 /// The WireGuard port the cloud gateways map (Flannel's, IPv4).
 const WG_PORT: u16 = 51820;
 /// Name of the nftables counter of ICMP "fragmentation needed" messages a
@@ -204,13 +204,14 @@ pub(crate) fn build_network(lab: &Lab, m: &Multicloud) -> anyhow::Result<()> {
 /// IPv4 source, destination and UDP ports of an Ethernet frame, if it is
 /// an unfragmented UDP datagram or the first fragment of one.
 fn udp4(frame: &[u8]) -> Option<(Ipv4Addr, Ipv4Addr, u16, u16)> {
-    if frame.get(12..14)? != [0x08, 0x00] || *frame.get(23)? != 17 {
+    let ip = frame.get(14..34)?;
+    let ihl = ((ip[0] & 0x0f) as usize) * 4;
+    let first_fragment = u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff == 0;
+    if frame.get(12..14)? != [0x08, 0x00] || ip[0] >> 4 != 4 || ihl < 20 || ip[9] != 17 || !first_fragment {
         return None;
     }
-    let ihl = ((*frame.get(14)? & 0x0f) as usize) * 4;
-    let src = Ipv4Addr::new(frame[26], frame[27], frame[28], frame[29]);
-    let dst = Ipv4Addr::new(*frame.get(30)?, frame[31], frame[32], frame[33]);
     let l4 = frame.get(14 + ihl..14 + ihl + 4)?;
+    let (src, dst) = (Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]), Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]));
     Some((src, dst, u16::from_be_bytes([l4[0], l4[1]]), u16::from_be_bytes([l4[2], l4[3]])))
 }
 
@@ -489,8 +490,17 @@ mod tests {
         f[34..36].copy_from_slice(&51820u16.to_be_bytes());
         f[36..38].copy_from_slice(&40000u16.to_be_bytes());
         assert_eq!(udp4(&f), Some((Ipv4Addr::new(172, 16, 0, 11), Ipv4Addr::new(172, 16, 0, 12), 51820, 40000)));
+        for len in [20, 25, 32, 36] {
+            assert_eq!(udp4(&f[..len]), None, "cut at {len}");
+        }
+        f[20] = 0x00;
+        f[21] = 0xb9;
+        assert_eq!(udp4(&f), None, "a later fragment has no ports");
+        f[21] = 0;
+        f[14] = 0x44;
+        assert_eq!(udp4(&f), None, "a header shorter than 20 bytes");
+        f[14] = 0x45;
         f[23] = 6;
         assert_eq!(udp4(&f), None, "TCP");
-        assert_eq!(udp4(&f[..20]), None, "short");
     }
 }

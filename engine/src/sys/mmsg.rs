@@ -120,15 +120,18 @@ pub fn set_recv_pktinfo(fd: RawFd, v6: bool) -> io::Result<()> {
     set_int_opt(fd, level, name, 1)
 }
 
-/// Sends IPv4 datagrams on `fd` without "don't fragment" and at the
-/// interface's MTU whatever the path's (`IP_PMTUDISC_INTERFACE`), as the
-/// kernel's WireGuard and VXLAN devices send their outer packets: a hop of
-/// a smaller MTU (another cloud's network) fragments them rather than drop
-/// them, and an ICMP "fragmentation needed", spoofed or not, cannot lower
-/// what the socket sends (with `UDP_SEGMENT`, a path MTU below the segment
-/// size would make every send fail).
-pub fn set_pmtu_interface(fd: RawFd) -> io::Result<()> {
-    set_int_opt(fd, libc::IPPROTO_IP, libc::IP_MTU_DISCOVER, libc::IP_PMTUDISC_INTERFACE)
+/// Sends IPv4 datagrams on `fd` without "don't fragment", sized by the
+/// interface's MTU whatever the path's (`IP_PMTUDISC_OMIT`), as the
+/// kernel's WireGuard and VXLAN devices send their outer packets (DF
+/// clear): a hop of a smaller MTU (another cloud's network) fragments them
+/// rather than drop them, and an ICMP "fragmentation needed", spoofed or
+/// not, cannot lower what the socket sends (with `UDP_SEGMENT`, a path MTU
+/// below the segment size would make every send fail). A datagram larger
+/// than the interface (a TUN MTU raised above the underlay's) is still
+/// fragmented here. Unlike the kernel's tunnels, a route's `mtu` below the
+/// interface's is not looked at either.
+pub fn set_pmtu_omit(fd: RawFd) -> io::Result<()> {
+    set_int_opt(fd, libc::IPPROTO_IP, libc::IP_MTU_DISCOVER, libc::IP_PMTUDISC_OMIT)
 }
 
 /// `setsockopt` of an int option.
