@@ -21,7 +21,11 @@ fn multicloud(tag: &str, clouds: usize, nat_node: bool, mtus: Vec<u32>) -> weft_
 
 #[test]
 fn two_clouds_and_a_home_node_carry_pod_traffic_over_their_external_addresses() {
-    let (lab, _g) = up(&multicloud("mc", 2, true, vec![]));
+    // With etcd on the internet: the agents write their own leases, with
+    // their external address and their location, and take their subnets.
+    let mut o = multicloud("mc", 2, true, vec![]);
+    o.datastore = "etcd".into();
+    let (lab, _g) = up(&o);
     let sites: Vec<Site> = lab.nodes.iter().map(|n| n.site).collect();
     assert_eq!(sites, [Site::Cloud(1), Site::Cloud(2), Site::Cloud(1), Site::Home]);
     let checks = lab.check();
@@ -31,6 +35,21 @@ fn two_clouds_and_a_home_node_carry_pod_traffic_over_their_external_addresses() 
     assert!(checks.iter().any(|c| c.name.contains("(one cloud) talk past their gateway")), "same-cloud check ran");
     assert!(checks.iter().any(|c| c.name.contains("across a change of the home NAT's address")), "NAT move ran");
     assert_all_passed(&lab, &checks);
+    // What the agents announced: the cloud nodes their external address and
+    // their location with their node-ip, the home node its own address.
+    let leases = lab.with_etcd(|store| Ok(store.leases()?.leases)).unwrap();
+    for n in &lab.nodes {
+        let lease = &leases[&n.key];
+        let path = lease.private_path(false);
+        match n.site {
+            Site::Cloud(k) => {
+                assert_eq!(lease.public_ip, n.external4, "{}", n.ns);
+                let p = path.unwrap_or_else(|| panic!("{} announced no private path", n.ns));
+                assert_eq!((p.location, p.address), (format!("cloud{k}"), n.ip4.unwrap().into()));
+            }
+            _ => assert_eq!((lease.public_ip, path), (n.ip4, None), "{}", n.ns),
+        }
+    }
 }
 
 #[test]

@@ -1,10 +1,11 @@
 //! A Raspberry Pi node in the lab (root): the first node's agent is the
 //! aarch64 (or armv7) weft binary under qemu-user, next to an x86 node, for
 //! backends vxlan and wireguard-native on both; every usual check passes, and the
-//! node reports its architecture. The Pi binaries are cross-built beside
-//! the test's weft (`cargo build --target aarch64-unknown-linux-gnu --bin
-//! weft`, the same for armv7-unknown-linux-gnueabihf); `scripts/test` builds
-//! them before the tests, and a missing one fails the test with that command.
+//! node reports its architecture. The Pi binaries (the node build) are
+//! cross-built beside the test's weft (`cargo build --target
+//! aarch64-unknown-linux-gnu --no-default-features --bin weft`, the same for
+//! armv7-unknown-linux-gnueabihf); `scripts/test` builds them before the
+//! tests, and a missing one fails the test with that command.
 
 mod common;
 

@@ -189,7 +189,17 @@ pub fn source_seen(client: &str, server: &str, to: IpAddr) -> anyhow::Result<IpA
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let listener = netns::spawn_in_netns(server, move || -> anyhow::Result<IpAddr> {
         let any: IpAddr = if to.is_ipv6() { Ipv6Addr::UNSPECIFIED.into() } else { Ipv4Addr::UNSPECIFIED.into() };
-        let l = TcpListener::bind((any, SOURCE_PORT)).context("binding the source check's server")?;
+        // The previous check's server may still hold the port for a moment.
+        let deadline = Instant::now() + Duration::from_secs(3);
+        let l = loop {
+            match TcpListener::bind((any, SOURCE_PORT)) {
+                Ok(l) => break l,
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50))
+                }
+                Err(e) => return Err(e).context("binding the source check's server"),
+            }
+        };
         l.set_nonblocking(true)?;
         let _ = ready_tx.send(());
         let deadline = Instant::now() + Duration::from_secs(10);

@@ -27,16 +27,19 @@ pub fn etcd_url(lab: &Lab) -> String {
 
 /// `host:port` of the lab's etcd.
 fn etcd_authority(lab: &Lab) -> String {
-    if lab.opts.cluster_v4().is_some() {
-        format!("192.168.77.254:{ETCD_PORT}")
-    } else {
-        format!("[fd77::fe]:{ETCD_PORT}")
+    match etcd_ip(lab) {
+        IpAddr::V4(a) => format!("{a}:{ETCD_PORT}"),
+        IpAddr::V6(a) => format!("[{a}]:{ETCD_PORT}"),
     }
 }
 
-/// The address etcd's server certificate is made for.
+/// The address etcd listens on and its server certificate is made for:
+/// the underlay bridge's own, or in a multi-cloud lab an address on the
+/// internet, where every cloud and the home node reach it through NAT.
 fn etcd_ip(lab: &Lab) -> IpAddr {
-    if lab.opts.cluster_v4().is_some() {
+    if lab.opts.multicloud.is_some() {
+        IpAddr::V4(crate::multicloud::SERVICE_PUBLIC)
+    } else if lab.opts.cluster_v4().is_some() {
         IpAddr::from([192, 168, 77, 254])
     } else {
         IpAddr::from([0xfd77, 0, 0, 0, 0, 0, 0, 0xfe])

@@ -38,6 +38,9 @@ const EXTERNAL_BASE: u8 = 100;
 pub const HOME_PUBLIC: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 250);
 /// See [`HOME_PUBLIC`].
 pub const HOME_PUBLIC_NEXT: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 251);
+/// Where the lab's services (etcd) listen on the internet, as a K3s
+/// server with a public address would.
+pub const SERVICE_PUBLIC: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 254);
 /// The WireGuard port the cloud gateways map (Flannel's, IPv4).
 const WG_PORT: u16 = 51820;
 /// Name of the nftables counter of ICMP "fragmentation needed" messages a

@@ -61,11 +61,11 @@ pub fn up(opts: &LabOptions) -> anyhow::Result<Lab> {
         bail!("--etcd-tls and --etcd-auth need --datastore etcd");
     }
     if opts.multicloud.is_some()
-        && (opts.backend != "wireguard-native" || opts.datastore != "file" || opts.kernel_peer || opts.wg_peer.is_some())
+        && (opts.backend != "wireguard-native" || opts.datastore == "kube" || opts.kernel_peer || opts.wg_peer.is_some())
     {
         bail!(
-            "--multicloud runs weft nodes with --backend wireguard-native and --datastore file: \
-             only WireGuard may cross the internet"
+            "--multicloud runs weft nodes with --backend wireguard-native (only WireGuard may cross the \
+             internet) and --datastore file or etcd"
         );
     }
     let mut lab =
@@ -178,7 +178,8 @@ fn build(lab: &mut Lab) -> anyhow::Result<()> {
         // The agents chose their subnets; learn them, and their VTEP MACs.
         let leases = lab.with_etcd(|store| Ok(store.leases()?.leases))?;
         for n in &mut lab.nodes {
-            let ips = n.ips();
+            // A node behind NAT announces its external address.
+            let ips: Vec<std::net::IpAddr> = n.ips().into_iter().chain(n.external4.map(Into::into)).collect();
             let (key, lease) = leases
                 .iter()
                 .find(|(_, l)| l.public_ips().any(|a| ips.contains(&a)))
@@ -221,7 +222,10 @@ fn learn(n: &mut Node, lease: &Lease) {
 /// IPv6-only lab), where the lab's services (etcd, the API server) listen.
 pub(crate) fn underlay_service_address(lab: &Lab) -> anyhow::Result<()> {
     let ul = format!("{}-ul", lab.opts.name);
-    if lab.opts.cluster_v4().is_some() {
+    if lab.opts.multicloud.is_some() {
+        let a = format!("{}/24", crate::multicloud::SERVICE_PUBLIC);
+        ip(&["-n", &ul, "addr", "replace", &a, "dev", "br0"])?;
+    } else if lab.opts.cluster_v4().is_some() {
         ip(&["-n", &ul, "addr", "replace", "192.168.77.254/24", "dev", "br0"])?;
     } else {
         ip(&["-n", &ul, "addr", "replace", "fd77::fe/64", "dev", "br0", "nodad"])?;
