@@ -79,7 +79,7 @@ pub struct LabArgs {
     node_bin: Option<std::path::PathBuf>,
     /// Nodes in separate private networks ("clouds") behind NAT gateways,
     /// joined over an internet bridge by their external addresses
-    /// (`node-external-ip`, `flannel-external-ip`); wireguard-native only.
+    /// (`node-external-ip`, `flannel-external-ip`); wireguard-native, file or etcd.
     #[arg(long)]
     multicloud: bool,
     /// With --multicloud: how many clouds.
