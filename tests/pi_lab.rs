@@ -3,9 +3,9 @@
 //! backends vxlan and wireguard-native on both; every usual check passes, and the
 //! node reports its architecture. The Pi binaries (the node build) are
 //! cross-built beside the test's weft (`cargo build --target
-//! aarch64-unknown-linux-gnu --no-default-features --bin weft`, the same for
-//! armv7-unknown-linux-gnueabihf); `scripts/test` builds them before the
-//! tests, and a missing one fails the test with that command.
+//! aarch64-unknown-linux-gnu --profile cross --no-default-features --bin
+//! weft`, the same for armv7-unknown-linux-gnueabihf); `scripts/test` builds
+//! them before the tests, and a missing one fails the test with that command.
 
 mod common;
 

@@ -141,24 +141,34 @@ pub fn qemu_for(arch: NodeArch) -> anyhow::Result<(&'static str, PathBuf)> {
     }
 }
 
+/// The cargo profile the tests' cross builds use (`scripts/test`, the
+/// `cross` profile of Cargo.toml): where a debug lab looks for an emulated
+/// node's binary when none was built with its own profile.
+pub const CROSS_PROFILE: &str = "cross";
+
 /// The emulated first node of `--node-arch`: its binary as given, or the
-/// one beside `host_bin`; refused if it is not there.
+/// one beside `host_bin`: for a debug build the `cross` profile's if there
+/// is one, else the same profile's; refused if there is none.
 pub fn emulated(arch: NodeArch, bin: Option<PathBuf>, host_bin: &Path) -> anyhow::Result<Emulated> {
+    let release = host_bin.parent().and_then(|p| p.file_name()).is_some_and(|n| n == "release");
     let bin = match bin {
         Some(b) => b,
-        None => arch.binary_beside(host_bin).context("no target directory beside this binary")?,
+        None => {
+            let same = arch.binary_beside(host_bin).context("no target directory beside this binary")?;
+            match arch.binary_in(host_bin, CROSS_PROFILE) {
+                Some(cross) if !release && cross.is_file() => cross,
+                _ => same,
+            }
+        }
     };
     if !bin.is_file() {
         bail!(
-            "--node-arch {}: no weft binary at {} (build it with `cargo build --target {}`{}, or pass --node-bin)",
+            "--node-arch {}: no weft binary at {} (build it with `cargo build --target {} --no-default-features{}`, \
+             or pass --node-bin)",
             arch.rust_arch(),
             bin.display(),
             arch.triple(),
-            if host_bin.parent().and_then(|p| p.file_name()).is_some_and(|n| n == "release") {
-                " --release"
-            } else {
-                ""
-            }
+            if release { " --release" } else { " --profile cross" },
         );
     }
     qemu_for(arch)?;

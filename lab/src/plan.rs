@@ -71,9 +71,16 @@ impl NodeArch {
     /// The cross-built weft beside a host build: `<target>/<profile>/weft`
     /// gives `<target>/<triple>/<profile>/weft`.
     pub fn binary_beside(self, host_bin: &std::path::Path) -> Option<PathBuf> {
-        let profile_dir = host_bin.parent()?;
-        let target_dir = profile_dir.parent()?;
-        Some(target_dir.join(self.triple()).join(profile_dir.file_name()?).join(host_bin.file_name()?))
+        self.binary_in(host_bin, host_bin.parent()?.file_name()?.to_str()?)
+    }
+
+    /// The cross-built weft of cargo profile `profile` beside a host
+    /// build: `<target>/<triple>/<profile dir>/weft` (`dev` builds to
+    /// `debug`).
+    pub fn binary_in(self, host_bin: &std::path::Path, profile: &str) -> Option<PathBuf> {
+        let target_dir = host_bin.parent()?.parent()?;
+        let dir = if profile == "dev" { "debug" } else { profile };
+        Some(target_dir.join(self.triple()).join(dir).join(host_bin.file_name()?))
     }
 }
 
@@ -469,6 +476,16 @@ mod tests {
         assert_eq!(parsed.leases.len(), 3);
         let (_, l) = parsed.lease_of("192.168.77.2".parse().unwrap()).unwrap();
         assert_eq!(l.vxlan_data(false).unwrap().vtep_mac, [0x0a, 0x58, 0x0a, 0xf4, 2, 0]);
+    }
+
+    #[test]
+    fn an_emulated_nodes_binary_is_looked_for_beside_the_host_build() {
+        let host = std::path::Path::new("t/target/debug/weft");
+        let a = NodeArch::Aarch64;
+        assert_eq!(a.binary_beside(host).unwrap(), PathBuf::from("t/target/aarch64-unknown-linux-gnu/debug/weft"));
+        assert_eq!(a.binary_in(host, "dev").unwrap(), PathBuf::from("t/target/aarch64-unknown-linux-gnu/debug/weft"));
+        let cross = NodeArch::Armv7.binary_in(host, "cross").unwrap();
+        assert_eq!(cross, PathBuf::from("t/target/armv7-unknown-linux-gnueabihf/cross/weft"));
     }
 
     #[test]
