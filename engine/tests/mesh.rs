@@ -422,6 +422,33 @@ fn wireguard_follows_a_roaming_peer() {
     assert_eq!(m.sent_of(0, 1) + m.sent_of(1, 1), 1, "no new handshake");
 }
 
+/// wireguard-go's `tests/netns.sh` (its crypto-RP part): a datagram that
+/// authenticates but whose inner source is outside the peer's allowed IPs
+/// is dropped, and the peer's endpoint still moves to where it came from,
+/// as wireguard-go and the kernel do (the endpoint follows the latest
+/// authenticated datagram, before the allowed-IPs check).
+#[test]
+fn wireguard_follows_an_authenticated_datagram_its_allowed_ips_refuse() {
+    let mut m = Mesh::new(2, Kind::Wireguard);
+    m.send(0, 1, 0);
+    m.run(Duration::from_secs(1), Duration::from_millis(100));
+    assert_eq!(m.got(1), vec![packet(0, 1, 0)]);
+    let moved = SocketAddr::new(IpAddr::from([198, 51, 100, 9]), 9997);
+    m.nodes[0].dp.families[0].local = moved;
+    // From a source node 1 does not route to node 0: not node 0's to send.
+    let spoofed = weft_testkit::tcp_ipv4([10, 244, 9, 2], [10, 244, 2, 2], 200, 1000);
+    m.nodes[0].dp.pod.push(spoofed);
+    m.step(Duration::from_millis(100));
+    assert_eq!(m.drops(1, DropCause::Engine(EngineDrop::WgAllowedIps)), 1, "refused by the allowed IPs");
+    assert_eq!(m.got(1), vec![packet(0, 1, 0)], "nothing of it delivered");
+    assert_eq!(m.nodes[1].wg[0].as_ref().unwrap().lock().endpoint, Some(moved), "the endpoint moved anyway");
+    // And node 1's answers go there.
+    m.send(1, 0, 2000);
+    m.step(Duration::from_millis(100));
+    m.step(Duration::from_millis(100));
+    assert_eq!(m.got(0), vec![packet(1, 0, 2000)]);
+}
+
 #[test]
 fn wireguard_resumes_after_a_peer_changes_its_key() {
     let mut m = Mesh::new(2, Kind::Wireguard);
