@@ -256,6 +256,9 @@ enum Event {
     Stop,
     /// A new view from etcd.
     View(StaticDatastore),
+    /// A worker of the engine stopped on its own: its TUN queue or socket
+    /// failed (the device was deleted, for instance).
+    WorkerStopped,
 }
 
 /// Runs the agent until SIGTERM or SIGINT.
@@ -444,11 +447,33 @@ pub fn run(mut cfg: AgentConfig) -> anyhow::Result<()> {
             }
         }
     });
+    if let Some(e) = &engine {
+        let (stopped, worker_tx) = (e.stopped(), tx.clone());
+        std::thread::Builder::new().name("weft-watch".into()).spawn(move || {
+            while stopped.recv().is_ok() {
+                if worker_tx.send(Event::WorkerStopped).is_err() {
+                    return;
+                }
+            }
+        })?;
+    }
     let own_key = want.own_key;
     let mut plane = Plane { engine: engine.as_ref(), nl: &mut nl, tun, local: &local };
+    let mut failed = None;
     for ev in rx {
         let view = match (ev, &cfg.datastore) {
             (Event::Stop, _) => break,
+            // A half-dead data path loses packets without a word; a process
+            // that ends is restarted (systemd, the DaemonSet) and makes its
+            // device anew, as after a kill.
+            (Event::WorkerStopped, _) => {
+                failed = Some(format!(
+                    "a worker of the data path stopped (is the TUN device {} gone?); exiting so that a restart \
+                     makes it anew",
+                    cfg.tun_name
+                ));
+                break;
+            }
             (Event::Reload, DatastoreSource::File(path)) => StaticDatastore::load(path).map_err(anyhow::Error::from),
             (Event::Reload, DatastoreSource::Etcd { .. } | DatastoreSource::Kube(_)) => continue,
             (Event::View(v), _) => Ok(v),
@@ -477,7 +502,10 @@ pub fn run(mut cfg: AgentConfig) -> anyhow::Result<()> {
     if let Some(k) = keeper {
         let _ = k.join();
     }
-    Ok(())
+    match failed {
+        Some(why) => bail!(why),
+        None => Ok(()),
+    }
 }
 
 /// What an update changes: the engine's snapshot and the kernel's routes.

@@ -502,3 +502,35 @@ fn host_gw_lab_routes_via_nodes_without_encapsulation() {
     assert!(route.contains("via 192.168.77.2 dev eth0"), "{route}");
     assert!(netns::run("ip", &["-n", &n1.ns, "link", "show", "weft0"]).is_err(), "no TUN device");
 }
+
+/// The TUN device deleted under a running agent: its workers stop, and the
+/// agent says so and exits non-zero rather than run on half dead; started
+/// again (as systemd or the DaemonSet would), it makes the device anew and
+/// traffic resumes.
+#[test]
+fn an_agent_whose_tun_is_deleted_says_so_exits_and_a_restart_resumes_traffic() {
+    use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+    let mut o = options("d");
+    o.nodes = 2;
+    o.transfer_mib = 16;
+    let (lab, _g) = up(&o);
+    let (n1, n2) = (&lab.nodes[0], &lab.nodes[1]);
+    let pid: i32 = std::fs::read_to_string(lab.dir.join("n1.pid")).unwrap().trim().parse().unwrap();
+    let pid = nix::unistd::Pid::from_raw(pid);
+    netns::run("ip", &["-n", &n1.ns, "link", "del", "weft0"]).unwrap();
+    let mut status = None;
+    common::wait_for("the agent to exit", Duration::from_secs(10), || {
+        match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(_, code)) => status = Some(code),
+            Ok(WaitStatus::Signaled(..)) => status = Some(-1),
+            _ => {}
+        }
+        status.is_some()
+    });
+    assert_eq!(status.filter(|c| *c != 0).map(|_| "non-zero"), Some("non-zero"), "exit status {status:?}");
+    let log = std::fs::read_to_string(lab.dir.join("n1.log")).unwrap();
+    assert!(log.contains("is the TUN device weft0 gone?"), "the agent said why: {log}");
+    lab.restart_agent(n1).unwrap();
+    let c = lab::transfer_check(&n2.pods[0], &n1.pods[0], false, 16 << 20);
+    assert!(c.passed, "{}: {}", c.name, c.detail);
+}
