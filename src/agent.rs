@@ -263,6 +263,9 @@ enum Event {
 
 /// Runs the agent until SIGTERM or SIGINT.
 pub fn run(mut cfg: AgentConfig) -> anyhow::Result<()> {
+    // Before anything is made: a node that cannot write its subnet.env
+    // would bring up a data path no pod can use.
+    check_subnet_file(&cfg)?;
     let (tx, rx) = crossbeam_channel::unbounded::<Event>();
     let keeper_stop = Arc::new(AtomicBool::new(false));
     // Set once the data path is up (the Kubernetes subnet manager then
@@ -613,6 +616,26 @@ impl PeerState {
         self.wg.insert(p.key, peer.clone());
         Some(peer)
     }
+}
+
+/// That `subnet.env` can be written where config key `subnet-file` says:
+/// its directory is made if missing, and a file is created and removed
+/// beside it. Refused with the key, the path and the reason.
+fn check_subnet_file(cfg: &AgentConfig) -> anyhow::Result<()> {
+    let path = &cfg.subnet_file;
+    let probe = path.with_extension("tmp");
+    let tried = path
+        .parent()
+        .map_or(Ok(()), std::fs::create_dir_all)
+        .and_then(|()| std::fs::File::create(&probe))
+        .and_then(|_| std::fs::remove_file(&probe));
+    tried.map_err(|e| {
+        anyhow::anyhow!(
+            "config key `subnet-file`: value `{}` refused: cannot write there ({e}); the CNI plugin reads it, \
+             so its directory must be writable",
+            path.display()
+        )
+    })
 }
 
 fn write_subnet_env(cfg: &AgentConfig, env: &str) -> anyhow::Result<()> {

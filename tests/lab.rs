@@ -534,3 +534,44 @@ fn an_agent_whose_tun_is_deleted_says_so_exits_and_a_restart_resumes_traffic() {
     let c = lab::transfer_check(&n2.pods[0], &n1.pods[0], false, 16 << 20);
     assert!(c.passed, "{}: {}", c.name, c.detail);
 }
+
+/// A `subnet.env` that cannot be written (its "directory" is a file here:
+/// root may write anywhere else) is refused at start with the key, the
+/// path and the reason, before the agent makes any device: run in a
+/// namespace of its own, which holds no TUN afterwards.
+#[test]
+fn an_unwritable_subnet_file_is_refused_at_start_with_the_path_and_reason() {
+    common::require_root();
+    let ns = common::unique_name("sf");
+    netns::run("ip", &["netns", "add", &ns]).unwrap();
+    struct Ns(String);
+    impl Drop for Ns {
+        fn drop(&mut self) {
+            let _ = netns::run("ip", &["netns", "del", &self.0]);
+        }
+    }
+    let _ns = Ns(ns.clone());
+    let dir = std::env::temp_dir().join(&ns);
+    std::fs::create_dir_all(&dir).unwrap();
+    let not_a_dir = dir.join("file");
+    std::fs::write(&not_a_dir, "").unwrap();
+    let ds = dir.join("ds.json");
+    let o = options("sfds");
+    let nodes = lab::plan(&o).unwrap();
+    std::fs::write(&ds, lab::datastore(&o, &nodes).to_json()).unwrap();
+    let subnet_file = not_a_dir.join("subnet.env");
+    let out = Command::new("ip")
+        .args(["netns", "exec", &ns])
+        .arg(common::weft_bin())
+        .args(["agent", "--node-ip", "192.168.77.1", "--metrics-addr", "", "--tun-name", "wsf0"])
+        .args(["--datastore-file", &ds.display().to_string(), "--subnet-file", &subnet_file.display().to_string()])
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "started: {text}");
+    assert!(text.contains("config key `subnet-file`") && text.contains(&subnet_file.display().to_string()), "{text}");
+    // Making the directory fails first: a file holds its name.
+    assert!(text.contains("File exists") || text.contains("Not a directory"), "the reason: {text}");
+    assert!(netns::run("ip", &["-n", &ns, "link", "show", "wsf0"]).is_err(), "no device was made");
+}
