@@ -722,7 +722,10 @@ mod tests {
         assert_eq!(endpoint(&d, 2), "198.51.100.102:51820", "another location, its node-ip the same as ours");
         assert_eq!(endpoint(&d, 4), "192.168.1.10:51820", "no location: the lease's address");
         // The peer's VTEP (what it is known by) stays its lease address.
-        assert_eq!(d.peers.iter().find(|p| p.key.to_string() == "10.244.3.0-24").unwrap().vtep4.unwrap().addr.to_string(), "198.51.100.103");
+        assert_eq!(
+            d.peers.iter().find(|p| p.key.to_string() == "10.244.3.0-24").unwrap().vtep4.unwrap().addr.to_string(),
+            "198.51.100.103"
+        );
         let d = desired(&cfg_with("172.16.0.11", &base), &ds).unwrap();
         assert_eq!(endpoint(&d, 3), "198.51.100.103:51820", "no location of our own: every peer at its lease address");
     }

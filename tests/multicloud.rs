@@ -85,7 +85,10 @@ fn vxlan_across_external_addresses_is_refused_with_the_advice_unless_allowed() {
     for backend in ["vxlan", "host-gw"] {
         let (status, text) = agent_with_external_ip(backend, &[]);
         assert!(!status.success(), "{backend} accepted: {text}");
-        assert!(text.contains("flannel-external-ip") && text.contains("use flannel-backend wireguard-native"), "{text}");
+        assert!(
+            text.contains("flannel-external-ip") && text.contains("use flannel-backend wireguard-native"),
+            "{text}"
+        );
         // With the explicit key the configuration is taken: the agent goes
         // on to its datastore (which does not exist here) and stops there.
         let (status, text) = agent_with_external_ip(backend, &["--flannel-external-ip-unencrypted", "true"]);

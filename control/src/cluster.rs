@@ -1083,13 +1083,19 @@ mod tests {
     #[test]
     fn flannel_external_ip_with_an_unencrypted_backend_is_refused_unless_allowed() {
         for backend in ["vxlan", "host-gw"] {
-            let kv = [("flannel-external-ip", "true"), ("node-external-ip", "203.0.113.7"), ("flannel-backend", backend)];
+            let kv =
+                [("flannel-external-ip", "true"), ("node-external-ip", "203.0.113.7"), ("flannel-backend", backend)];
             refused(&kv, "flannel-external-ip", "true", "use flannel-backend wireguard-native");
             refused(&kv, "flannel-external-ip", "true", backend);
             let allowed = [kv[0], kv[1], kv[2], ("flannel-external-ip-unencrypted", "true")];
             assert!(good(&allowed).flannel_external_ip, "{backend} allowed by the explicit key");
         }
-        refused(&[("flannel-external-ip-unencrypted", "yes")], "flannel-external-ip-unencrypted", "yes", "true or false");
+        refused(
+            &[("flannel-external-ip-unencrypted", "yes")],
+            "flannel-external-ip-unencrypted",
+            "yes",
+            "true or false",
+        );
         // The internal addresses of one network: vxlan as ever.
         assert_eq!(good(&[("node-external-ip", "203.0.113.7")]).backend, Backend::Vxlan);
     }

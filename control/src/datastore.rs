@@ -472,12 +472,23 @@ mod tests {
         let again = Lease::parse(serde_json::to_string(&lease).unwrap().as_bytes()).unwrap();
         assert_eq!(again.private_path(false), Some(path));
         assert_eq!(again.private_path(true), Some(path6));
-        assert_eq!(again.wireguard_data(false).unwrap(), WgData { public_key: key, port: 51820 }, "still wireguard data");
+        assert_eq!(
+            again.wireguard_data(false).unwrap(),
+            WgData { public_key: key, port: 51820 },
+            "still wireguard data"
+        );
         // A lease without the fields (kernel Flannel's) has no private path;
         // fields that are wrong are no path either, never an error.
         let plain = Lease { backend_data: WgData { public_key: key, port: 51820 }.to_value(), ..lease.clone() };
         assert_eq!(plain.private_path(false), None);
-        for (loc, addr) in [("eu-1", "fd16::11"), ("-bad", "172.16.0.11"), ("eu-1", "0.0.0.0"), ("eu-1", "x"), ("eu-1", "224.0.0.1"), ("eu-1", "127.0.0.1")] {
+        for (loc, addr) in [
+            ("eu-1", "fd16::11"),
+            ("-bad", "172.16.0.11"),
+            ("eu-1", "0.0.0.0"),
+            ("eu-1", "x"),
+            ("eu-1", "224.0.0.1"),
+            ("eu-1", "127.0.0.1"),
+        ] {
             let mut data = WgData { public_key: key, port: 51820 }.to_value();
             data[LOCATION_FIELD] = loc.into();
             data[INTERNAL_IP_FIELD] = addr.into();

@@ -312,8 +312,13 @@ pub fn start(
     let (v4, v6) = public_ip_overrides(&node).map_err(|e| anyhow::anyhow!("node {name}: {e}"))?;
     if v4.is_some() || v6.is_some() {
         let c = &cfg.cluster;
-        if let (false, Some(why)) = (c.external_ip_unencrypted, crate::cluster::unencrypted_across_external(c.backend)) {
-            bail!("node {name}: annotation {} (or {}) refused {why}", annotation(PUBLIC_IP_OVERWRITE), annotation(NODE_PUBLIC_IP));
+        if let (false, Some(why)) = (c.external_ip_unencrypted, crate::cluster::unencrypted_across_external(c.backend))
+        {
+            bail!(
+                "node {name}: annotation {} (or {}) refused {why}",
+                annotation(PUBLIC_IP_OVERWRITE),
+                annotation(NODE_PUBLIC_IP)
+            );
         }
     }
     for ip in v4.map(IpAddr::V4).into_iter().chain(v6.map(IpAddr::V6)) {

@@ -368,10 +368,9 @@ mod tests {
         let yaml = "node-ip: 172.16.0.11\nnode-external-ip: 198.51.100.101\nflannel-external-ip: true\n\
                     flannel-backend: wireguard-native\ncluster-cidr: 10.244.0.0/16\ndatastore-file: /x.json\n";
         let net = NetworkConfig::for_cluster(Some(("10.244.0.0/16".parse().unwrap(), 24)), None, "wireguard");
-        let located = AgentConfig::from_pairs(
-            &AgentConfig::pairs_from_yaml(&format!("{yaml}node-location: eu-1\n")).unwrap(),
-        )
-        .unwrap();
+        let located =
+            AgentConfig::from_pairs(&AgentConfig::pairs_from_yaml(&format!("{yaml}node-location: eu-1\n")).unwrap())
+                .unwrap();
         let lease = our_lease(&located, &net, Some([9; 32])).unwrap();
         assert_eq!(lease.public_ip, Some("198.51.100.101".parse().unwrap()), "peers elsewhere: the external IP");
         let path = lease.private_path(false).expect("a private path");

@@ -103,7 +103,8 @@ pub struct LabArgs {
 fn cloud_mtus(values: &[String], clouds: usize) -> anyhow::Result<Vec<u32>> {
     let mut mtus = vec![crate::UNDERLAY_MTU; clouds];
     for v in values {
-        let parsed = v.split_once('=').and_then(|(k, m)| Some((k.trim().parse::<usize>().ok()?, m.trim().parse::<u32>().ok()?)));
+        let parsed =
+            v.split_once('=').and_then(|(k, m)| Some((k.trim().parse::<usize>().ok()?, m.trim().parse::<u32>().ok()?)));
         match parsed {
             Some((k, m)) if (1..=clouds).contains(&k) && (1280..=9000).contains(&m) => mtus[k - 1] = m,
             _ => anyhow::bail!("--cloud-mtu {v}: K=MTU with K a cloud from 1 to {clouds} and MTU from 1280 to 9000"),
@@ -194,7 +195,9 @@ pub fn run(l: LabArgs) -> anyhow::Result<ExitCode> {
     let clouds = opts
         .multicloud
         .as_ref()
-        .map(|m| format!(" in {} clouds behind NAT{}", m.clouds, if m.nat_node { ", the last one at home" } else { "" }))
+        .map(|m| {
+            format!(" in {} clouds behind NAT{}", m.clouds, if m.nat_node { ", the last one at home" } else { "" })
+        })
         .unwrap_or_default();
     println!(
         "building lab {}: {} nodes{clouds}{arm}{}",

@@ -75,9 +75,9 @@ pub use checks::{source_seen, table, transfer_check};
 pub use cli::{run, LabAction, LabArgs};
 pub use etcd::{etcd_certs, etcd_security, etcd_url, ETCD_PORT, ETCD_USER};
 pub use kube::KubeLab;
+pub use multicloud::{gateway_ns, switch_ns, HOME_PUBLIC, HOME_PUBLIC_NEXT};
 pub use namespaces::{
     down, internet_ips, internet_ns, up, valid_name, CNI_PATH, INTERNET_V4, INTERNET_V6, STATE_ROOT, UNDERLAY_MTU,
 };
 pub use peers::{find_program, wg_ifname};
-pub use multicloud::{gateway_ns, switch_ns, HOME_PUBLIC, HOME_PUBLIC_NEXT};
 pub use plan::{datastore, plan, Check, Emulated, Lab, LabOptions, Multicloud, Node, NodeArch, NodeKind, Pod, Site};

@@ -338,7 +338,9 @@ impl Lab {
             if direct < 6 || via_gw > 0 {
                 bail!("{direct} datagrams went directly between {ai} and {bi}, {via_gw} of theirs crossed the gateway");
             }
-            Ok(format!("{direct} WireGuard datagrams {ai} <-> {bi} on the cloud's network, none of theirs at the gateway"))
+            Ok(format!(
+                "{direct} WireGuard datagrams {ai} <-> {bi} on the cloud's network, none of theirs at the gateway"
+            ))
         };
         match run() {
             Ok(detail) => Check { name, passed: true, detail },
@@ -416,11 +418,8 @@ impl Lab {
         let name = format!("no ICMP fragmentation-needed at {gw}");
         match exec(&gw, "nft", &["list", "counter", "ip", "weftlab", FRAG_COUNTER]) {
             Ok(out) => {
-                let packets = out
-                    .split_whitespace()
-                    .skip_while(|w| *w != "packets")
-                    .nth(1)
-                    .and_then(|p| p.parse::<u64>().ok());
+                let packets =
+                    out.split_whitespace().skip_while(|w| *w != "packets").nth(1).and_then(|p| p.parse::<u64>().ok());
                 match packets {
                     Some(0) => Check { name, passed: true, detail: "0 messages".into() },
                     Some(p) => Check { name, passed: false, detail: format!("{p} messages") },

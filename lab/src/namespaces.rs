@@ -61,7 +61,10 @@ pub fn up(opts: &LabOptions) -> anyhow::Result<Lab> {
         bail!("--etcd-tls and --etcd-auth need --datastore etcd");
     }
     if opts.multicloud.is_some()
-        && (opts.backend != "wireguard-native" || opts.datastore == "kube" || opts.kernel_peer || opts.wg_peer.is_some())
+        && (opts.backend != "wireguard-native"
+            || opts.datastore == "kube"
+            || opts.kernel_peer
+            || opts.wg_peer.is_some())
     {
         bail!(
             "--multicloud runs weft nodes with --backend wireguard-native (only WireGuard may cross the \
