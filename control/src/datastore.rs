@@ -190,10 +190,19 @@ impl Lease {
         self.public_ip.map(IpAddr::V4).into_iter().chain(self.public_ipv6.map(IpAddr::V6))
     }
 
+    /// The backend data of an underlay family: IPv6's falls back to the
+    /// IPv4 one when the lease has none of its own.
+    fn data_of(&self, v6: bool) -> &serde_json::Value {
+        if v6 {
+            self.backend_v6_data.as_ref().unwrap_or(&self.backend_data)
+        } else {
+            &self.backend_data
+        }
+    }
+
     /// WireGuard backend data for the given underlay family.
     pub fn wireguard_data(&self, v6: bool) -> Result<WgData, DatastoreError> {
-        let data = if v6 { self.backend_v6_data.as_ref().unwrap_or(&self.backend_data) } else { &self.backend_data };
-        WgData::from_value(data)
+        WgData::from_value(self.data_of(v6))
     }
 
     /// The private path of the given underlay family, if the backend data
@@ -201,7 +210,7 @@ impl Lease {
     /// unicast address of that family. Anything else is no path (the public
     /// address is used), never an error: the fields are an optimisation.
     pub fn private_path(&self, v6: bool) -> Option<PrivatePath> {
-        let data = if v6 { self.backend_v6_data.as_ref().unwrap_or(&self.backend_data) } else { &self.backend_data };
+        let data = self.data_of(v6);
         let location = data.get(LOCATION_FIELD)?.as_str()?;
         let address: IpAddr = data.get(INTERNAL_IP_FIELD)?.as_str()?.parse().ok()?;
         let mapped = matches!(address, IpAddr::V6(a) if a.to_ipv4_mapped().is_some());
@@ -216,8 +225,7 @@ impl Lease {
 
     /// VXLAN backend data for the given underlay family.
     pub fn vxlan_data(&self, v6: bool) -> Result<VxlanData, DatastoreError> {
-        let data = if v6 { self.backend_v6_data.as_ref().unwrap_or(&self.backend_data) } else { &self.backend_data };
-        VxlanData::from_value(data)
+        VxlanData::from_value(self.data_of(v6))
     }
 }
 
