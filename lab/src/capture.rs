@@ -73,8 +73,11 @@ impl Lab {
         let marker = b"weftmark";
         let pattern: String = marker.iter().map(|b| format!("{b:02x}")).collect();
         let mut pinged = Ok(String::new());
+        // Through an impaired link some pings are lost: send more, and
+        // ping's exit status says whether any came back.
+        let count = if self.opts.impair.is_some() { "12" } else { "3" };
         let pcap = self.capture_underlay(&[], || {
-            pinged = exec(&a.ns, "ping", &["-c", "3", "-i", "0.2", "-W", "2", "-p", &pattern, &to.to_string()]);
+            pinged = exec(&a.ns, "ping", &["-c", count, "-i", "0.2", "-W", "2", "-p", &pattern, &to.to_string()]);
         })?;
         pinged.context("ping through the tunnel")?;
         let bytes = std::fs::read(&pcap)?;

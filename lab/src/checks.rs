@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use sha2::{Digest, Sha256};
 
-use crate::namespaces::{internet_ips, internet_ns};
+use crate::namespaces::{internet_ips, internet_ns, read_pid};
 use crate::netns::{self, exec};
 use crate::plan::{Check, Lab, Node, Pod};
 
@@ -45,7 +45,9 @@ impl Lab {
                 for b in self.nodes.iter().filter(|b| b.index != a.index) {
                     for pa in &a.pods {
                         for pb in &b.pods {
-                            let mut c = ping_check(pa, pb, v6);
+                            // Through a lossy link a ping may need more tries.
+                            let tries = if self.opts.impair.is_some() { 30 } else { 3 };
+                            let mut c = ping_tries(pa, pb, v6, tries);
                             if none {
                                 c.name += " (none: must fail)";
                                 c.passed = !c.passed;
@@ -75,7 +77,47 @@ impl Lab {
                 checks.push(self.arch_check(n, e.arch.rust_arch()));
             }
         }
+        if self.opts.impair.is_some() {
+            checks.push(self.impair_check());
+        }
         checks
+    }
+
+    /// The impairment relay's row: what it did each way; it fails when the
+    /// relay is gone or saw no datagram.
+    fn impair_check(&self) -> Check {
+        let n = &self.nodes[0];
+        let name = format!("impaired link {} <-> underlay", n.ns);
+        let alive = read_pid(&self.dir.join(format!("impair-n{}.pid", n.index)))
+            .is_some_and(|p| nix::sys::signal::kill(p, None).is_ok());
+        match crate::impair::read_stats(&self.dir, n.index) {
+            Ok(s) => Check {
+                name,
+                passed: alive && s.to_node.datagrams > 0 && s.from_node.datagrams > 0,
+                detail: format!(
+                    "{}{}: to the node {}; from it {}",
+                    s.spec,
+                    if alive { "" } else { " (relay gone)" },
+                    s.to_node,
+                    s.from_node
+                ),
+            },
+            Err(e) => Check { name, passed: false, detail: format!("{e:#}") },
+        }
+    }
+
+    /// WireGuard replays a node may refuse without fault: the datagrams the
+    /// impairment relay duplicated towards it.
+    fn duplicated_towards(&self, n: &Node) -> u64 {
+        if self.opts.impair.is_none() {
+            return 0;
+        }
+        let Ok(s) = crate::impair::read_stats(&self.dir, self.nodes[0].index) else { return 0 };
+        if n.index == self.nodes[0].index {
+            s.to_node.duplicated
+        } else {
+            s.from_node.duplicated
+        }
     }
 
     /// That the agent of `n` reports the CPU architecture `arch` (the
@@ -156,13 +198,19 @@ impl Lab {
             .sum();
         // WireGuard datagrams that failed to authenticate or were replayed.
         use weft_tunnel::wireguard::WgError;
+        let refused = |e: &WgError| get(&format!("weft_drops_total{{reason=\"{}\"}}", e.label()));
+        let replays = refused(&WgError::Replay);
         let wg_refused: u64 = WgError::ALL
             .iter()
             .filter(|e| {
-                !matches!(e, WgError::Cookie | WgError::UnknownIndex | WgError::Flood | WgError::StaleTimestamp)
+                !matches!(
+                    e,
+                    WgError::Cookie | WgError::UnknownIndex | WgError::Flood | WgError::StaleTimestamp | WgError::Replay
+                )
             })
-            .map(|e| get(&format!("weft_drops_total{{reason=\"{}\"}}", e.label())))
-            .sum();
+            .map(refused)
+            .sum::<u64>()
+            + replays.saturating_sub(self.duplicated_towards(n));
         let (tx, rx) = (get("weft_udp_tx_packets_total"), get("weft_tun_tx_packets_total"));
         // Kernel-routed backends move no packet through weft.
         let passed = match self.opts.backend.as_str() {
@@ -170,10 +218,13 @@ impl Lab {
             "wireguard-native" => tx > 0 && rx > 0 && wg_refused == 0,
             _ => tx == 0,
         };
-        let detail = format!(
+        let mut detail = format!(
             "sent {tx} pkts, delivered {rx} pkts, decap drops {decap_drops}, syscalls {}",
             get("weft_syscalls_total")
         );
+        if self.opts.impair.is_some() && self.opts.backend == "wireguard-native" {
+            let _ = write!(detail, ", replays refused {replays} (relay duplicated {})", self.duplicated_towards(n));
+        }
         Check { name, passed, detail }
     }
 }
@@ -256,6 +307,11 @@ pub fn source_seen(client: &str, server: &str, to: IpAddr) -> anyhow::Result<IpA
 }
 
 pub(crate) fn ping_check(a: &Pod, b: &Pod, v6: bool) -> Check {
+    ping_tries(a, b, v6, 3)
+}
+
+/// [`ping_check`] with `tries` single pings before it fails.
+fn ping_tries(a: &Pod, b: &Pod, v6: bool, tries: usize) -> Check {
     let (Some(from), Some(to)) = (a.ip(v6), b.ip(v6)) else {
         return Check { name: format!("ping {} -> {}", a.ns, b.ns), passed: false, detail: "no address".into() };
     };
@@ -263,7 +319,7 @@ pub(crate) fn ping_check(a: &Pod, b: &Pod, v6: bool) -> Check {
     let target = to.to_string();
     let family = if v6 { "-6" } else { "-4" };
     let mut last = String::new();
-    for _ in 0..3 {
+    for _ in 0..tries {
         match exec(&a.ns, "ping", &[family, "-c", "1", "-W", "2", "-q", &target]) {
             Ok(out) => {
                 let rtt = out.lines().find(|l| l.contains("min/avg")).and_then(|l| l.split('/').nth(4)).unwrap_or("?");

@@ -97,6 +97,11 @@ pub struct LabArgs {
     /// nodes of one cloud talk in it rather than through its NAT.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, requires = "multicloud")]
     locations: bool,
+    /// A relay on the first node's underlay link that impairs UDP in both
+    /// directions: `loss=10%,reorder=5%,duplicate=1%,delay=5ms,jitter=2ms,seed=N`
+    /// (any subset; the same seed gives every datagram the same fate).
+    #[arg(long)]
+    impair: Option<String>,
 }
 
 /// `--cloud-mtu K=MTU` values as MTUs by cloud (index K - 1).
@@ -122,15 +127,34 @@ pub enum LabAction {
         #[arg(long, default_value = "weftlab")]
         name: String,
     },
+    /// The impairment relay of `--impair`, which the lab starts itself.
+    #[command(hide = true)]
+    Relay {
+        #[arg(long)]
+        node_tap: String,
+        #[arg(long)]
+        underlay_tap: String,
+        #[arg(long)]
+        impair: String,
+        #[arg(long)]
+        stats: std::path::PathBuf,
+    },
 }
 
 /// Runs `weft lab`: builds the lab, prints its checks, removes it (unless
 /// `--keep`); exits 0 only if every check passed.
 pub fn run(l: LabArgs) -> anyhow::Result<ExitCode> {
-    if let Some(LabAction::Down { name }) = l.action {
-        crate::down(&name);
-        println!("lab {name} removed");
-        return Ok(ExitCode::SUCCESS);
+    match l.action {
+        Some(LabAction::Down { name }) => {
+            crate::down(&name);
+            println!("lab {name} removed");
+            return Ok(ExitCode::SUCCESS);
+        }
+        Some(LabAction::Relay { node_tap, underlay_tap, impair, stats }) => {
+            crate::impair::relay(&node_tap, &underlay_tap, &impair.parse()?, &stats)?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        None => {}
     }
     if !crate::valid_name(&l.name) {
         anyhow::bail!("--name {}: 1 to 16 letters, digits or '_'", l.name);
@@ -172,6 +196,7 @@ pub fn run(l: LabArgs) -> anyhow::Result<ExitCode> {
     opts.ipv6_masq = l.flannel_ipv6_masq;
     opts.etcd_tls = l.etcd_tls;
     opts.etcd_auth = l.etcd_auth;
+    opts.impair = l.impair.as_deref().map(str::parse).transpose()?;
     if let Some(a) = &l.node_arch {
         opts.emulated = Some(crate::emulated(crate::NodeArch::parse(a)?, l.node_bin.clone(), &opts.weft_bin)?);
     }
@@ -215,6 +240,9 @@ pub fn run(l: LabArgs) -> anyhow::Result<ExitCode> {
             ""
         }
     );
+    if let Some(i) = &opts.impair {
+        println!("the first node's underlay link impaired: {i}");
+    }
     let lab = crate::up(&opts)?;
     let checks = lab.check();
     print!("{}", crate::table(&checks));

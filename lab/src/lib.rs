@@ -56,6 +56,7 @@
 pub mod apiserver;
 pub mod bench;
 pub mod etcd_certs;
+pub mod impair;
 pub mod netns;
 
 mod agents;

@@ -60,6 +60,9 @@ pub fn up(opts: &LabOptions) -> anyhow::Result<Lab> {
     if (opts.etcd_tls || opts.etcd_auth) && opts.datastore != "etcd" {
         bail!("--etcd-tls and --etcd-auth need --datastore etcd");
     }
+    if opts.impair.is_some() && opts.multicloud.is_some() {
+        bail!("--impair stands on the lab bridge's first link; --multicloud has no lab bridge");
+    }
     if opts.multicloud.is_some()
         && (opts.backend != "wireguard-native"
             || opts.datastore == "kube"
@@ -118,6 +121,9 @@ fn build(lab: &mut Lab) -> anyhow::Result<()> {
         None => {
             build_underlay(lab)?;
             build_internet(lab)?;
+            if let Some(spec) = &lab.opts.impair {
+                crate::impair::install(lab, lab.nodes[0].index, spec)?;
+            }
         }
     }
     if lab.opts.backend == "wireguard-native" {

@@ -189,6 +189,8 @@ pub struct LabOptions {
     pub emulated: Option<Emulated>,
     /// Nodes in clouds behind NAT instead of on one underlay.
     pub multicloud: Option<Multicloud>,
+    /// A relay impairing the first node's underlay link (`weft lab --impair`).
+    pub impair: Option<crate::impair::Impairment>,
 }
 
 impl LabOptions {
@@ -217,6 +219,7 @@ impl LabOptions {
             etcd_auth: false,
             emulated: None,
             multicloud: None,
+            impair: None,
         }
     }
 
