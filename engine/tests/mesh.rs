@@ -481,3 +481,53 @@ fn wireguard_under_a_handshake_flood_answers_with_cookies_and_still_connects() {
     assert_eq!(m.drops(1, DropCause::Wg(WgError::Cookie)), m.sent_of(1, 3) as u64);
     assert_eq!(m.got(1), vec![packet(0, 1, 0)], "the retry with the cookie got through");
 }
+
+#[test]
+fn wireguard_accepts_reordering_inside_the_replay_window_and_counts_replays_beyond_it() {
+    use weft_tunnel::wireguard::REPLAY_WINDOW;
+    let mut m = Mesh::new(2, Kind::Wireguard);
+    m.send(0, 1, 0);
+    m.run(Duration::from_secs(1), Duration::from_millis(100));
+    assert_eq!(m.got(1).len(), 1, "the session is up");
+    // Node 0 seals one packet; the link holds it back.
+    let hold = |m: &mut Mesh, seq: u32| {
+        m.send(0, 1, seq);
+        let now = m.now;
+        while m.nodes[0].dp.pod_to_underlay(now).unwrap() {}
+        let mut sent = m.nodes[0].dp.families[0].take_sent();
+        assert_eq!(sent.len(), 1, "one datagram sealed");
+        sent.pop().unwrap()
+    };
+    let deliver = |m: &mut Mesh, d: &(SocketAddr, SocketAddr, Vec<u8>)| {
+        let now = m.now;
+        m.nodes[1].dp.families[0].inbox.push_back((d.0, d.2.clone()));
+        while m.nodes[1].dp.underlay_to_pod(0, now).unwrap() {}
+    };
+    let flood = |m: &mut Mesh, from: u32, count: u32| {
+        for s in from..from + count {
+            m.send(0, 1, s);
+        }
+        m.step(Duration::from_millis(1));
+    };
+    // Held back behind exactly the window's worth of later packets: accepted.
+    let early = hold(&mut m, 1);
+    let window = REPLAY_WINDOW as u32;
+    flood(&mut m, 10, window);
+    let before = m.got(1).len();
+    assert_eq!(before, 1 + window as usize, "the later packets all arrived");
+    deliver(&mut m, &early);
+    assert_eq!(m.got(1).len(), before + 1, "reordered by {window}: accepted");
+    assert_eq!(m.got(1).last(), Some(&packet(0, 1, 1)));
+    // The same datagram again: a replay, refused and counted.
+    deliver(&mut m, &early);
+    assert_eq!(m.got(1).len(), before + 1);
+    assert_eq!(m.drops(1, DropCause::Wg(WgError::Replay)), 1);
+    // Held back behind one more than the window: too old, refused and counted.
+    let late = hold(&mut m, 2);
+    flood(&mut m, 20_000, window + 1);
+    let before = m.got(1).len();
+    deliver(&mut m, &late);
+    assert_eq!(m.got(1).len(), before, "reordered by {}: beyond the window", window + 1);
+    assert_eq!(m.drops(1, DropCause::Wg(WgError::Replay)), 2);
+    assert_eq!(m.drops(1, DropCause::Wg(WgError::Decrypt)), 0, "it authenticated: refused for its age alone");
+}
