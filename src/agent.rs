@@ -410,6 +410,7 @@ pub fn run(mut cfg: AgentConfig) -> anyhow::Result<()> {
     let mut tun = 0;
     if engine.is_some() {
         tun = Netlink::link_index(&cfg.tun_name)?;
+        no_link_local(&cfg.tun_name);
         nl.set_link(tun, true, Some(mtu)).context("setting the TUN device up")?;
         for net in want.own_key.subnets() {
             let host = if net.addr().is_ipv4() { 32 } else { 128 };
@@ -615,6 +616,19 @@ impl PeerState {
         self.next_index = (self.next_index + 1) % (1 << 24);
         self.wg.insert(p.key, peer.clone());
         Some(peer)
+    }
+}
+
+/// Keeps the TUN device without an IPv6 link-local address (address
+/// generation mode `none`, set before the device goes up): with one, the
+/// kernel sends router solicitations and MLD reports into the device, which
+/// route to no node and would be counted as drops. Pod traffic is routed to
+/// the device by prefix and needs no address of its own. A kernel without
+/// IPv6 has no such setting, and nothing to do.
+fn no_link_local(tun: &str) {
+    let path = format!("/proc/sys/net/ipv6/conf/{tun}/addr_gen_mode");
+    if let Err(e) = std::fs::write(&path, "1") {
+        tracing::debug!(tun, error = %e, "no IPv6 address generation mode to set");
     }
 }
 

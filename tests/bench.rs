@@ -14,10 +14,7 @@ const FIELDS: [&str; 7] = ["tcp1_gbps", "tcp4_gbps", "udp64_pps", "udp64_loss", 
 
 #[test]
 fn quick_bench_reports_every_mode_and_cleans_up() {
-    if !nix::unistd::Uid::effective().is_root() {
-        eprintln!("skipped: weft bench builds network namespaces and must run as root");
-        return;
-    }
+    require_root();
     let name = unique_name("bench");
     let dir = std::env::temp_dir().join(format!("{name}-out"));
     std::fs::create_dir_all(&dir).unwrap();
@@ -128,5 +125,30 @@ fn footprint_measures_each_device_the_agents_and_the_binary() {
         let mb: f64 = bin.split(": ").nth(1).and_then(|r| r.split(' ').next()).and_then(|m| m.parse().ok()).expect(bin);
         let unstripped = std::fs::metadata(path).unwrap().len() as f64 / 1e6;
         assert!(mb > 0.5 && mb < unstripped, "stripped {mb} MB of {unstripped} MB: {bin}");
+    }
+}
+
+#[test]
+fn two_minute_soak_passes_and_reports_each_bound() {
+    require_root();
+    let name = unique_name("soak");
+    let out = Command::new(weft_bin())
+        .args(["bench", "--soak", "2", "--name", &name])
+        .output()
+        .expect("running weft bench --soak");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let leftovers = weft_lab::netns::list().into_iter().filter(|n| n.starts_with(&format!("{name}-"))).count();
+    weft_lab::down(&name);
+    assert!(
+        out.status.success() && stdout.contains("soak passed"),
+        "{}\nstdout:\n{stdout}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(leftovers, 0, "the soak removes its lab");
+    // Samples every 5 s over 2 minutes, and a row for each bound.
+    assert!(stdout.lines().filter(|l| l.starts_with("t=")).count() >= 20, "{stdout}");
+    for row in ["resident memory", "descriptors and threads", "drops", "bulk TCP", "small UDP", "short connections", "peers joining"] {
+        assert!(stdout.lines().any(|l| l.contains(row) && l.contains("pass")), "no passing row {row}: {stdout}");
     }
 }

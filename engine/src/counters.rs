@@ -13,6 +13,11 @@ use weft_tunnel::DropReason;
 pub enum EngineDrop {
     /// A packet from the TUN whose destination is in no remote pod subnet.
     NoRoute,
+    /// A packet from the TUN for the device's own link (multicast or
+    /// link-local: the MLD reports the kernel sends when the device comes
+    /// up and the like), which no node is for. Counted apart from
+    /// [`EngineDrop::NoRoute`]: it is no pod's traffic.
+    LinkLocal,
     /// A packet from the TUN that is not IPv4 or IPv6.
     NotIp,
     /// Encapsulation refused the packet (too large, family mismatch).
@@ -31,8 +36,9 @@ pub enum EngineDrop {
 
 impl EngineDrop {
     /// Every reason, in counter order.
-    pub const ALL: [EngineDrop; 8] = [
+    pub const ALL: [EngineDrop; 9] = [
         EngineDrop::NoRoute,
+        EngineDrop::LinkLocal,
         EngineDrop::NotIp,
         EngineDrop::Encap,
         EngineDrop::SendError,
@@ -46,6 +52,7 @@ impl EngineDrop {
     pub fn label(self) -> &'static str {
         match self {
             EngineDrop::NoRoute => "no_route",
+            EngineDrop::LinkLocal => "link_local",
             EngineDrop::NotIp => "tun_not_ip",
             EngineDrop::Encap => "encap_failed",
             EngineDrop::SendError => "send_error",

@@ -229,7 +229,8 @@ impl<P: PodIo, U: UnderlayIo> Datapath<P, U> {
                 continue;
             };
             let Some((pi, vtep)) = snapshot.route_index(dst) else {
-                self.counters.count_drop(DropCause::Engine(EngineDrop::NoRoute));
+                let why = if link_scoped(dst) { EngineDrop::LinkLocal } else { EngineDrop::NoRoute };
+                self.counters.count_drop(DropCause::Engine(why));
                 continue;
             };
             let peer = &snapshot.peers()[pi];
@@ -1031,6 +1032,15 @@ fn send_all<U: UnderlayIo>(families: &mut [U], tx: &mut Batch, counters: &Worker
         f.send_batch(tx, counters);
     }
     tx.set_len(0);
+}
+
+/// Whether `dst` is for the device's own link only: multicast or
+/// link-local, of either family.
+pub fn link_scoped(dst: IpAddr) -> bool {
+    match dst {
+        IpAddr::V4(a) => a.is_multicast() || a.is_link_local() || a.is_broadcast(),
+        IpAddr::V6(a) => a.is_multicast() || a.is_unicast_link_local(),
+    }
 }
 
 /// Destination address of an IP packet, if it is one.

@@ -531,3 +531,22 @@ fn wireguard_accepts_reordering_inside_the_replay_window_and_counts_replays_beyo
     assert_eq!(m.drops(1, DropCause::Wg(WgError::Replay)), 2);
     assert_eq!(m.drops(1, DropCause::Wg(WgError::Decrypt)), 0, "it authenticated: refused for its age alone");
 }
+
+#[test]
+fn the_devices_own_link_chatter_is_counted_apart_from_packets_with_no_route() {
+    let mut m = Mesh::new(2, Kind::Vxlan);
+    // An MLD report as the kernel sends it when the TUN comes up: from ::
+    // to ff02::16.
+    let mut mld = vec![0u8; 48];
+    mld[0] = 0x60;
+    mld[4..6].copy_from_slice(&8u16.to_be_bytes());
+    (mld[6], mld[7]) = (58, 1);
+    mld[24..40].copy_from_slice(&"ff02::16".parse::<std::net::Ipv6Addr>().unwrap().octets());
+    m.nodes[0].dp.pod.push(mld);
+    // And a packet for a pod subnet no node has.
+    m.nodes[0].dp.pod.push(weft_testkit::tcp_ipv4([10, 244, 1, 2], [10, 244, 77, 2], 200, 1));
+    m.step(Duration::from_millis(1));
+    assert_eq!(m.drops(0, DropCause::Engine(EngineDrop::LinkLocal)), 1);
+    assert_eq!(m.drops(0, DropCause::Engine(EngineDrop::NoRoute)), 1);
+    assert!(m.got(1).is_empty());
+}

@@ -205,7 +205,11 @@ impl Lab {
             .filter(|e| {
                 !matches!(
                     e,
-                    WgError::Cookie | WgError::UnknownIndex | WgError::Flood | WgError::StaleTimestamp | WgError::Replay
+                    WgError::Cookie
+                        | WgError::UnknownIndex
+                        | WgError::Flood
+                        | WgError::StaleTimestamp
+                        | WgError::Replay
                 )
             })
             .map(refused)

@@ -53,14 +53,7 @@ pub struct Impairment {
 
 impl Default for Impairment {
     fn default() -> Self {
-        Impairment {
-            loss: 0.0,
-            reorder: 0.0,
-            duplicate: 0.0,
-            delay: Duration::ZERO,
-            jitter: Duration::ZERO,
-            seed: 1,
-        }
+        Impairment { loss: 0.0, reorder: 0.0, duplicate: 0.0, delay: Duration::ZERO, jitter: Duration::ZERO, seed: 1 }
     }
 }
 
@@ -77,7 +70,8 @@ impl FromStr for Impairment {
     fn from_str(s: &str) -> anyhow::Result<Impairment> {
         let mut imp = Impairment::default();
         for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
-            let (key, value) = item.split_once('=').with_context(|| format!("--impair {item}: key=value, one of {KEYS}"))?;
+            let (key, value) =
+                item.split_once('=').with_context(|| format!("--impair {item}: key=value, one of {KEYS}"))?;
             let bad = || anyhow::anyhow!("--impair {key}={value}: {KEYS}");
             let percent = || -> anyhow::Result<f64> {
                 let p: f64 = value.strip_suffix('%').unwrap_or(value).trim().parse().map_err(|_| bad())?;
@@ -403,10 +397,12 @@ mod tests {
     #[test]
     fn fates_follow_the_seed_and_the_rates() {
         let spec: Impairment = "loss=10%,duplicate=1%,reorder=5%,delay=5ms,jitter=2ms,seed=3".parse().unwrap();
-        let a: Vec<Fate> = (0..20_000).map({
-            let mut d = Dice::new(&spec, 1);
-            move |_| d.roll()
-        }).collect();
+        let a: Vec<Fate> = (0..20_000)
+            .map({
+                let mut d = Dice::new(&spec, 1);
+                move |_| d.roll()
+            })
+            .collect();
         let mut again = Dice::new(&spec, 1);
         assert!(a.iter().all(|f| *f == again.roll()), "same seed, same fates");
         let mut other = Dice::new(&spec, 0);

@@ -25,10 +25,13 @@ pub struct TunQueue {
 
 impl TunQueue {
     /// Creates the device `name` with `queues` queues (at least one), with
-    /// offloads when `offload` is set and the kernel takes them.
+    /// offloads when `offload` is set and the kernel takes them. The device
+    /// is left down, as the kernel's WireGuard device is made: its owner
+    /// (the agent, wg-quick) configures it and sets it up.
     pub fn create(name: &str, queues: usize, offload: bool) -> io::Result<Vec<TunQueue>> {
-        let build =
-            |offload: bool| tun_rs::DeviceBuilder::new().name(name).multi_queue(true).offload(offload).build_sync();
+        let build = |offload: bool| {
+            tun_rs::DeviceBuilder::new().name(name).multi_queue(true).offload(offload).enable(false).build_sync()
+        };
         let first = match build(offload) {
             Ok(d) => d,
             Err(e) if offload => {

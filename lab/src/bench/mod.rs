@@ -12,6 +12,7 @@
 pub mod footprint;
 pub mod measure;
 pub mod report;
+pub mod soak;
 pub mod topo;
 
 use std::path::PathBuf;
@@ -65,6 +66,14 @@ pub struct BenchArgs {
     /// With --footprint: seconds wakeups are counted over (default 60; 10 with --quick).
     #[arg(long)]
     pub window: Option<u64>,
+    /// Instead of throughput: a three-node lab under mixed traffic (bulk
+    /// TCP, small UDP, short connections, peers joining and leaving) for
+    /// MINUTES, its agents sampled; fails on growth or any drop.
+    #[arg(long, value_name = "MINUTES")]
+    pub soak: Option<f64>,
+    /// With --soak: the agents' backend.
+    #[arg(long, default_value = "wireguard-native", value_parser = ["vxlan", "wireguard-native"])]
+    pub soak_backend: String,
 }
 
 /// A data plane `weft bench` measures.
@@ -165,6 +174,18 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     }
     if args.footprint {
         return run_footprint(&args);
+    }
+    if let Some(minutes) = args.soak {
+        if !(0.1..=1440.0).contains(&minutes) {
+            bail!("--soak {minutes}: minutes from 0.1 to 1440");
+        }
+        let weft_bin = std::env::current_exe().context("finding the weft binary")?;
+        remove_on_signal(&args.name)?;
+        crate::down(&args.name);
+        let m = machine();
+        println!("machine: {}, {} cores, {}; commit {}", m.cpu, m.cores, m.kernel, commit());
+        let passed = soak::run(&args.name, &weft_bin, minutes, &args.soak_backend)?;
+        return Ok(if passed { ExitCode::SUCCESS } else { ExitCode::FAILURE });
     }
     for p in ["iperf3", "ping", "ss"] {
         if crate::find_program(p).is_none() {
