@@ -571,6 +571,8 @@ fn handshake_flood_gets_cookie_replies_and_a_real_peer_still_connects() {
         }
     };
     let target: SocketAddr = "192.168.96.1:51901".parse().unwrap();
+    let pid = device_pid(ia).expect("the device runs");
+    let rss_before = rss_kib(pid);
     let flood = netns::spawn_in_netns(&p.ub, move || {
         let s = UdpSocket::bind("192.168.96.2:0").unwrap();
         s.set_nonblocking(true).unwrap();
@@ -610,4 +612,14 @@ fn handshake_flood_gets_cookie_replies_and_a_real_peer_still_connects() {
     assert!(connected, "the real peer connects during the flood");
     assert!(ping(ua, "10.94.0.2"), "and traffic flows both ways");
     assert!(device_pid(ia).is_some(), "the device survived");
+    // Handshakes are answered as they come, from no queue: the flood costs
+    // the device no memory that stays.
+    let grown = rss_kib(pid).saturating_sub(rss_before);
+    assert!(grown < 2048, "the device grew by {grown} KiB under {sent} initiations");
+}
+
+/// Resident memory of process `pid`, KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("the process runs");
+    weft_lab::bench::footprint::vm_rss_kib(&status).expect("VmRSS")
 }
