@@ -124,7 +124,7 @@ pub fn judge(names: &[String], samples: &[Sample]) -> Vec<Verdict> {
         let moved: Vec<(&String, u64)> = end
             .by_reason
             .iter()
-            .map(|(r, v)| (r, v - first.by_reason.get(r).copied().unwrap_or(0)))
+            .map(|(r, v)| (r, v.saturating_sub(first.by_reason.get(r).copied().unwrap_or(0))))
             .filter(|(_, d)| *d > 0)
             .collect();
         let unexplained = moved.iter().any(|(r, _)| !EXPLAINED.contains(&r.as_str()));
