@@ -478,7 +478,10 @@ pub fn run(mut cfg: AgentConfig) -> anyhow::Result<()> {
                 ));
                 break;
             }
-            (Event::Reload, DatastoreSource::File(path)) => StaticDatastore::load(path).map_err(anyhow::Error::from),
+            // A file that does not parse (an operator's write caught half
+            // way) is refused below: the last good copy stays in force.
+            (Event::Reload, DatastoreSource::File(path)) => StaticDatastore::load(path)
+                .with_context(|| format!("re-reading config key `datastore-file` {}", path.display())),
             (Event::Reload, DatastoreSource::Etcd { .. } | DatastoreSource::Kube(_)) => continue,
             (Event::View(v), _) => Ok(v),
         };

@@ -52,6 +52,12 @@ impl MetricsState {
             ),
             ("tun_rx_bytes", "Bytes read from the TUN device.", sum(|w| w.tun_rx_bytes.load(Relaxed))),
             ("udp_tx_packets", "Encapsulated datagrams sent on the underlay.", sum(|w| w.udp_tx_packets.load(Relaxed))),
+            (
+                "udp_gso_refused",
+                "UDP_SEGMENT sends the kernel refused (segments above the underlay MTU, or no UDP GSO), sent again \
+                 one datagram per send.",
+                sum(|w| w.udp_gso_refused.load(Relaxed)),
+            ),
             ("udp_rx_packets", "Datagrams received on the underlay.", sum(|w| w.udp_rx_packets.load(Relaxed))),
             ("udp_rx_bytes", "UDP payload bytes received on the underlay.", sum(|w| w.udp_rx_bytes.load(Relaxed))),
             (

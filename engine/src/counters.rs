@@ -116,6 +116,10 @@ pub struct WorkerCounters {
     pub tun_rx_bytes: AtomicU64,
     /// Encapsulated datagrams sent on the underlay.
     pub udp_tx_packets: AtomicU64,
+    /// `UDP_SEGMENT` sends the kernel refused (segments larger than the
+    /// underlay's MTU, or no UDP GSO): their datagrams went out again one
+    /// per send, and only those that failed then count as drops.
+    pub udp_gso_refused: AtomicU64,
     /// Datagrams received on the underlay.
     pub udp_rx_packets: AtomicU64,
     /// Bytes received on the underlay (UDP payload).

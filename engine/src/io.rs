@@ -351,6 +351,103 @@ pub struct UdpUnderlay {
     /// WireGuard: send runs of equal-sized datagrams to one endpoint with
     /// `UDP_SEGMENT` on `rx` (false: one `sendmmsg` of single datagrams).
     pub wg_gso: bool,
+    /// The segment size from which `UDP_SEGMENT` sends are refused (the
+    /// underlay's MTU was lowered under them), for both the VXLAN pool
+    /// and WireGuard.
+    pub gso_ceiling: GsoCeiling,
+}
+
+/// Runs of `UDP_SEGMENT` sends at or above a refused segment size sent one
+/// datagram per send before `UDP_SEGMENT` is tried for them again. A tried
+/// and refused send costs the kernel's copy of the run into its buffer, so
+/// one in 256 runs (about 24 MB of full-sized datagrams) adds 0.4 % to the
+/// copying while the MTU stays low, and a raised MTU gets `UDP_SEGMENT`
+/// back within those 24 MB.
+pub const GSO_RETRY_AFTER: u32 = 256;
+
+/// What the kernel said of `UDP_SEGMENT` sends by segment size (pure).
+///
+/// The kernel refuses a `UDP_SEGMENT` send whose segment, with its
+/// headers, exceeds the device's MTU (EMSGSIZE; EINVAL on older kernels),
+/// however the socket fragments single datagrams: an underlay whose MTU is
+/// lowered below the outer datagrams (which keep their size: the TUN's
+/// MTU, as kernel Flannel's device's, is set once at start) refuses every
+/// such run. Those runs then go out one datagram per send, which the
+/// kernel fragments (the sockets send with DF clear, see
+/// `sys::mmsg::set_pmtu_omit`); every [`GSO_RETRY_AFTER`] runs one tries
+/// `UDP_SEGMENT` again, and one taken lifts the ceiling.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GsoCeiling {
+    /// The smallest segment size refused; 0: none.
+    refused: usize,
+    /// Runs at or above `refused` still to send without trying.
+    skip: u32,
+}
+
+impl GsoCeiling {
+    /// Whether to try `UDP_SEGMENT` for a run of `seg`-byte segments (a
+    /// run not tried is counted towards the next try).
+    pub fn allows(&mut self, seg: usize) -> bool {
+        if self.refused == 0 || seg < self.refused || self.skip == 0 {
+            return true;
+        }
+        self.skip -= 1;
+        false
+    }
+
+    /// The kernel refused `seg`-byte segments as larger than the device
+    /// takes. Returns whether this is news (no size was refused before).
+    #[must_use]
+    pub fn handle_refused(&mut self, seg: usize) -> bool {
+        let news = self.refused == 0;
+        self.refused = if news { seg } else { self.refused.min(seg) };
+        self.skip = GSO_RETRY_AFTER;
+        news
+    }
+
+    /// The kernel took a run of `seg`-byte segments. Returns whether that
+    /// lifted the ceiling (the MTU is back).
+    #[must_use]
+    pub fn handle_taken(&mut self, seg: usize) -> bool {
+        let lifted = self.refused != 0 && seg >= self.refused;
+        if lifted {
+            *self = GsoCeiling::default();
+        }
+        lifted
+    }
+
+    /// The smallest segment size refused, if any.
+    pub fn refused(&self) -> Option<usize> {
+        (self.refused != 0).then_some(self.refused)
+    }
+}
+
+/// Whether `e`, from a `UDP_SEGMENT` send, says the segment is larger than
+/// the device takes (see [`GsoCeiling`]).
+fn segment_too_large(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMSGSIZE) | Some(libc::EINVAL))
+}
+
+/// Whether `e`, from a `UDP_SEGMENT` send, says this socket cannot do
+/// `UDP_SEGMENT` at all (a device without checksum offload, an old kernel).
+fn gso_unsupported(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EIO) | Some(libc::ENOPROTOOPT))
+}
+
+/// Logs that the [`GsoCeiling`] of one underlay family of one worker was
+/// set at `seg` bytes, or lifted.
+fn log_ceiling(v6: bool, seg: usize, lifted: bool) {
+    if lifted {
+        tracing::info!(v6, seg, "UDP_SEGMENT taken again for segments of this size");
+    } else {
+        tracing::warn!(
+            v6,
+            seg,
+            retry_every = GSO_RETRY_AFTER,
+            "UDP_SEGMENT refused for segments of this size (the underlay MTU was lowered?): such runs go out one \
+             datagram per send, fragmented by the kernel; UDP_SEGMENT is tried again after retry_every of them"
+        );
+    }
 }
 
 /// Receive state with `UDP_GRO`: a few large buffers, and how far their
@@ -415,7 +512,16 @@ impl UnderlayIo for UdpUnderlay {
         segments: usize,
         counters: &WorkerCounters,
     ) {
-        if !self.gso_pool.is_empty() && self.send_pool(sport, dst, parts, seg, segments, counters) {
+        if self.gso_pool.is_empty() {
+            // Dropped by an earlier run of the same super-packet: the
+            // datapath chose this path for the whole packet.
+            for _ in 0..segments {
+                counters.count_drop(DropCause::Engine(EngineDrop::SendError));
+            }
+            return;
+        }
+        debug_assert_eq!(parts.len(), 2 * segments, "a header and a payload part per datagram");
+        if self.send_pool(sport, dst, parts, 2, seg, counters) {
             self.drop_gso_pool();
         }
     }
@@ -493,6 +599,19 @@ fn received_meta(r: &Received, start: usize, len: usize) -> Meta {
     }
 }
 
+/// Sends the datagrams of `parts`, `per` parts each, one per `sendmsg` on
+/// `fd` without segmentation: the kernel fragments those larger than the
+/// device. Counted, failures as drops.
+fn send_singly(fd: std::os::fd::RawFd, parts: &[&[u8]], per: usize, dst: SocketAddr, counters: &WorkerCounters) {
+    for datagram in parts.chunks(per.max(1)) {
+        add(&counters.syscalls, 1);
+        match send_gso(fd, datagram, dst, None, 0) {
+            Ok(_) => add(&counters.udp_tx_packets, 1),
+            Err(_) => counters.count_drop(DropCause::Engine(EngineDrop::SendError)),
+        }
+    }
+}
+
 fn flush_raw(tx: &RawUdpTx, list: &[Outgoing<'_>], counters: &WorkerCounters) {
     let st = send_mmsg(tx.as_raw_fd(), list);
     add(&counters.syscalls, st.syscalls);
@@ -506,8 +625,10 @@ impl UdpUnderlay {
     /// Sends VXLAN datagrams (UDP header included, as `encapsulate` wrote
     /// them) through the GSO pool: each run of datagrams with one source
     /// port, one destination and one size (the last may be shorter) is one
-    /// `UDP_SEGMENT` send. When the kernel refuses `UDP_SEGMENT` the pool
-    /// is dropped, which is logged once, and the raw socket takes over.
+    /// `UDP_SEGMENT` send. When the kernel cannot do `UDP_SEGMENT` at all
+    /// the pool is dropped, which is logged once, and the raw socket takes
+    /// over; a segment size it refuses goes out one datagram per send
+    /// ([`GsoCeiling`]).
     fn send_gso_runs(&mut self, batch: &Batch, counters: &WorkerCounters) {
         let mut run: [&[u8]; MAX_GSO_SEGMENTS] = [&[]; MAX_GSO_SEGMENTS];
         let mut k = 0;
@@ -558,39 +679,58 @@ impl UdpUnderlay {
 
     /// Sends one run of whole datagrams; returns whether the kernel refused
     /// `UDP_SEGMENT` itself (as opposed to a transient error, counted as a drop).
-    fn flush_gso(&self, run: &[&[u8]], key: (u16, SocketAddr, usize), counters: &WorkerCounters) -> bool {
-        self.send_pool(key.0, key.1, run, key.2 as u16, run.len(), counters)
+    fn flush_gso(&mut self, run: &[&[u8]], key: (u16, SocketAddr, usize), counters: &WorkerCounters) -> bool {
+        self.send_pool(key.0, key.1, run, 1, key.2 as u16, counters)
     }
 
-    /// Sends `segments` datagrams, the concatenation of `parts` cut every
-    /// `seg` bytes, from the pool socket of `sport` to `dst` in one
-    /// `UDP_SEGMENT` send (one datagram: no segmentation asked). Returns
-    /// whether the kernel refused `UDP_SEGMENT` itself; every failure is
-    /// counted as drops.
+    /// Sends the datagrams of `parts` (`per` parts each: a whole datagram,
+    /// or a header and a payload) from the pool socket of `sport` to `dst`
+    /// in one `UDP_SEGMENT` send cutting every `seg` bytes (one datagram:
+    /// no segmentation asked). A send refused for its segment size goes out
+    /// again one datagram per send, and so do later runs of that size for
+    /// a while ([`GsoCeiling`]). Returns whether the kernel refused
+    /// `UDP_SEGMENT` itself (the datagrams went out one per send all the
+    /// same); every datagram not sent is counted as a drop.
     fn send_pool(
-        &self,
+        &mut self,
         sport: u16,
         dst: SocketAddr,
         parts: &[&[u8]],
+        per: usize,
         seg: u16,
-        segments: usize,
         counters: &WorkerCounters,
     ) -> bool {
-        let sock = &self.gso_pool[sport as usize % self.gso_pool.len()];
+        let segments = parts.len() / per.max(1);
+        let sock = self.gso_pool[sport as usize % self.gso_pool.len()].as_raw_fd();
+        if segments > 1 && !self.gso_ceiling.allows(seg as usize) {
+            send_singly(sock, parts, per, dst, counters);
+            return false;
+        }
         add(&counters.syscalls, 1);
         // A segment size of 0 asks for no segmentation: one datagram.
-        let seg = if segments > 1 { seg } else { 0 };
-        match send_gso(sock.as_raw_fd(), parts, dst, None, seg) {
+        let gso = if segments > 1 { seg } else { 0 };
+        match send_gso(sock, parts, dst, None, gso) {
             Ok(_) => {
                 add(&counters.udp_tx_packets, segments as u64);
+                if segments > 1 && self.gso_ceiling.handle_taken(seg as usize) {
+                    log_ceiling(self.v6, seg as usize, true);
+                }
                 false
             }
-            Err(e) => {
+            Err(e) if segments > 1 && (segment_too_large(&e) || gso_unsupported(&e)) => {
+                add(&counters.udp_gso_refused, 1);
+                let unsupported = gso_unsupported(&e);
+                if !unsupported && self.gso_ceiling.handle_refused(seg as usize) {
+                    log_ceiling(self.v6, seg as usize, false);
+                }
+                send_singly(sock, parts, per, dst, counters);
+                unsupported
+            }
+            Err(_) => {
                 for _ in 0..segments {
                     counters.count_drop(DropCause::Engine(EngineDrop::SendError));
                 }
-                segments > 1
-                    && matches!(e.raw_os_error(), Some(libc::EIO) | Some(libc::EINVAL) | Some(libc::ENOPROTOOPT))
+                false
             }
         }
     }
@@ -668,19 +808,33 @@ impl UdpUnderlay {
         counters: &WorkerCounters,
     ) -> u64 {
         // One datagram needs no segmentation; and the kernel refuses
-        // (EINVAL) segments larger than the path MTU, which a datagram
-        // carrying a packet read from a TUN with a raised MTU can be: such a
-        // run goes out by sendmmsg (fragmented by the kernel if need be).
-        if self.wg_gso && run.len() > 1 {
+        // segments larger than the device's MTU (a lowered underlay MTU, a
+        // TUN MTU raised above it): such a run goes out by sendmmsg,
+        // fragmented by the kernel, and so do later runs of that size for
+        // a while (`GsoCeiling`).
+        let seg = run[0].len();
+        if self.wg_gso && run.len() > 1 && self.gso_ceiling.allows(seg) {
             add(&counters.syscalls, 1);
-            match send_gso(fd, run, dst, src, run[0].len() as u16) {
-                Ok(_) => return run.len() as u64,
-                Err(e) if matches!(e.raw_os_error(), Some(libc::EIO) | Some(libc::ENOPROTOOPT)) => {
+            match send_gso(fd, run, dst, src, seg as u16) {
+                Ok(_) => {
+                    if self.gso_ceiling.handle_taken(seg) {
+                        log_ceiling(self.v6, seg, true);
+                    }
+                    return run.len() as u64;
+                }
+                Err(e) if gso_unsupported(&e) => {
+                    add(&counters.udp_gso_refused, 1);
                     tracing::warn!(
                         v6 = self.v6,
                         "UDP_SEGMENT refused by the kernel; WireGuard sends one datagram per message"
                     );
                     self.wg_gso = false;
+                }
+                Err(e) if segment_too_large(&e) => {
+                    add(&counters.udp_gso_refused, 1);
+                    if self.gso_ceiling.handle_refused(seg) {
+                        log_ceiling(self.v6, seg, false);
+                    }
                 }
                 Err(_) => {}
             }
@@ -830,5 +984,44 @@ pub fn canonical(a: SocketAddr) -> IpAddr {
     match a.ip() {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
         v4 => v4,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refused_segment_size_is_not_tried_again_for_a_while_and_a_taken_one_lifts_the_ceiling() {
+        let mut c = GsoCeiling::default();
+        assert!(c.allows(1472), "nothing refused: every size is tried");
+        assert!(c.handle_refused(1472), "the first refusal is news");
+        assert_eq!(c.refused(), Some(1472));
+        assert!(c.allows(1400), "smaller segments are still tried");
+        // The next GSO_RETRY_AFTER runs of that size or larger go out singly.
+        for i in 0..GSO_RETRY_AFTER {
+            assert!(!c.allows(if i % 2 == 0 { 1472 } else { 9000 }), "run {i}");
+        }
+        assert!(c.allows(1472), "then one is tried again");
+        // Refused once more (the MTU is still low), and lower now: no news.
+        assert!(!c.handle_refused(1400));
+        assert_eq!(c.refused(), Some(1400), "the smallest size refused");
+        assert!(!c.allows(1400) && c.allows(1399));
+        // A smaller size taken lifts nothing; the refused size taken does.
+        assert!(!c.handle_taken(1300));
+        assert_eq!(c.refused(), Some(1400));
+        assert!(c.handle_taken(1472), "the MTU is back");
+        assert_eq!(c, GsoCeiling::default());
+        assert!(c.allows(9000));
+    }
+
+    #[test]
+    fn errors_of_a_gso_send_are_told_apart() {
+        let e = |n| io::Error::from_raw_os_error(n);
+        assert!(segment_too_large(&e(libc::EMSGSIZE)) && segment_too_large(&e(libc::EINVAL)));
+        assert!(gso_unsupported(&e(libc::EIO)) && gso_unsupported(&e(libc::ENOPROTOOPT)));
+        for other in [libc::EAGAIN, libc::ENETUNREACH, libc::EPERM] {
+            assert!(!segment_too_large(&e(other)) && !gso_unsupported(&e(other)), "{other}");
+        }
     }
 }

@@ -231,6 +231,7 @@ fn open_at(
                 gso_pool,
                 gro,
                 wg_gso,
+                gso_ceiling: io::GsoCeiling::default(),
             };
             families.push(io);
         }

@@ -71,6 +71,7 @@ fn underlay(i: u8, port: u16, vxlan: bool) -> UdpUnderlay {
         gso_pool: if vxlan { (0..8).map(|_| pool_socket(addr(i))).collect() } else { Vec::new() },
         gro: Some(GroRx::default()),
         wg_gso: !vxlan,
+        gso_ceiling: Default::default(),
     }
 }
 

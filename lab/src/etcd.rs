@@ -193,4 +193,17 @@ impl Lab {
     pub fn start_etcd(&self) -> anyhow::Result<()> {
         start_etcd(self)
     }
+
+    /// Stops the lab's etcd, empties its data directory and starts it
+    /// again: a member restored from nothing, without the network config
+    /// and the leases. Refused with `etcd_auth`: its user would be gone too.
+    pub fn wipe_etcd(&self) -> anyhow::Result<()> {
+        if self.opts.etcd_auth {
+            bail!("wipe_etcd: an etcd with authentication would come back without its user");
+        }
+        self.stop_etcd()?;
+        let data = self.dir.join("etcd");
+        std::fs::remove_dir_all(&data).with_context(|| format!("emptying {}", data.display()))?;
+        start_etcd(self)
+    }
 }

@@ -72,7 +72,7 @@ mod plan;
 
 pub use agents::{emulated, http_ok, qemu_for, METRICS_PORT};
 pub use capture::pcap_frames;
-pub use checks::{source_seen, table, transfer_check};
+pub use checks::{source_seen, table, transfer_check, transfer_with};
 pub use cli::{run, LabAction, LabArgs};
 pub use etcd::{etcd_certs, etcd_security, etcd_url, ETCD_PORT, ETCD_USER};
 pub use kube::KubeLab;
