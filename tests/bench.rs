@@ -148,7 +148,15 @@ fn two_minute_soak_passes_and_reports_each_bound() {
     assert_eq!(leftovers, 0, "the soak removes its lab");
     // Samples every 5 s over 2 minutes, and a row for each bound.
     assert!(stdout.lines().filter(|l| l.starts_with("t=")).count() >= 20, "{stdout}");
-    for row in ["resident memory", "descriptors and threads", "drops", "bulk TCP", "small UDP", "short connections", "peers joining"] {
+    for row in [
+        "resident memory",
+        "descriptors and threads",
+        "drops",
+        "bulk TCP",
+        "small UDP",
+        "short connections",
+        "peers joining",
+    ] {
         assert!(stdout.lines().any(|l| l.contains(row) && l.contains("pass")), "no passing row {row}: {stdout}");
     }
 }

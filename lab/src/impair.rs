@@ -215,10 +215,13 @@ pub fn is_udp(frame: &[u8]) -> bool {
     }
 }
 
+/// A frame waiting: when it leaves, its arrival number, its bytes.
+type Waiting = std::cmp::Reverse<(Instant, u64, Vec<u8>)>;
+
 /// Frames waiting for their time, earliest first (then in arrival order).
 #[derive(Default)]
 struct Queue {
-    heap: Mutex<BinaryHeap<std::cmp::Reverse<(Instant, u64, Vec<u8>)>>>,
+    heap: Mutex<BinaryHeap<Waiting>>,
     ready: Condvar,
 }
 
