@@ -7,6 +7,7 @@
 //! clock (a handshake time is a `SystemTime` the caller gives); the server
 //! ([`crate::server`]) does the I/O.
 
+use std::collections::HashSet;
 use std::fmt::{self, Write as _};
 use std::io::{self, BufRead};
 use std::net::SocketAddr;
@@ -350,20 +351,28 @@ impl DeviceStatus {
             if pc.replace_allowed_ips {
                 p.allowed_ips.clear();
             }
-            for net in pc.allowed_ips.iter().map(IpNet::trunc) {
+            // A prefix belongs to one peer: taken from the others, added here
+            // once, in the order given. Through sets, so that one peer of
+            // many prefixes (wireguard-go's netns.sh sets 130 560 on one)
+            // costs linear time, not quadratic.
+            let added: HashSet<IpNet> = pc.allowed_ips.iter().map(IpNet::trunc).collect();
+            if !added.is_empty() {
                 for (j, other) in self.peers.iter_mut().enumerate() {
                     if j != i {
-                        other.allowed_ips.retain(|n| *n != net);
+                        other.allowed_ips.retain(|n| !added.contains(n));
                     }
                 }
                 let p = &mut self.peers[i];
-                if !p.allowed_ips.contains(&net) {
-                    p.allowed_ips.push(net);
+                let mut have: HashSet<IpNet> = p.allowed_ips.iter().copied().collect();
+                for net in pc.allowed_ips.iter().map(IpNet::trunc) {
+                    if have.insert(net) {
+                        p.allowed_ips.push(net);
+                    }
                 }
             }
-            let p = &mut self.peers[i];
-            for net in pc.remove_allowed_ips.iter().map(IpNet::trunc) {
-                p.allowed_ips.retain(|n| *n != net);
+            let removed: HashSet<IpNet> = pc.remove_allowed_ips.iter().map(IpNet::trunc).collect();
+            if !removed.is_empty() {
+                self.peers[i].allowed_ips.retain(|n| !removed.contains(n));
             }
         }
     }
