@@ -16,18 +16,20 @@ pub mod segment;
 pub mod uapi_parse;
 pub mod vnet_coalesce;
 pub mod vxlan_decap;
+pub mod wg_handshake;
 pub mod wg_receive;
 
 /// A target's invariant check: panics when `data` breaks it.
 pub type Target = fn(&[u8]);
 
 /// Every target by name (its directory under `fuzz/seeds/` and `fuzz/regressions/`).
-pub const TARGETS: [(&str, Target); 7] = [
+pub const TARGETS: [(&str, Target); 8] = [
     ("config_parsers", config_parsers::run),
     ("kube_node", kube_node::run),
     ("segment", segment::run),
     ("uapi_parse", uapi_parse::run),
     ("vnet_coalesce", vnet_coalesce::run),
     ("vxlan_decap", vxlan_decap::run),
+    ("wg_handshake", wg_handshake::run),
     ("wg_receive", wg_receive::run),
 ];

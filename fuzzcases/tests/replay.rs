@@ -67,6 +67,11 @@ fn vxlan_decap() {
 }
 
 #[test]
+fn wg_handshake() {
+    replay("wg_handshake");
+}
+
+#[test]
 fn wg_receive() {
     replay("wg_receive");
 }
