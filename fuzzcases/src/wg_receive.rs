@@ -3,7 +3,9 @@
 //! fuzzer's bytes, goes through the receive path of weft's WireGuard core
 //! (parse, macs, the peer's handshake or session). Invariants: nothing
 //! panics, and a datagram that was changed in any way never opens to a
-//! packet for the TUN: only authenticated traffic reaches a pod.
+//! packet for the TUN: only authenticated traffic reaches a pod. A changed
+//! initiation is never answered, unless only its mac2 changed: mac2 is
+//! looked at only under load, and one message a run never puts B under load.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,6 +16,9 @@ use weft_tunnel::wireguard::{inner_source, public_key, Identity, Message, Tunnel
 const INNER: [u8; 28] =
     [0x45, 0, 0, 28, 0, 1, 0, 0, 64, 17, 0, 0, 10, 244, 1, 2, 10, 244, 2, 2, 0x9c, 0x40, 0x1b, 0x39, 0, 8, 0, 0];
 const MTU: usize = 1420;
+/// Where mac2 starts in an initiation: everything before it is covered by
+/// mac1 or the handshake's AEADs.
+const INITIATION_MAC2: usize = 132;
 
 /// Runs one input through the invariants above; panics on a broken one.
 pub fn run(data: &[u8]) {
@@ -70,7 +75,11 @@ pub fn run(data: &[u8]) {
             if let Ok(half) = b.open_initiation(m) {
                 let mut resp = [0u8; RESPONSE_LEN];
                 if tb.consume_initiation(now, &half, &mut resp).is_ok() {
-                    assert_eq!(changed, target, "a changed initiation was answered");
+                    assert_eq!(
+                        changed[..INITIATION_MAC2],
+                        target[..INITIATION_MAC2],
+                        "a changed initiation was answered"
+                    );
                 }
             }
         }
