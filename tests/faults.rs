@@ -22,7 +22,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use common::{options, route_exists, up, wait_for};
+use common::{options, plain_log, route_exists, up, wait_for};
 use weft_control::datastore::Lease;
 use weft_control::subnet::SubnetKey;
 use weft_lab::netns;
@@ -39,22 +39,6 @@ fn public_key_in(path: &std::path::Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let private = weft_control::keys::decode(text.trim()).expect("a key file holds a base64 key");
     weft_control::keys::encode(&weft_engine::WgDevice::public_of(private))
-}
-
-/// A node's agent log without the terminal's colour codes.
-fn plain_log(lab: &Lab, n: &Node) -> String {
-    let log = std::fs::read_to_string(lab.dir.join(format!("n{}.log", n.index))).unwrap_or_default();
-    let mut plain = String::new();
-    let mut in_escape = false;
-    for c in log.chars() {
-        match (in_escape, c) {
-            (false, '\u{1b}') => in_escape = true,
-            (true, 'm') => in_escape = false,
-            (true, _) => {}
-            (false, c) => plain.push(c),
-        }
-    }
-    plain
 }
 
 /// Whether the process in a node's pid file is alive.

@@ -54,19 +54,7 @@ fn one_worker_and_several_workers_both_forward() {
 
 /// Whether node `n`'s agent logged that its TUN takes USO writes.
 fn tun_takes_uso(lab: &Lab, n: &Node) -> bool {
-    let log = std::fs::read_to_string(lab.dir.join(format!("n{}.log", n.index))).unwrap_or_default();
-    // Drop the terminal colour codes the log may carry.
-    let mut plain = String::new();
-    let mut in_escape = false;
-    for c in log.chars() {
-        match (in_escape, c) {
-            (false, '\u{1b}') => in_escape = true,
-            (true, 'm') => in_escape = false,
-            (true, _) => {}
-            (false, c) => plain.push(c),
-        }
-    }
-    plain.lines().any(|l| l.contains("TUN offloads") && l.contains("uso=true"))
+    common::plain_log(lab, n).lines().any(|l| l.contains("TUN offloads") && l.contains("uso=true"))
 }
 
 #[test]

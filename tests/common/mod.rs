@@ -68,3 +68,19 @@ pub fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// A node's agent log without the terminal's colour codes.
+pub fn plain_log(lab: &Lab, n: &weft_lab::Node) -> String {
+    let log = std::fs::read_to_string(lab.dir.join(format!("n{}.log", n.index))).unwrap_or_default();
+    let mut plain = String::new();
+    let mut in_escape = false;
+    for c in log.chars() {
+        match (in_escape, c) {
+            (false, '\u{1b}') => in_escape = true,
+            (true, 'm') => in_escape = false,
+            (true, _) => {}
+            (false, c) => plain.push(c),
+        }
+    }
+    plain
+}
