@@ -27,6 +27,7 @@ use weft_control::config::{AgentConfig, DatastoreSource};
 use weft_control::datastore::{subnet_env, StaticDatastore, WgData, WgOptions, WG_OVERHEAD};
 use weft_control::keys;
 use weft_control::lease;
+use weft_control::rootless::RootlessConfig;
 use weft_control::subnet::SubnetKey;
 
 use crate::metrics::{self, MetricsState};
@@ -265,7 +266,11 @@ enum Event {
 pub fn run(mut cfg: AgentConfig) -> anyhow::Result<()> {
     // Before anything is made: a node that cannot write its subnet.env
     // would bring up a data path no pod can use.
-    check_subnet_file(&cfg)?;
+    // A rootless node has no pods of its own: no CNI reads a subnet.env.
+    let rootless = cfg.rootless.clone();
+    if rootless.is_none() {
+        check_subnet_file(&cfg)?;
+    }
     let (tx, rx) = crossbeam_channel::unbounded::<Event>();
     let keeper_stop = Arc::new(AtomicBool::new(false));
     // Set once the data path is up (the Kubernetes subnet manager then
@@ -322,13 +327,32 @@ pub fn run(mut cfg: AgentConfig) -> anyhow::Result<()> {
         }
     }
     let wg_options = if wireguard { Some(ds.config.wireguard_options()?) } else { None };
-    let mut nl = Netlink::open().context("opening netlink")?;
-    let local = local_addrs()?;
     let first = want.own.first().context("this node's lease announces no public address")?;
-    let link = local.iter().find(|l| l.net.addr() == first.addr).with_context(|| {
-        format!("config key `node-ip`: value `{}` refused: no interface of this node has that address", first.addr)
-    })?;
-    let underlay_mtu = nl.link_mtu(link.index)?;
+    // A rootless node opens no netlink socket: it binds its UDP sockets to
+    // node-ip (which fails if no interface has it) and is told its MTU.
+    let (mut nl, local, underlay_mtu) = match &rootless {
+        Some(r) => {
+            let mut ports = vec![("vxlan-port", cfg.vxlan_port)];
+            if let Some(o) = &wg_options {
+                ports =
+                    vec![("wireguard listen port", o.listen_port), ("wireguard listen port (IPv6)", o.listen_port_v6)];
+            }
+            r.check_ports(&ports, unprivileged_port_start())?;
+            (None, Vec::new(), r.underlay_mtu)
+        }
+        None => {
+            let mut nl = Netlink::open().context("opening netlink")?;
+            let local = local_addrs()?;
+            let link = local.iter().find(|l| l.net.addr() == first.addr).with_context(|| {
+                format!(
+                    "config key `node-ip`: value `{}` refused: no interface of this node has that address",
+                    first.addr
+                )
+            })?;
+            let mtu = nl.link_mtu(link.index)?;
+            (Some(nl), local, mtu)
+        }
+    };
     let vxlan = cfg.backend() == "vxlan";
     let overhead = if wireguard {
         WG_OVERHEAD
@@ -367,6 +391,7 @@ pub fn run(mut cfg: AgentConfig) -> anyhow::Result<()> {
         )),
         _ => None,
     };
+    let mut netstack = None;
     let engine = if let Some((encap, port, port_v6)) = encap {
         let engine_cfg = EngineConfig {
             tun_name: cfg.tun_name.clone(),
@@ -381,8 +406,24 @@ pub fn run(mut cfg: AgentConfig) -> anyhow::Result<()> {
                 udp_gro: cfg.offloads.udp_gro,
             },
             busy_poll_us: cfg.busy_poll_us,
+            rootless: rootless.is_some(),
         };
-        Some(Engine::start(&engine_cfg, snapshot.clone()).context("starting the engine (TUN device, sockets)")?)
+        match &rootless {
+            Some(r) => {
+                let (engine, end) =
+                    Engine::start_rootless(&engine_cfg, snapshot.clone()).context("starting the engine (sockets)")?;
+                let stack = weft_netstack::Netstack::start(netstack_config(r, &want, mtu), end)
+                    .context("starting the userspace stack (config keys socks5-addr, forward, expose)")?;
+                if let Some(a) = stack.socks_addr() {
+                    tracing::info!(socks5 = %a, "SOCKS5 server listening");
+                }
+                netstack = Some(stack);
+                Some(engine)
+            }
+            None => Some(
+                Engine::start(&engine_cfg, snapshot.clone()).context("starting the engine (TUN device, sockets)")?,
+            ),
+        }
     } else {
         None
     };
@@ -390,6 +431,7 @@ pub fn run(mut cfg: AgentConfig) -> anyhow::Result<()> {
         workers: engine.as_ref().map(|e| e.counters().to_vec()).unwrap_or_default(),
         snapshot: Mutex::new(snapshot),
         ready: Default::default(),
+        netstack: netstack.as_ref().map(|n| n.counters().clone()),
     });
     if let Some(addr) = cfg.metrics_addr {
         metrics::serve(addr, state.clone())
@@ -397,6 +439,8 @@ pub fn run(mut cfg: AgentConfig) -> anyhow::Result<()> {
     }
 
     let _uapi = match (&device, &wg_options) {
+        // The UAPI's directory is root's.
+        _ if rootless.is_some() => None,
         (Some(d), Some(o)) => {
             let dev = crate::wgdev::AgentWg { device: d.clone(), options: o.clone(), state: state.clone() };
             let path = weft_uapi::socket_path(&cfg.tun_name);
@@ -408,7 +452,7 @@ pub fn run(mut cfg: AgentConfig) -> anyhow::Result<()> {
         _ => None,
     };
     let mut tun = 0;
-    if engine.is_some() {
+    if let (Some(_), Some(nl)) = (&engine, &mut nl) {
         tun = Netlink::link_index(&cfg.tun_name)?;
         no_link_local(&cfg.tun_name);
         nl.set_link(tun, true, Some(mtu)).context("setting the TUN device up")?;
@@ -420,19 +464,26 @@ pub fn run(mut cfg: AgentConfig) -> anyhow::Result<()> {
     }
     // One transaction either way: it installs weft's table, replacing the
     // one a killed run left, or removes such a stale table when off.
-    let masq_rules = weft_control::masq::plan(&masq_nets(&cfg, &want));
+    let masq_rules = match rootless {
+        Some(_) => Vec::new(),
+        None => weft_control::masq::plan(&masq_nets(&cfg, &want)),
+    };
     match weft_control::masq::apply(&masq_rules) {
+        _ if rootless.is_some() => {}
         Ok(()) if masq_rules.is_empty() => {}
         Ok(()) => tracing::info!(rules = masq_rules.len(), table = weft_control::masq::TABLE, "masquerade installed"),
         Err(e) if masq_rules.is_empty() => tracing::debug!(error = %e, "no stale masquerade table removed"),
         Err(e) => return Err(e).context("installing the masquerade rules (config key `ip-masq`)"),
     }
-    let mut routed = routes_for(cfg.backend(), &want, tun, &local)?;
-    for r in &routed {
-        nl.replace_route(r).with_context(|| format!("adding the route to {}", r.dst))?;
+    let mut routed = Vec::new();
+    if let Some(nl) = &mut nl {
+        routed = routes_for(cfg.backend(), &want, tun, &local)?;
+        for r in &routed {
+            nl.replace_route(r).with_context(|| format!("adding the route to {}", r.dst))?;
+        }
+        let env = subnet_env(want.network, &want.own_key, want.ipv6_network, mtu, !masq_rules.is_empty());
+        write_subnet_env(&cfg, &env)?;
     }
-    let env = subnet_env(want.network, &want.own_key, want.ipv6_network, mtu, !masq_rules.is_empty());
-    write_subnet_env(&cfg, &env)?;
     state.ready.store(true, Relaxed);
     data_path_up.store(true, Relaxed);
     tracing::info!(node = %cfg.node_name, subnet = %want.own_key, backend = cfg.backend(), mtu, peers = want.peers.len(), "agent ready");
@@ -462,7 +513,7 @@ pub fn run(mut cfg: AgentConfig) -> anyhow::Result<()> {
         })?;
     }
     let own_key = want.own_key;
-    let mut plane = Plane { engine: engine.as_ref(), nl: &mut nl, tun, local: &local };
+    let mut plane = Plane { engine: engine.as_ref(), nl: nl.as_mut(), tun, local: &local };
     let mut failed = None;
     for ev in rx {
         let view = match (ev, &cfg.datastore) {
@@ -493,11 +544,14 @@ pub fn run(mut cfg: AgentConfig) -> anyhow::Result<()> {
     tracing::info!("shutting down");
     keeper_stop.store(true, Relaxed);
     state.ready.store(false, Relaxed);
-    for r in &routed {
-        if let Err(e) = nl.delete_route(r) {
-            tracing::warn!(route = %r.dst, error = %e, "removing route");
+    if let Some(nl) = &mut nl {
+        for r in &routed {
+            if let Err(e) = nl.delete_route(r) {
+                tracing::warn!(route = %r.dst, error = %e, "removing route");
+            }
         }
     }
+    drop(netstack);
     if !masq_rules.is_empty() {
         if let Err(e) = weft_control::masq::remove() {
             tracing::warn!(error = %e, "removing the masquerade table");
@@ -518,7 +572,8 @@ pub fn run(mut cfg: AgentConfig) -> anyhow::Result<()> {
 /// What an update changes: the engine's snapshot and the kernel's routes.
 struct Plane<'a> {
     engine: Option<&'a Engine>,
-    nl: &'a mut Netlink,
+    /// None on a rootless node: it has no routes.
+    nl: Option<&'a mut Netlink>,
     tun: u32,
     local: &'a [LocalAddr],
 }
@@ -540,12 +595,17 @@ impl Plane<'_> {
         if want.own_key != own_key {
             bail!("this node's lease moved from {own_key} to {}; restart to take it", want.own_key);
         }
-        let new_routes = routes_for(cfg.backend(), &want, self.tun, self.local)?;
+        let new_routes = match self.nl {
+            Some(_) => routes_for(cfg.backend(), &want, self.tun, self.local)?,
+            None => Vec::new(),
+        };
         let (add, del) = route_changes(routed, &new_routes);
         // Routes first for new nodes, so their packets reach the TUN as soon
         // as the snapshot knows them; old routes go after the snapshot drops them.
         for r in &add {
-            self.nl.replace_route(r).with_context(|| format!("adding the route to {}", r.dst))?;
+            if let Some(nl) = self.nl.as_mut() {
+                nl.replace_route(r).with_context(|| format!("adding the route to {}", r.dst))?;
+            }
         }
         let snapshot = Arc::new(peers.snapshot(&want));
         if let Some(engine) = self.engine {
@@ -555,7 +615,9 @@ impl Plane<'_> {
             *s = snapshot;
         }
         for r in &del {
-            self.nl.delete_route(r).with_context(|| format!("removing the route to {}", r.dst))?;
+            if let Some(nl) = self.nl.as_mut() {
+                nl.delete_route(r).with_context(|| format!("removing the route to {}", r.dst))?;
+            }
         }
         *routed = new_routes;
         tracing::info!(added = add.len(), removed = del.len(), peers = want.peers.len(), "leases applied");
@@ -620,6 +682,44 @@ impl PeerState {
         self.wg.insert(p.key, peer.clone());
         Some(peer)
     }
+}
+
+/// The userspace stack's config: the node's pod address in each family
+/// (the subnet's first host, as a bridge's would be), with the cluster
+/// network's prefix, so that every pod is on link.
+fn netstack_config(r: &RootlessConfig, d: &Desired, mtu: u32) -> weft_netstack::Config {
+    let mut addrs = Vec::new();
+    let first_host = |net: IpNet| match net.network() {
+        IpAddr::V4(a) => IpAddr::V4((u32::from(a) + 1).into()),
+        IpAddr::V6(a) => IpAddr::V6((u128::from(a) + 1).into()),
+    };
+    for subnet in d.own_key.subnets() {
+        let cluster = if subnet.addr().is_ipv4() { d.network } else { d.ipv6_network };
+        if let Some(cluster) = cluster.filter(|c| c.addr().is_ipv4() == subnet.addr().is_ipv4()) {
+            addrs.push((first_host(subnet), cluster.prefix_len()));
+        }
+    }
+    weft_netstack::Config {
+        addrs,
+        mtu: mtu as usize,
+        socks: r.socks5,
+        auth: match &r.socks5_user {
+            Some((user, pass)) => weft_netstack::socks::Auth::UserPass { user: user.clone(), pass: pass.clone() },
+            None => weft_netstack::socks::Auth::None,
+        },
+        forwards: r.forwards.clone(),
+        exposes: r.exposes.clone(),
+        max_connections: r.max_connections,
+        tcp_buffer: weft_netstack::DEFAULT_TCP_BUFFER,
+    }
+}
+
+/// The kernel's lowest port an unprivileged process may bind.
+fn unprivileged_port_start() -> u16 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(1024)
 }
 
 /// Keeps the TUN device without an IPv6 link-local address (address

@@ -21,6 +21,8 @@ pub struct MetricsState {
     pub snapshot: Mutex<Arc<Snapshot>>,
     /// Set once the device, address and routes are in place.
     pub ready: AtomicBool,
+    /// A rootless node's userspace stack.
+    pub netstack: Option<Arc<weft_netstack::Counters>>,
 }
 
 impl MetricsState {
@@ -101,7 +103,8 @@ impl MetricsState {
             .collect();
         let crypto =
             self.workers.iter().map(|w| [w.wg_sealed_bytes.load(Relaxed), w.wg_opened_bytes.load(Relaxed)]).collect();
-        Sample { totals, syscalls_per_mb, drops, peers, workers: self.workers.len() as i64, crypto }
+        let netstack = self.netstack.as_ref().map(|n| n.pairs().to_vec()).unwrap_or_default();
+        Sample { totals, syscalls_per_mb, drops, peers, workers: self.workers.len() as i64, crypto, netstack }
     }
 }
 
@@ -133,6 +136,8 @@ struct Sample {
     workers: i64,
     /// Per worker: WireGuard plaintext bytes sealed, ciphertext bytes opened.
     crypto: Vec<[u64; 2]>,
+    /// A rootless node's userspace stack: name, help, value.
+    netstack: Vec<(&'static str, &'static str, u64)>,
 }
 
 impl prometheus_client::collector::Collector for Sample {
@@ -189,6 +194,16 @@ impl prometheus_client::collector::Collector for Sample {
             for (w, v) in self.crypto.iter().enumerate() {
                 let worker = w.to_string();
                 ConstCounter::new(v[i]).encode(family.encode_family(&[("worker", worker.as_str())])?)?;
+            }
+        }
+        for (name, help, v) in &self.netstack {
+            let name = format!("weft_netstack_{name}");
+            if *name == *"weft_netstack_open" {
+                let g = ConstGauge::new(*v as i64);
+                g.encode(enc.encode_descriptor(&name, help, None, g.metric_type())?)?;
+            } else {
+                let c = ConstCounter::new(*v);
+                c.encode(enc.encode_descriptor(&name, help, None, c.metric_type())?)?;
             }
         }
         let g = ConstGauge::new(self.workers);
@@ -288,6 +303,7 @@ mod tests {
             peers: vec![(escape_label("evil\"node\n\\"), escape_label("192.0.2.1"), [1, 2, 3, 4])],
             workers: 2,
             crypto: vec![[10, 20], [30, 40]],
+            netstack: vec![("open", "Open.", 3), ("refused_cap", "Refused.", 5)],
         };
         let mut registry = prometheus_client::registry::Registry::default();
         registry.register_collector(Box::new(sample));
@@ -300,6 +316,7 @@ mod tests {
         assert!(out.contains("weft_workers 2") && out.contains("weft_peers 1"), "{out}");
         assert!(out.contains(r#"weft_worker_wg_sealed_bytes_total{worker="1"} 30"#), "{out}");
         assert!(out.contains(r#"weft_worker_wg_opened_bytes_total{worker="0"} 20"#), "{out}");
+        assert!(out.contains("weft_netstack_open 3") && out.contains("weft_netstack_refused_cap_total 5"), "{out}");
         let arch = format!(r#"arch="{}""#, std::env::consts::ARCH);
         assert!(
             out.lines().any(|l| l.starts_with("weft_build_info{") && l.contains(&arch) && l.ends_with(" 1")),
@@ -314,6 +331,7 @@ mod tests {
             workers: Vec::new(),
             snapshot: Mutex::new(Arc::new(Snapshot::default())),
             ready: AtomicBool::new(true),
+            netstack: None,
         });
         let addr = {
             let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

@@ -240,6 +240,7 @@ impl StandaloneWg {
             mtu: DEFAULT_MTU as usize,
             offloads: Default::default(),
             busy_poll_us: weft_engine::DEFAULT_BUSY_POLL_US,
+            rootless: false,
         };
         let families = Families { v4: true, v6 };
         let engine = Engine::start(&cfg, Arc::new(Snapshot::new(Vec::new(), families)))

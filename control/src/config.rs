@@ -157,12 +157,14 @@ pub struct AgentConfig {
     /// `node-location`: the private network this node shares with the
     /// nodes of the same location.
     pub node_location: Option<String>,
+    /// `rootless: true` and its keys: no TUN, no netlink, a userspace stack.
+    pub rootless: Option<crate::rootless::RootlessConfig>,
 }
 
 impl AgentConfig {
     /// Every key the agent understands, with a one-line description.
     pub fn keys() -> impl Iterator<Item = &'static (&'static str, &'static str)> {
-        crate::cluster::KEYS.iter().chain(AGENT_KEYS)
+        crate::cluster::KEYS.iter().chain(AGENT_KEYS).chain(crate::rootless::KEYS)
     }
 
     /// The backend's name (`vxlan`, `host-gw`, `wireguard-native`, `none`).
@@ -351,6 +353,8 @@ impl AgentConfig {
                 ));
             }
         }
+        let raw = |k: &str| pairs.get(k).map(String::as_str);
+        let rootless = crate::rootless::from_pairs(&get, &raw, cluster.backend)?;
         let node_name = match get("node-name") {
             Some(v) => v.to_string(),
             None if std::env::var("NODE_NAME").is_ok_and(|n| !n.trim().is_empty()) => {
@@ -377,6 +381,7 @@ impl AgentConfig {
             busy_poll_us,
             ip_masq,
             node_location,
+            rootless,
         })
     }
 }

@@ -41,4 +41,5 @@ pub mod keys;
 pub mod kube;
 pub mod lease;
 pub mod masq;
+pub mod rootless;
 pub mod subnet;

@@ -19,6 +19,7 @@ use crate::counters::{add, DropCause, EngineDrop, WorkerCounters};
 pub use crate::sys::mmsg::Received;
 use crate::sys::mmsg::{recv_mmsg, send_gso, send_mmsg, Outgoing, MAX_GSO_SEGMENTS, MAX_MMSG};
 use crate::sys::pages::PageBuf;
+pub use crate::sys::pair::{packet_pair, PacketEnd};
 use crate::sys::raw::RawUdpTx;
 use crate::sys::tun::TunQueue;
 use crate::vnet::{VnetHdr, GSO_UDP_L4, VNET_HDR_LEN};
@@ -332,6 +333,67 @@ impl TunQueue {
     }
 }
 
+/// The pod side of a rootless node: one end of a packet pair whose other
+/// end is a userspace TCP/IP stack holding the node's pod addresses. One
+/// plain IP packet per record, no offloads.
+pub struct PacketPod(pub PacketEnd);
+
+impl PodIo for PacketPod {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities { batch_size: BATCH_SIZE, max_gso_segments: 1, gro: false, uso: false }
+    }
+
+    fn read_batch(&mut self, batch: &mut Batch, headroom: usize, counters: &WorkerCounters) -> io::Result<usize> {
+        batch.count = 0;
+        while batch.count < batch.capacity() {
+            let (buf, meta) = batch.slot_mut(batch.count);
+            add(&counters.syscalls, 1);
+            match self.0.recv(&mut buf[headroom..]) {
+                Ok(0) => return Err(io::Error::new(io::ErrorKind::BrokenPipe, "the userspace stack closed its end")),
+                Ok(n) => {
+                    *meta = Meta { start: headroom, len: n, ..Meta::default() };
+                    batch.count += 1;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(batch.count)
+    }
+
+    fn write_batch(&mut self, batch: &Batch, counters: &WorkerCounters) {
+        for (packet, _) in batch.packets() {
+            self.write_one(packet, counters);
+        }
+    }
+
+    /// Never asked ([`Capabilities::gro`] is off): writes each packet whole.
+    fn write_coalesced(&mut self, pkts: &[&mut [u8]], _outs: &[Out], counters: &WorkerCounters) {
+        for p in pkts {
+            self.write_one(p, counters);
+        }
+    }
+
+    fn write_one(&mut self, packet: &[u8], counters: &WorkerCounters) {
+        add(&counters.syscalls, 1);
+        match self.0.send(packet) {
+            Ok(_) => {
+                add(&counters.tun_tx_packets, 1);
+                add(&counters.tun_tx_bytes, packet.len() as u64);
+            }
+            // A full stack drops, as a full TUN queue does; TCP sends again.
+            Err(_) => counters.count_drop(DropCause::Engine(EngineDrop::TunWriteError)),
+        }
+    }
+}
+
+impl AsRawFd for PacketPod {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
 /// One underlay family: receives on an ordinary UDP socket, sends through a
 /// raw one so that the UDP header (source port, checksum) is ours.
 pub struct UdpUnderlay {
@@ -344,7 +406,11 @@ pub struct UdpUnderlay {
     /// VXLAN with `UDP_SEGMENT`: UDP sockets bound to distinct ephemeral
     /// source ports, one picked per datagram by its flow-hashed source port
     /// (see `sys::mmsg` for why). Empty: every datagram goes through `tx`.
+    /// A rootless node has no raw socket: the pool is its only way out.
     pub gso_pool: Vec<std::net::UdpSocket>,
+    /// The pool sends one datagram per message (`UDP_SEGMENT` off or
+    /// refused on a node without `tx`).
+    pub pool_singly: bool,
     /// `UDP_GRO` on `rx`: where coalesced datagrams land before they are
     /// split into the worker's batch. `None`: one datagram per buffer.
     pub gro: Option<GroRx>,
@@ -481,7 +547,7 @@ impl UnderlayIo for UdpUnderlay {
     type Tx = FdTx;
 
     fn capabilities(&self) -> Capabilities {
-        let gso = !self.gso_pool.is_empty() || self.wg_gso;
+        let gso = (!self.gso_pool.is_empty() && !self.pool_singly) || self.wg_gso;
         Capabilities {
             batch_size: MAX_MMSG,
             max_gso_segments: if gso { MAX_GSO_SEGMENTS } else { 1 },
@@ -702,7 +768,7 @@ impl UdpUnderlay {
     ) -> bool {
         let segments = parts.len() / per.max(1);
         let sock = self.gso_pool[sport as usize % self.gso_pool.len()].as_raw_fd();
-        if segments > 1 && !self.gso_ceiling.allows(seg as usize) {
+        if segments > 1 && (self.pool_singly || !self.gso_ceiling.allows(seg as usize)) {
             send_singly(sock, parts, per, dst, counters);
             return false;
         }
@@ -736,10 +802,14 @@ impl UdpUnderlay {
     }
 
     /// The kernel refused `UDP_SEGMENT`: later datagrams take the raw
-    /// socket, one per message. Logged once.
+    /// socket (the pool, without one), one per message. Logged once.
     fn drop_gso_pool(&mut self) {
         tracing::warn!(v6 = self.v6, "UDP_SEGMENT refused by the kernel; sending one datagram per message");
-        self.gso_pool = Vec::new();
+        if self.tx.is_some() {
+            self.gso_pool = Vec::new();
+        } else {
+            self.pool_singly = true;
+        }
     }
 }
 

@@ -76,6 +76,10 @@ pub struct EngineConfig {
     /// arriving within that time costs no thread wakeup, which on a VM is
     /// tens of microseconds of round trip per hop.
     pub busy_poll_us: u32,
+    /// A rootless node: no TUN device and no raw socket. The pod side is a
+    /// packet pair to a userspace stack ([`Engine::start_rootless`]); VXLAN
+    /// leaves through ordinary UDP sockets.
+    pub rootless: bool,
 }
 
 /// Default of [`EngineConfig::busy_poll_us`].
@@ -201,10 +205,12 @@ fn open_at(
                 picked(&mut port, &mut port_v6, v6_port, sock.local_addr()?.port());
             }
             let tx = match &cfg.encap {
-                Encap::Vxlan(_) => Some(sys::raw::RawUdpTx::open(*local)?),
-                Encap::Wireguard(..) => None,
+                Encap::Vxlan(_) if !cfg.rootless => Some(sys::raw::RawUdpTx::open(*local)?),
+                _ => None,
             };
-            let gso_pool = if vxlan_gso(cfg) { gso_pool(*local)? } else { Vec::new() };
+            // Without a raw socket VXLAN has only the pool to send from.
+            let vxlan = matches!(cfg.encap, Encap::Vxlan(_));
+            let gso_pool = if vxlan_gso(cfg) || (vxlan && cfg.rootless) { gso_pool(*local)? } else { Vec::new() };
             let gro = if cfg.offloads.udp_gro {
                 match sys::mmsg::set_udp_gro(std::os::fd::AsRawFd::as_raw_fd(&sock)) {
                     Ok(()) => Some(io::GroRx::default()),
@@ -229,6 +235,7 @@ fn open_at(
                 tx,
                 v6: local.is_ipv6(),
                 gso_pool,
+                pool_singly: !cfg.offloads.udp_gso,
                 gro,
                 wg_gso,
                 gso_ceiling: io::GsoCeiling::default(),
@@ -256,12 +263,35 @@ impl Engine {
     /// Creates the TUN device and starts the workers with `snapshot`.
     pub fn start(cfg: &EngineConfig, snapshot: Arc<Snapshot>) -> std::io::Result<Engine> {
         let threads = cfg.threads.max(1);
+        let opened = open_families(cfg, threads, (cfg.port, cfg.port_v6), None, true)?;
+        let queues = sys::tun::TunQueue::create(&cfg.tun_name, threads, cfg.offloads.tun)?;
+        Self::start_on(cfg, snapshot, queues, opened)
+    }
+
+    /// Starts a rootless node's engine: one worker, whose pod side is one
+    /// end of a packet pair; the other end, returned, is for the userspace
+    /// stack. Needs no privilege (`cfg.rootless` must be set: no raw socket).
+    pub fn start_rootless(cfg: &EngineConfig, snapshot: Arc<Snapshot>) -> std::io::Result<(Engine, io::PacketEnd)> {
+        if !cfg.rootless {
+            return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "start_rootless needs cfg.rootless"));
+        }
+        let opened = open_families(cfg, 1, (cfg.port, cfg.port_v6), None, true)?;
+        let (ours, theirs) = io::packet_pair()?;
+        let engine = Self::start_on(cfg, snapshot, vec![io::PacketPod(ours)], opened)?;
+        Ok((engine, theirs))
+    }
+
+    /// Starts one worker per pod side in `pods`, over the sockets `opened`.
+    fn start_on<P>(cfg: &EngineConfig, snapshot: Arc<Snapshot>, pods: Vec<P>, opened: Opened) -> std::io::Result<Engine>
+    where
+        P: io::PodIo + std::os::fd::AsRawFd + Send + 'static,
+    {
+        let threads = pods.len();
         let wg = match &cfg.encap {
             Encap::Vxlan(_) => None,
             Encap::Wireguard(d, _) => Some(d.clone()),
         };
-        let opened = open_families(cfg, threads, (cfg.port, cfg.port_v6), None, true)?;
-        let queues = sys::tun::TunQueue::create(&cfg.tun_name, threads, cfg.offloads.tun)?;
+        let queues = pods;
         let mut workers = Vec::with_capacity(threads);
         let mut handles = Vec::with_capacity(threads);
         let mut counters = Vec::with_capacity(threads);
@@ -330,7 +360,11 @@ impl Engine {
         if let (Some(d), Some(dl)) = (&wg, &deadlines) {
             d.attach_timers(dl.clone());
         }
-        tracing::info!(tun = %cfg.tun_name, threads, port = opened.ports.0, "engine started");
+        if cfg.rootless {
+            tracing::info!(threads, port = opened.ports.0, "engine started (rootless)");
+        } else {
+            tracing::info!(tun = %cfg.tun_name, threads, port = opened.ports.0, "engine started");
+        }
         Ok(Engine {
             workers,
             counters,

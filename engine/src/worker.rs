@@ -20,10 +20,9 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 
 use crate::datapath::Datapath;
-use crate::io::UdpUnderlay;
+use crate::io::{PodIo, UdpUnderlay};
 use crate::snapshot::Snapshot;
 use crate::spread;
-use crate::sys::tun::TunQueue;
 use crate::wg::WgDevice;
 
 /// Batches per side handled before the loop polls again, so that one busy
@@ -48,15 +47,16 @@ pub enum Control {
     Stop,
 }
 
-pub(crate) struct Worker {
+/// A worker over pod side `P`: a TUN queue, or a rootless node's packet pair.
+pub(crate) struct Worker<P> {
     pub poll: Poll,
-    pub dp: Datapath<TunQueue, UdpUnderlay>,
+    pub dp: Datapath<P, UdpUnderlay>,
     pub control: Receiver<Control>,
     /// How long to keep polling after the last packet before sleeping.
     pub busy_poll: Duration,
 }
 
-impl Worker {
+impl<P: PodIo + AsRawFd> Worker<P> {
     /// Runs until told to stop.
     pub fn run(mut self) -> io::Result<()> {
         let tun_fd = self.dp.pod.as_raw_fd();

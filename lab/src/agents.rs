@@ -88,6 +88,10 @@ pub(crate) fn start_agent(lab: &Lab, n: &Node, ds_path: &Path) -> anyhow::Result
     if o.ipv6_masq && o.cluster_v6().is_some() && o.backend != "none" {
         let _ = writeln!(cfg, "flannel-ipv6-masq: true");
     }
+    let rootless = lab.rootless.as_ref().is_some_and(|r| r.index == n.index);
+    if rootless {
+        cfg += &crate::rootless::config(lab);
+    }
     std::fs::write(&cfg_path, cfg)?;
     if lab.opts.etcd_auth {
         // It holds the etcd password.
@@ -98,13 +102,36 @@ pub(crate) fn start_agent(lab: &Lab, n: &Node, ds_path: &Path) -> anyhow::Result
     let cfg_s = cfg_path.display().to_string();
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", &n.ns]);
-    match lab.opts.emulated_on(n) {
-        Some(e) => {
-            let (qemu, prefix) = qemu_for(e.arch)?;
-            cmd.arg(qemu).arg("-L").arg(prefix).arg(&e.bin);
+    if rootless {
+        let (uid, gid) = crate::rootless::make_user(&lab.opts.name)?;
+        let own = |p: &Path| std::os::unix::fs::chown(p, Some(uid), Some(gid));
+        if o.backend == "wireguard-native" {
+            // Made here (with etcd the agent would make it, in a directory
+            // the user cannot write), then given to the user.
+            let key = wg_key_path(&lab.dir, n.index);
+            weft_control::keys::load_or_create(&key)?;
+            own(&key).with_context(|| format!("giving {} to the rootless user", key.display()))?;
         }
-        None => {
-            cmd.arg(&lab.opts.weft_bin);
+        own(&cfg_path)?;
+        // The binary where the user may run it (the build tree may be
+        // closed to others).
+        let bin = lab.dir.join("weft-rootless");
+        std::fs::copy(&lab.opts.weft_bin, &bin).context("copying weft for the rootless user")?;
+        if o.rootless_trace {
+            let out = lab.dir.join("rootless.strace");
+            cmd.args(["strace", "-f", "-qq", "--seccomp-bpf", "-e", "trace=open,openat,socket", "-o"]).arg(out);
+        }
+        let (u, g) = (format!("--reuid={uid}"), format!("--regid={gid}"));
+        cmd.args(["setpriv", &u, &g, "--clear-groups", "--inh-caps=-all", "--bounding-set=-all", "--"]).arg(bin);
+    } else {
+        match lab.opts.emulated_on(n) {
+            Some(e) => {
+                let (qemu, prefix) = qemu_for(e.arch)?;
+                cmd.arg(qemu).arg("-L").arg(prefix).arg(&e.bin);
+            }
+            None => {
+                cmd.arg(&lab.opts.weft_bin);
+            }
         }
     }
     use std::os::unix::process::CommandExt;
@@ -182,7 +209,7 @@ pub fn http_ok(response: &str) -> bool {
 
 pub(crate) fn wait_ready(lab: &Lab, limit: Duration) -> anyhow::Result<()> {
     let start = Instant::now();
-    for n in lab.nodes.iter().filter(|n| n.kind == NodeKind::Weft) {
+    for n in lab.nodes.iter().filter(|n| n.kind == NodeKind::Weft).chain(&lab.rootless) {
         loop {
             if matches!(lab.http_get(n, "/readyz"), Ok(r) if http_ok(&r)) {
                 break;
@@ -241,8 +268,13 @@ impl Lab {
     /// Starts a node's agent again with its config and waits until it is ready.
     pub fn restart_agent(&self, n: &Node) -> anyhow::Result<()> {
         start_agent(self, n, &self.dir.join("datastore.json"))?;
-        let one =
-            Lab { opts: self.opts.clone(), nodes: vec![n.clone()], dir: self.dir.clone(), kube: self.kube.clone() };
+        let one = Lab {
+            opts: self.opts.clone(),
+            nodes: vec![n.clone()],
+            dir: self.dir.clone(),
+            kube: self.kube.clone(),
+            rootless: None,
+        };
         wait_ready(&one, Duration::from_secs(15))
     }
 
@@ -256,7 +288,7 @@ impl Lab {
     /// The tail of every agent log, for error reports.
     pub fn agent_logs(&self) -> String {
         let mut out = String::from("agent logs:");
-        for n in self.weft_nodes() {
+        for n in self.weft_nodes().chain(&self.rootless) {
             let log = std::fs::read_to_string(self.dir.join(format!("n{}.log", n.index))).unwrap_or_default();
             let tail: Vec<&str> = log.lines().rev().take(8).collect();
             let _ = write!(out, "\n--- {} ---\n{}", n.ns, tail.into_iter().rev().collect::<Vec<_>>().join("\n"));

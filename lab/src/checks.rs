@@ -72,6 +72,9 @@ impl Lab {
         for n in self.weft_nodes() {
             checks.push(self.counter_check(n));
         }
+        if let Some(r) = &self.rootless {
+            checks.extend(self.rootless_checks(r));
+        }
         for n in &self.nodes {
             if let Some(e) = self.opts.emulated_on(n) {
                 checks.push(self.arch_check(n, e.arch.rust_arch()));
@@ -319,12 +322,16 @@ fn ping_tries(a: &Pod, b: &Pod, v6: bool, tries: usize) -> Check {
     let (Some(from), Some(to)) = (a.ip(v6), b.ip(v6)) else {
         return Check { name: format!("ping {} -> {}", a.ns, b.ns), passed: false, detail: "no address".into() };
     };
-    let name = format!("ping {from} -> {to}");
+    ping_from(&a.ns, to, tries, format!("ping {from} -> {to}"))
+}
+
+/// Pings `to` from namespace `ns`, up to `tries` times; check `name`.
+pub(crate) fn ping_from(ns: &str, to: IpAddr, tries: usize, name: String) -> Check {
     let target = to.to_string();
-    let family = if v6 { "-6" } else { "-4" };
+    let family = if to.is_ipv6() { "-6" } else { "-4" };
     let mut last = String::new();
     for _ in 0..tries {
-        match exec(&a.ns, "ping", &[family, "-c", "1", "-W", "2", "-q", &target]) {
+        match exec(ns, "ping", &[family, "-c", "1", "-W", "2", "-q", &target]) {
             Ok(out) => {
                 let rtt = out.lines().find(|l| l.contains("min/avg")).and_then(|l| l.split('/').nth(4)).unwrap_or("?");
                 return Check { name, passed: true, detail: format!("rtt {rtt} ms") };

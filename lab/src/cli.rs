@@ -102,6 +102,10 @@ pub struct LabArgs {
     /// (any subset; the same seed gives every datagram the same fate).
     #[arg(long)]
     impair: Option<String>,
+    /// One more node, without pods, whose agent runs rootless (no TUN, no
+    /// capabilities) as a user the lab makes; reached through its SOCKS5 server.
+    #[arg(long)]
+    rootless: bool,
 }
 
 /// `--cloud-mtu K=MTU` values as MTUs by cloud (index K - 1).
@@ -197,6 +201,7 @@ pub fn run(l: LabArgs) -> anyhow::Result<ExitCode> {
     opts.etcd_tls = l.etcd_tls;
     opts.etcd_auth = l.etcd_auth;
     opts.impair = l.impair.as_deref().map(str::parse).transpose()?;
+    opts.rootless = l.rootless;
     if let Some(a) = &l.node_arch {
         opts.emulated = Some(crate::emulated(crate::NodeArch::parse(a)?, l.node_bin.clone(), &opts.weft_bin)?);
     }
@@ -242,6 +247,9 @@ pub fn run(l: LabArgs) -> anyhow::Result<ExitCode> {
     );
     if let Some(i) = &opts.impair {
         println!("the first node's underlay link impaired: {i}");
+    }
+    if opts.rootless {
+        println!("and one rootless node, its agent run as user {}", crate::rootless::user(&opts.name));
     }
     let lab = crate::up(&opts)?;
     let checks = lab.check();

@@ -69,6 +69,7 @@ mod multicloud;
 mod namespaces;
 mod peers;
 mod plan;
+pub mod rootless;
 
 pub use agents::{emulated, http_ok, qemu_for, METRICS_PORT};
 pub use capture::pcap_frames;

@@ -74,8 +74,12 @@ pub fn up(opts: &LabOptions) -> anyhow::Result<Lab> {
              internet) and --datastore file or etcd"
         );
     }
-    let mut lab =
-        Lab { opts: opts.clone(), nodes: plan(opts)?, dir: Path::new(STATE_ROOT).join(&opts.name), kube: None };
+    if opts.rootless && (opts.multicloud.is_some() || !["vxlan", "wireguard-native"].contains(&opts.backend.as_str())) {
+        bail!("--rootless needs --backend vxlan or wireguard-native, and no --multicloud");
+    }
+    let mut nodes = plan(opts)?;
+    let rootless = if opts.rootless { nodes.pop() } else { None };
+    let mut lab = Lab { opts: opts.clone(), nodes, dir: Path::new(STATE_ROOT).join(&opts.name), kube: None, rootless };
     match build(&mut lab) {
         Ok(()) => Ok(lab),
         Err(e) => {
@@ -96,7 +100,7 @@ pub(crate) fn build_underlay(lab: &Lab) -> anyhow::Result<()> {
     ip(&["netns", "add", &ul])?;
     ip(&["-n", &ul, "link", "add", "br0", "type", "bridge"])?;
     ip(&["-n", &ul, "link", "set", "br0", "up"])?;
-    for n in &lab.nodes {
+    for n in lab.nodes.iter().chain(&lab.rootless) {
         ip(&["netns", "add", &n.ns])?;
         let port = format!("n{}", n.index);
         ip(&["-n", &ul, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &n.ns])?;
@@ -131,12 +135,13 @@ fn build(lab: &mut Lab) -> anyhow::Result<()> {
         // datastore announces the public halves (with etcd, the agents'
         // leases do, and only the userspace peer's key is made here).
         let file = lab.opts.datastore == "file";
-        for n in lab.nodes.iter_mut().filter(|n| file || n.kind == NodeKind::UserspaceWg) {
+        for n in lab.nodes.iter_mut().chain(&mut lab.rootless).filter(|n| file || n.kind == NodeKind::UserspaceWg) {
             let private = weft_control::keys::load_or_create(&wg_key_path(&lab.dir, n.index))?;
             n.wg_public = Some(weft_uapi::Key(private).public_key().0);
         }
     }
-    let ds = datastore(&lab.opts, &lab.nodes);
+    let all: Vec<_> = lab.nodes.iter().chain(&lab.rootless).cloned().collect();
+    let ds = datastore(&lab.opts, &all);
     let ds_path = lab.dir.join("datastore.json");
     if lab.opts.datastore == "etcd" {
         start_etcd(lab)?;
@@ -172,7 +177,7 @@ fn build(lab: &mut Lab) -> anyhow::Result<()> {
     } else {
         std::fs::write(&ds_path, ds.to_json())?;
     }
-    for n in lab.weft_nodes() {
+    for n in lab.weft_nodes().chain(&lab.rootless) {
         start_agent(lab, n, &ds_path)?;
     }
     wait_ready(lab, Duration::from_secs(20))?;
@@ -186,7 +191,7 @@ fn build(lab: &mut Lab) -> anyhow::Result<()> {
     if lab.opts.datastore == "etcd" {
         // The agents chose their subnets; learn them, and their VTEP MACs.
         let leases = lab.with_etcd(|store| Ok(store.leases()?.leases))?;
-        for n in &mut lab.nodes {
+        for n in lab.nodes.iter_mut().chain(&mut lab.rootless) {
             // A node behind NAT announces its external address.
             let ips: Vec<std::net::IpAddr> = n.ips().into_iter().chain(n.external4.map(Into::into)).collect();
             let (key, lease) = leases
@@ -398,6 +403,7 @@ pub fn down(name: &str) {
         let _ = ip(&["netns", "del", &ns]);
     }
     let _ = std::fs::remove_dir_all(&dir);
+    crate::rootless::remove_user(name);
 }
 
 /// Whether lab names are valid: short (interface and namespace names derive

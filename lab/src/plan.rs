@@ -191,6 +191,13 @@ pub struct LabOptions {
     pub multicloud: Option<Multicloud>,
     /// A relay impairing the first node's underlay link (`weft lab --impair`).
     pub impair: Option<crate::impair::Impairment>,
+    /// One more node, without pods, whose agent runs rootless as a user the
+    /// lab makes (`weft lab --rootless`; see the `rootless` module).
+    pub rootless: bool,
+    /// With `rootless`: run its agent under strace, which writes every
+    /// `open`, `openat` and `socket` call to `rootless.strace` in the lab's
+    /// directory (what the tests check the agent never opens).
+    pub rootless_trace: bool,
 }
 
 impl LabOptions {
@@ -220,6 +227,8 @@ impl LabOptions {
             emulated: None,
             multicloud: None,
             impair: None,
+            rootless: false,
+            rootless_trace: false,
         }
     }
 
@@ -326,6 +335,8 @@ pub struct Lab {
     pub dir: PathBuf,
     /// With `--datastore kube`: the API server stand-in the agents use.
     pub kube: Option<std::sync::Arc<KubeLab>>,
+    /// With `rootless`: the rootless node (not among `nodes`: it has no pods).
+    pub rootless: Option<Node>,
 }
 
 /// The outcome of one check.
@@ -360,7 +371,7 @@ pub fn plan(opts: &LabOptions) -> anyhow::Result<Vec<Node>> {
     if v4.is_none() && v6.is_none() {
         bail!("--cluster-cidr: give an IPv4 and/or an IPv6 network");
     }
-    (1..=opts.nodes)
+    (1..=opts.nodes + opts.rootless as usize)
         .map(|i| {
             let key =
                 SubnetKey {
@@ -383,7 +394,11 @@ pub fn plan(opts: &LabOptions) -> anyhow::Result<Vec<Node>> {
                 (true, false, Some(_)) => NodeKind::UserspaceWg,
                 _ => NodeKind::Weft,
             };
-            let pods = (1..=opts.pods_per_node).map(|j| Pod { ns: format!("{ns}p{j}"), ips: Vec::new() }).collect();
+            let pods = if i > opts.nodes {
+                Vec::new()
+            } else {
+                (1..=opts.pods_per_node).map(|j| Pod { ns: format!("{ns}p{j}"), ips: Vec::new() }).collect()
+            };
             Ok(Node {
                 index: i,
                 ns,

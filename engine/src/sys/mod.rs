@@ -8,5 +8,6 @@
 pub mod mmsg;
 pub mod netlink;
 pub mod pages;
+pub mod pair;
 pub mod raw;
 pub mod tun;

@@ -12,6 +12,7 @@
 pub mod footprint;
 pub mod measure;
 pub mod report;
+pub mod rootless;
 pub mod soak;
 pub mod topo;
 
@@ -71,6 +72,14 @@ pub struct BenchArgs {
     /// MINUTES, its agents sampled; fails on growth or any drop.
     #[arg(long, value_name = "MINUTES")]
     pub soak: Option<f64>,
+    /// Instead of the pod-to-pod modes: the weft-rootless mode, a rootless
+    /// node's userspace stack (pod to SOCKS5 client, TCP 1 stream, and round
+    /// trips) beside the TUN path of the same run.
+    #[arg(long)]
+    pub rootless: bool,
+    /// With --rootless: the agents' backend.
+    #[arg(long, default_value = "vxlan", value_parser = ["vxlan", "wireguard-native"])]
+    pub rootless_backend: String,
     /// With --soak: the agents' backend.
     #[arg(long, default_value = "wireguard-native", value_parser = ["vxlan", "wireguard-native"])]
     pub soak_backend: String,
@@ -185,6 +194,14 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         let m = machine();
         println!("machine: {}, {} cores, {}; commit {}", m.cpu, m.cores, m.kernel, commit());
         let passed = soak::run(&args.name, &weft_bin, minutes, &args.soak_backend)?;
+        return Ok(if passed { ExitCode::SUCCESS } else { ExitCode::FAILURE });
+    }
+    if args.rootless {
+        let weft_bin = std::env::current_exe().context("finding the weft binary")?;
+        remove_on_signal(&args.name)?;
+        crate::down(&args.name);
+        println!("{}", report::machine_line(&machine(), &commit(), &settings));
+        let passed = rootless::run(&args.name, &weft_bin, &settings, &args.rootless_backend)?;
         return Ok(if passed { ExitCode::SUCCESS } else { ExitCode::FAILURE });
     }
     for p in ["iperf3", "ping", "ss"] {

@@ -98,7 +98,7 @@ pub fn up(
             for n in &mut nodes {
                 n.kind = if mode == Mode::KernelVxlan { NodeKind::KernelVxlan } else { NodeKind::UserspaceWg };
             }
-            let mut lab = Lab { opts, nodes, dir: Path::new(STATE_ROOT).join(name), kube: None };
+            let mut lab = Lab { opts, nodes, dir: Path::new(STATE_ROOT).join(name), kube: None, rootless: None };
             if let Err(e) = build(&mut lab, mode) {
                 let logs = Topology { lab, tunnel_pids: Vec::new(), cpu_source: CpuSource::SystemSoftirq }.logs();
                 crate::down(name);
