@@ -468,8 +468,9 @@ pub fn run(mut cfg: AgentConfig) -> anyhow::Result<()> {
         Some(_) => Vec::new(),
         None => weft_control::masq::plan(&masq_nets(&cfg, &want)),
     };
-    match weft_control::masq::apply(&masq_rules) {
-        _ if rootless.is_some() => {}
+    // A rootless node has no nftables to touch.
+    let applied = if rootless.is_some() { Ok(()) } else { weft_control::masq::apply(&masq_rules) };
+    match applied {
         Ok(()) if masq_rules.is_empty() => {}
         Ok(()) => tracing::info!(rules = masq_rules.len(), table = weft_control::masq::TABLE, "masquerade installed"),
         Err(e) if masq_rules.is_empty() => tracing::debug!(error = %e, "no stale masquerade table removed"),

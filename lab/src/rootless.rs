@@ -91,7 +91,10 @@ pub fn agent_pid(lab_name: &str) -> Option<i32> {
 
 /// The config lines of the rootless agent.
 pub(crate) fn config(lab: &Lab) -> String {
-    let pod = lab.nodes[0].pods[0].ip(false).or_else(|| lab.nodes[0].pods[0].ip(true));
+    // The pods get their addresses after the agents start: the first one
+    // host-local gives out (the tests check it is that).
+    let n1 = &lab.nodes[0];
+    let pod = host_local_first(n1, false).or_else(|| host_local_first(n1, true));
     let mut cfg = format!(
         "rootless: true\nsocks5-addr: {SOCKS_ADDR}\nexpose: {EXPOSE_PORT}={EXPOSE_LOCAL}\n\
          rootless-max-connections: {MAX_CONNECTIONS}\n"
@@ -105,6 +108,15 @@ pub(crate) fn config(lab: &Lab) -> String {
 /// The node's pod address in a family: the first host of its subnet.
 pub fn pod_address(n: &Node, v6: bool) -> Option<IpAddr> {
     n.key.subnets().into_iter().find(|s| s.addr().is_ipv6() == v6).map(|s| match s.network() {
+        IpAddr::V4(a) => IpAddr::V4(Ipv4Addr::from(u32::from(a) + 1)),
+        IpAddr::V6(a) => IpAddr::V6(Ipv6Addr::from(u128::from(a) + 1)),
+    })
+}
+
+/// The first address host-local gives a pod of node `n` (the bridge has
+/// the subnet's first host): the subnet's second host.
+pub fn host_local_first(n: &Node, v6: bool) -> Option<IpAddr> {
+    pod_address(n, v6).map(|a| match a {
         IpAddr::V4(a) => IpAddr::V4(Ipv4Addr::from(u32::from(a) + 1)),
         IpAddr::V6(a) => IpAddr::V6(Ipv6Addr::from(u128::from(a) + 1)),
     })
