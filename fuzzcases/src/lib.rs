@@ -13,6 +13,7 @@
 pub mod config_parsers;
 pub mod kube_node;
 pub mod segment;
+pub mod socks5;
 pub mod uapi_parse;
 pub mod vnet_coalesce;
 pub mod vxlan_decap;
@@ -23,10 +24,11 @@ pub mod wg_receive;
 pub type Target = fn(&[u8]);
 
 /// Every target by name (its directory under `fuzz/seeds/` and `fuzz/regressions/`).
-pub const TARGETS: [(&str, Target); 8] = [
+pub const TARGETS: [(&str, Target); 9] = [
     ("config_parsers", config_parsers::run),
     ("kube_node", kube_node::run),
     ("segment", segment::run),
+    ("socks5", socks5::run),
     ("uapi_parse", uapi_parse::run),
     ("vnet_coalesce", vnet_coalesce::run),
     ("vxlan_decap", vxlan_decap::run),

@@ -52,6 +52,11 @@ fn segment() {
 }
 
 #[test]
+fn socks5() {
+    replay("socks5");
+}
+
+#[test]
 fn uapi_parse() {
     replay("uapi_parse");
 }
