@@ -69,6 +69,7 @@ fn underlay(i: u8, port: u16, vxlan: bool) -> UdpUnderlay {
         tx: vxlan.then(|| RawUdpTx::open(addr(i)).unwrap()),
         v6: false,
         gso_pool: if vxlan { (0..8).map(|_| pool_socket(addr(i))).collect() } else { Vec::new() },
+        pool_singly: false,
         gro: Some(GroRx::default()),
         wg_gso: !vxlan,
         gso_ceiling: Default::default(),

@@ -48,6 +48,7 @@ fn steps(auth: &Auth, stream: &[u8], mut sizes: impl FnMut() -> usize) -> Vec<St
     out
 }
 
+/// Runs one input through the invariants above; panics on a broken one.
 pub fn run(data: &[u8]) {
     let Some((&sel, stream)) = data.split_first() else { return };
     let auth = if sel & 1 == 1 { Auth::UserPass { user: "u".into(), pass: "p".into() } } else { Auth::None };

@@ -6,7 +6,8 @@
 //! header of UDP ASSOCIATE datagrams. What it refuses: BIND, fragmented UDP
 //! datagrams, GSSAPI, and any input it cannot parse (an error reply when
 //! the protocol has one, then the caller closes). It never panics on input
-//! and holds no more than a request's 262 bytes.
+//! and keeps none of it: the caller's buffer holds at most one pending
+//! message (513 bytes for a user/password subnegotiation, 262 for a request).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
@@ -16,32 +17,49 @@ pub enum Auth {
     /// No authentication (method 0).
     None,
     /// User and password (method 2, RFC 1929).
-    UserPass { user: String, pass: String },
+    UserPass {
+        /// The one user accepted.
+        user: String,
+        /// That user's password.
+        pass: String,
+    },
 }
 
 /// Reply codes (RFC 1928 section 6).
 pub mod reply {
+    /// Succeeded.
     pub const SUCCEEDED: u8 = 0;
+    /// General SOCKS server failure.
     pub const GENERAL_FAILURE: u8 = 1;
+    /// Connection not allowed by ruleset.
     pub const NOT_ALLOWED: u8 = 2;
+    /// Network unreachable.
     pub const NETWORK_UNREACHABLE: u8 = 3;
+    /// Host unreachable.
     pub const HOST_UNREACHABLE: u8 = 4;
+    /// Connection refused.
     pub const CONNECTION_REFUSED: u8 = 5;
+    /// TTL expired.
     pub const TTL_EXPIRED: u8 = 6;
+    /// Command not supported.
     pub const COMMAND_NOT_SUPPORTED: u8 = 7;
+    /// Address type not supported.
     pub const ADDRESS_NOT_SUPPORTED: u8 = 8;
 }
 
 /// What a client asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Command {
+    /// CONNECT (1): a TCP stream to the target.
     Connect,
+    /// UDP ASSOCIATE (3): relay datagrams; the target is where the client sends from.
     UdpAssociate,
 }
 
 /// Where to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
+    /// An IPv4 or IPv6 address and a port.
     Addr(SocketAddr),
     /// A name (1 to 255 bytes of UTF-8) and a port.
     Domain(String, u16),
@@ -50,7 +68,9 @@ pub enum Target {
 /// A client's request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Request {
+    /// What it asks for.
     pub command: Command,
+    /// Where to (DST.ADDR, DST.PORT).
     pub target: Target,
 }
 
@@ -61,7 +81,7 @@ pub enum Step {
     Need,
     /// Send these to the client and go on feeding.
     Reply(Vec<u8>),
-    /// The request is complete: answer it with [`reply`].
+    /// The request is complete: answer it with [`reply()`].
     Request(Request),
     /// Send these (maybe nothing) and close; why, for counting.
     Fail(Vec<u8>, &'static str),
@@ -336,6 +356,41 @@ mod tests {
             assert_eq!(steps, want);
             assert_eq!(used, bytes.len());
             assert_eq!(byte_by_byte(Auth::None, bytes), want);
+        }
+    }
+
+    #[test]
+    fn pipelined_bytes_split_anywhere_give_the_same_steps() {
+        let auth = Auth::UserPass { user: "u".into(), pass: "p".into() };
+        let flows: [(Auth, &[u8]); 3] = [
+            (Auth::None, &[5, 1, 0, 5, 1, 0, 1, 10, 244, 2, 5, 0, 80]),
+            (Auth::None, &[5, 1, 0, 5, 1, 0, 3, 3, b'p', b'o', b'd', 0, 53]),
+            (auth, &[5, 1, 2, 1, 1, b'u', 1, b'p', 5, 3, 0, 1, 0, 0, 0, 0, 0, 0]),
+        ];
+        for (auth, bytes) in flows {
+            let (want, _) = all_at_once(auth.clone(), bytes);
+            for cut in 0..=bytes.len() {
+                let mut h = Handshake::new(auth.clone());
+                let mut buf = Vec::new();
+                let mut steps = Vec::new();
+                'pieces: for piece in [&bytes[..cut], &bytes[cut..]] {
+                    buf.extend_from_slice(piece);
+                    loop {
+                        let (used, step) = h.feed(&buf);
+                        buf.drain(..used);
+                        match step {
+                            Step::Need => break,
+                            s @ (Step::Request(_) | Step::Fail(..)) => {
+                                steps.push(s);
+                                break 'pieces;
+                            }
+                            s => steps.push(s),
+                        }
+                    }
+                }
+                assert_eq!(steps, want, "cut at {cut}");
+                assert!(buf.is_empty(), "cut at {cut}: {buf:?} left");
+            }
         }
     }
 

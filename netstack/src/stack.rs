@@ -259,25 +259,29 @@ impl Device for PairDevice {
         if !self.readable {
             return None;
         }
-        loop {
+        let read = loop {
             match self.tx.end.recv(&mut self.rx) {
-                // The engine closed its end: it stopped.
-                Ok(0) => {
-                    self.readable = false;
-                    self.closed = true;
-                    return None;
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                read => break read,
+            }
+        };
+        match read {
+            // The engine closed its end: it stopped.
+            Ok(0) => {
+                self.readable = false;
+                self.closed = true;
+                None
+            }
+            Ok(n) => {
+                self.tx.counters.packets_in.fetch_add(1, Relaxed);
+                Some((Rx(&self.rx[..n]), Tx(&mut self.tx)))
+            }
+            Err(e) => {
+                if e.kind() != ErrorKind::WouldBlock {
+                    tracing::debug!(error = %e, "reading from the engine");
                 }
-                Ok(n) => {
-                    self.tx.counters.packets_in.fetch_add(1, Relaxed);
-                    return Some((Rx(&self.rx[..n]), Tx(&mut self.tx)));
-                }
-                Err(e) => {
-                    if e.kind() != ErrorKind::WouldBlock {
-                        tracing::debug!(error = %e, "reading from the engine");
-                    }
-                    self.readable = false;
-                    return None;
-                }
+                self.readable = false;
+                None
             }
         }
     }

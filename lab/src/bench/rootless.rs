@@ -54,7 +54,7 @@ pub fn run(name: &str, weft_bin: &std::path::Path, s: &Settings, backend: &str) 
     let pid = rl::agent_pid(name).context("the rootless agent's pid")?;
     echo_server(&a)?;
     // Bytes per transfer: about `duration` seconds at a gigabit.
-    let bytes = (s.duration_s as usize * 125 << 20).clamp(64 << 20, 2 << 30);
+    let bytes = ((s.duration_s as usize * 125) << 20).clamp(64 << 20, 2 << 30);
     let mut reps = Vec::new();
     for rep in 1..=s.reps {
         let span = CpuSpan::start(&[pid])?;
