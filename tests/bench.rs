@@ -160,3 +160,42 @@ fn two_minute_soak_passes_and_reports_each_bound() {
         assert!(stdout.lines().any(|l| l.contains(row) && l.contains("pass")), "no passing row {row}: {stdout}");
     }
 }
+
+/// `weft bench --rootless --quick`: the weft-rootless mode builds its lab (a
+/// rootless node beside two weft nodes), prints its table with a figure in
+/// every row, and leaves nothing behind.
+#[test]
+fn rootless_bench_reports_its_table_and_cleans_up() {
+    require_root();
+    let name = unique_name("rlbench");
+    let out = Command::new(weft_bin())
+        .args(["bench", "--rootless", "--quick", "--name", &name])
+        .output()
+        .expect("running weft bench --rootless");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let leftovers: Vec<String> =
+        weft_lab::netns::list().into_iter().filter(|n| n.starts_with(&format!("{name}-"))).collect();
+    if !leftovers.is_empty() {
+        weft_lab::down(&name);
+    }
+    assert!(out.status.success(), "weft bench failed: {}\nstdout:\n{stdout}\nstderr:\n{stderr}", out.status);
+    assert!(leftovers.is_empty(), "namespaces left behind: {leftovers:?}");
+    assert!(!std::path::Path::new(weft_lab::STATE_ROOT).join(&name).exists(), "state directory left behind");
+    let row = |label: &str| -> Vec<String> {
+        let line = stdout.lines().find(|l| l.starts_with(label)).unwrap_or_else(|| panic!("no {label:?} row:\n{stdout}"));
+        line[label.len()..].split_whitespace().map(str::to_string).collect()
+    };
+    for label in ["tcp 1 stream, Gbit/s", "tcp round trip, us"] {
+        let cells = row(label);
+        assert_eq!(cells.len(), 3, "{label}: {cells:?}");
+        let socks: f64 = cells[0].parse().unwrap();
+        let pod: f64 = cells[1].parse().unwrap();
+        assert!(socks > 0.0 && pod > 0.0, "{label}: {cells:?}");
+        assert!(cells[2].ends_with('x'), "{label}: {cells:?}");
+    }
+    let cpu: f64 = row("rootless agent cpu, %")[0].parse().unwrap();
+    assert!(cpu > 0.0, "the rootless agent used no CPU moving the data:\n{stdout}");
+    let rss = row("rootless agent peak rss");
+    assert!(rss.len() == 2 && rss[1] == "MiB" && rss[0].parse::<f64>().unwrap() > 0.0, "{rss:?}");
+}
