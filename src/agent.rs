@@ -23,7 +23,7 @@ use weft_engine::{Encap, Engine, EngineConfig, Families, Peer, PeerCounters, Sna
 use weft_tunnel::vxlan::{Vtep, Vxlan, OVERHEAD_V4, OVERHEAD_V6};
 
 use weft_control::cluster::Backend;
-use weft_control::config::{AgentConfig, DatastoreSource};
+use weft_control::config::{AgentConfig, Dataplane, DatastoreSource};
 use weft_control::datastore::{subnet_env, StaticDatastore, WgData, WgOptions, WG_OVERHEAD};
 use weft_control::keys;
 use weft_control::lease;
@@ -231,6 +231,34 @@ pub fn masq_nets(cfg: &AgentConfig, d: &Desired) -> Vec<weft_control::masq::Masq
     v4.into_iter().chain(v6).map(|(cluster, subnet)| weft_control::masq::MasqNet { cluster, subnet }).collect()
 }
 
+/// Loads and attaches the eBPF data plane for this node's IPv4 underlay;
+/// returns it with the underlay interface's name. Fails with the reason
+/// (no IPv4 underlay, the kernel refuses a program or tcx).
+fn start_ebpf(
+    cfg: &AgentConfig,
+    want: &Desired,
+    local: &[LocalAddr],
+    snapshot: &Snapshot,
+) -> anyhow::Result<(weft_engine::ebpf::EbpfPlane, String)> {
+    let vtep = want.own.iter().find(|v| v.addr.is_ipv4()).context("this node has no IPv4 underlay (node-ip)")?;
+    let IpAddr::V4(addr) = vtep.addr else { unreachable!("found by is_ipv4") };
+    let link = local.iter().find(|l| l.net.addr() == vtep.addr).context("no interface holds node-ip")?;
+    let underlay = nix::net::if_::if_indextoname(link.index)
+        .context("naming the underlay interface")?
+        .into_string()
+        .map_err(|_| anyhow::anyhow!("the underlay interface's name is not UTF-8"))?;
+    let setup = weft_engine::ebpf::EbpfSetup {
+        tun: cfg.tun_name.clone(),
+        underlay: underlay.clone(),
+        underlay_index: link.index,
+        addr,
+        mac: vtep.mac,
+        vni: cfg.vni,
+        port: cfg.vxlan_port,
+    };
+    Ok((weft_engine::ebpf::EbpfPlane::start(&setup, snapshot)?, underlay))
+}
+
 /// This node's interface addresses.
 pub fn local_addrs() -> anyhow::Result<Vec<LocalAddr>> {
     let mut out = Vec::new();
@@ -432,6 +460,7 @@ pub fn run(mut cfg: AgentConfig) -> anyhow::Result<()> {
         snapshot: Mutex::new(snapshot),
         ready: Default::default(),
         netstack: netstack.as_ref().map(|n| n.counters().clone()),
+        ebpf: Mutex::new(None),
     });
     if let Some(addr) = cfg.metrics_addr {
         metrics::serve(addr, state.clone())
@@ -484,6 +513,26 @@ pub fn run(mut cfg: AgentConfig) -> anyhow::Result<()> {
         }
         let env = subnet_env(want.network, &want.own_key, want.ipv6_network, mtu, !masq_rules.is_empty());
         write_subnet_env(&cfg, &env)?;
+    }
+    if vxlan && rootless.is_none() && cfg.dataplane != Dataplane::Userspace {
+        let current = state.snapshot.lock().map(|s| s.clone()).unwrap_or_default();
+        match start_ebpf(&cfg, &want, &local, &current) {
+            Ok((plane, underlay)) => {
+                tracing::info!(
+                    tun = %cfg.tun_name,
+                    underlay = %underlay,
+                    "data plane: eBPF (tcx egress of the TUN device, tcx ingress of the underlay), the userspace \
+                     engine as its slow path"
+                );
+                if let Ok(mut e) = state.ebpf.lock() {
+                    *e = Some(plane);
+                }
+            }
+            Err(e) if cfg.dataplane == Dataplane::Auto => {
+                tracing::info!(reason = %format!("{e:#}"), "data plane: userspace (dataplane auto: no eBPF)");
+            }
+            Err(e) => return Err(e).context("config key `dataplane`: value `ebpf` refused"),
+        }
     }
     state.ready.store(true, Relaxed);
     data_path_up.store(true, Relaxed);
@@ -545,6 +594,10 @@ pub fn run(mut cfg: AgentConfig) -> anyhow::Result<()> {
     tracing::info!("shutting down");
     keeper_stop.store(true, Relaxed);
     state.ready.store(false, Relaxed);
+    // Detaches the programs: packets go to the TUN again until it is gone.
+    if let Ok(mut e) = state.ebpf.lock() {
+        drop(e.take());
+    }
     if let Some(nl) = &mut nl {
         for r in &routed {
             if let Err(e) = nl.delete_route(r) {
@@ -611,6 +664,11 @@ impl Plane<'_> {
         let snapshot = Arc::new(peers.snapshot(&want));
         if let Some(engine) = self.engine {
             engine.update(snapshot.clone());
+        }
+        if let Ok(mut e) = state.ebpf.lock() {
+            if let Some(e) = e.as_mut() {
+                e.update(&snapshot).context("writing the eBPF maps")?;
+            }
         }
         if let Ok(mut s) = state.snapshot.lock() {
             *s = snapshot;

@@ -23,6 +23,8 @@ pub struct MetricsState {
     pub ready: AtomicBool,
     /// A rootless node's userspace stack.
     pub netstack: Option<Arc<weft_netstack::Counters>>,
+    /// The eBPF data plane, when it runs (its counters live in its maps).
+    pub ebpf: Mutex<Option<weft_engine::ebpf::EbpfPlane>>,
 }
 
 impl MetricsState {
@@ -104,7 +106,17 @@ impl MetricsState {
         let crypto =
             self.workers.iter().map(|w| [w.wg_sealed_bytes.load(Relaxed), w.wg_opened_bytes.load(Relaxed)]).collect();
         let netstack = self.netstack.as_ref().map(|n| n.pairs().to_vec()).unwrap_or_default();
-        Sample { totals, syscalls_per_mb, drops, peers, workers: self.workers.len() as i64, crypto, netstack }
+        let ebpf = match self.ebpf.lock().as_deref() {
+            Ok(Some(p)) => match p.counters() {
+                Ok(c) => weft_engine::ebpf::COUNTERS.iter().copied().zip(c).collect(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading the eBPF counters");
+                    Vec::new()
+                }
+            },
+            _ => Vec::new(),
+        };
+        Sample { totals, syscalls_per_mb, drops, peers, workers: self.workers.len() as i64, crypto, netstack, ebpf }
     }
 }
 
@@ -138,6 +150,8 @@ struct Sample {
     crypto: Vec<[u64; 2]>,
     /// A rootless node's userspace stack: name, help, value.
     netstack: Vec<(&'static str, &'static str, u64)>,
+    /// The eBPF programs' counters, by what they count.
+    ebpf: Vec<(&'static str, u64)>,
 }
 
 impl prometheus_client::collector::Collector for Sample {
@@ -204,6 +218,18 @@ impl prometheus_client::collector::Collector for Sample {
             } else {
                 let c = ConstCounter::new(*v);
                 c.encode(enc.encode_descriptor(&name, help, None, c.metric_type())?)?;
+            }
+        }
+        if !self.ebpf.is_empty() {
+            let mut family = enc.encode_descriptor(
+                "weft_ebpf_packets",
+                "Packets the eBPF data plane handled, by outcome (drop_*: refused and dropped in the kernel; \
+                 egress_no_route, egress_error, ingress_to_userspace: left to the userspace engine).",
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            for (what, v) in &self.ebpf {
+                ConstCounter::new(*v).encode(family.encode_family(&[("what", *what)])?)?;
             }
         }
         let g = ConstGauge::new(self.workers);
@@ -304,6 +330,7 @@ mod tests {
             workers: 2,
             crypto: vec![[10, 20], [30, 40]],
             netstack: vec![("open", "Open.", 3), ("refused_cap", "Refused.", 5)],
+            ebpf: vec![("encapsulated", 7), ("drop_vni", 2)],
         };
         let mut registry = prometheus_client::registry::Registry::default();
         registry.register_collector(Box::new(sample));
@@ -317,6 +344,8 @@ mod tests {
         assert!(out.contains(r#"weft_worker_wg_sealed_bytes_total{worker="1"} 30"#), "{out}");
         assert!(out.contains(r#"weft_worker_wg_opened_bytes_total{worker="0"} 20"#), "{out}");
         assert!(out.contains("weft_netstack_open 3") && out.contains("weft_netstack_refused_cap_total 5"), "{out}");
+        assert!(out.contains("weft_ebpf_packets_total{what=\"encapsulated\"} 7"), "{out}");
+        assert!(out.contains("weft_ebpf_packets_total{what=\"drop_vni\"} 2"), "{out}");
         let arch = format!(r#"arch="{}""#, std::env::consts::ARCH);
         assert!(
             out.lines().any(|l| l.starts_with("weft_build_info{") && l.contains(&arch) && l.ends_with(" 1")),
@@ -332,6 +361,7 @@ mod tests {
             snapshot: Mutex::new(Arc::new(Snapshot::default())),
             ready: AtomicBool::new(true),
             netstack: None,
+            ebpf: Default::default(),
         });
         let addr = {
             let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

@@ -183,7 +183,8 @@ fn rootless_bench_reports_its_table_and_cleans_up() {
     assert!(leftovers.is_empty(), "namespaces left behind: {leftovers:?}");
     assert!(!std::path::Path::new(weft_lab::STATE_ROOT).join(&name).exists(), "state directory left behind");
     let row = |label: &str| -> Vec<String> {
-        let line = stdout.lines().find(|l| l.starts_with(label)).unwrap_or_else(|| panic!("no {label:?} row:\n{stdout}"));
+        let line =
+            stdout.lines().find(|l| l.starts_with(label)).unwrap_or_else(|| panic!("no {label:?} row:\n{stdout}"));
         line[label.len()..].split_whitespace().map(str::to_string).collect()
     };
     for label in ["tcp 1 stream, Gbit/s", "tcp round trip, us"] {

@@ -44,6 +44,11 @@ pub const AGENT_KEYS: &[(&str, &str)] = &[
     ("offload-udp-gso", "UDP_SEGMENT sends on the underlay (default true)"),
     ("offload-udp-gro", "UDP_GRO receives on the underlay (default true)"),
     ("busy-poll-us", "microseconds a worker keeps polling after its last packet before it sleeps (default 0: off)"),
+    (
+        "dataplane",
+        "with backend vxlan: ebpf (tcx programs encapsulate and decapsulate in the kernel, the engine is the slow \
+         path), userspace (the engine does it all) or auto (ebpf where the kernel allows it, else userspace); default userspace",
+    ),
     ("ip-masq", "masquerade IPv4 pod traffic leaving the cluster, in nftables table inet weft (default true)"),
     (
         "node-location-label",
@@ -116,6 +121,33 @@ impl Default for Offloads {
     }
 }
 
+/// Who moves a VXLAN node's packets (`dataplane`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dataplane {
+    /// tcx programs in the kernel; what they leave goes to the engine.
+    Ebpf,
+    /// The userspace engine alone.
+    Userspace,
+    /// `Ebpf` where the kernel loads and attaches the programs, else
+    /// `Userspace`, said in one log line.
+    Auto,
+}
+
+impl Dataplane {
+    /// The accepted values, for refusals.
+    pub const ACCEPTED: &'static str = "ebpf, userspace or auto";
+
+    /// Parses a `dataplane` value.
+    pub fn parse(v: &str) -> Option<Self> {
+        match v {
+            "ebpf" => Some(Dataplane::Ebpf),
+            "userspace" => Some(Dataplane::Userspace),
+            "auto" => Some(Dataplane::Auto),
+            _ => None,
+        }
+    }
+}
+
 /// `busy-poll-us` when the key is absent: 0, workers sleep as soon as they
 /// are idle. The same as the engine's own default, which the weft crate's
 /// tests check.
@@ -159,6 +191,8 @@ pub struct AgentConfig {
     pub node_location: Option<String>,
     /// `rootless: true` and its keys: no TUN, no netlink, a userspace stack.
     pub rootless: Option<crate::rootless::RootlessConfig>,
+    /// `dataplane`.
+    pub dataplane: Dataplane,
 }
 
 impl AgentConfig {
@@ -355,6 +389,25 @@ impl AgentConfig {
         }
         let raw = |k: &str| pairs.get(k).map(String::as_str);
         let rootless = crate::rootless::from_pairs(&get, &raw, cluster.backend)?;
+        let dataplane = match get("dataplane") {
+            // Userspace until the eBPF path covers IPv6 underlays too.
+            None => Dataplane::Userspace,
+            Some(v) => Dataplane::parse(v).ok_or_else(|| ConfigError::new("dataplane", v, Dataplane::ACCEPTED))?,
+        };
+        if dataplane == Dataplane::Ebpf && cluster.backend != Backend::Vxlan {
+            return Err(ConfigError::new(
+                "dataplane",
+                "ebpf",
+                format!("only with backend vxlan (this node's is {}): userspace or auto", cluster.backend.name()),
+            ));
+        }
+        if dataplane == Dataplane::Ebpf && rootless.is_some() {
+            return Err(ConfigError::new(
+                "dataplane",
+                "ebpf",
+                "not on a rootless node (it cannot load BPF programs): userspace or auto",
+            ));
+        }
         let node_name = match get("node-name") {
             Some(v) => v.to_string(),
             None if std::env::var("NODE_NAME").is_ok_and(|n| !n.trim().is_empty()) => {
@@ -382,6 +435,7 @@ impl AgentConfig {
             ip_masq,
             node_location,
             rootless,
+            dataplane,
         })
     }
 }

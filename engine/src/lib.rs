@@ -13,6 +13,7 @@
 pub mod coalesce;
 pub mod counters;
 pub mod datapath;
+pub mod ebpf;
 pub mod io;
 pub mod route;
 pub mod segment;

@@ -89,6 +89,9 @@ pub(crate) fn start_agent(lab: &Lab, n: &Node, ds_path: &Path) -> anyhow::Result
         let _ = writeln!(cfg, "flannel-ipv6-masq: true");
     }
     let rootless = lab.rootless.as_ref().is_some_and(|r| r.index == n.index);
+    if let Some(d) = lab.opts.dataplane.as_ref().filter(|_| !rootless) {
+        let _ = writeln!(cfg, "dataplane: {d}");
+    }
     if rootless {
         cfg += &crate::rootless::config(lab);
     }

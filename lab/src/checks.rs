@@ -219,8 +219,21 @@ impl Lab {
             .sum::<u64>()
             + replays.saturating_sub(self.duplicated_towards(n));
         let (tx, rx) = (get("weft_udp_tx_packets_total"), get("weft_tun_tx_packets_total"));
+        let ebpf = |what: &str| get(&format!("weft_ebpf_packets_total{{what=\"{what}\"}}"));
+        let ebpf_drops: u64 =
+            ["drop_bad_header", "drop_vni", "drop_unknown_source", "drop_vtep_mac", "drop_spoofed_source"]
+                .iter()
+                .map(|w| ebpf(w))
+                .sum();
+        let on_ebpf = self.opts.dataplane.as_deref() == Some("ebpf")
+            && !self.rootless.as_ref().is_some_and(|r| r.index == n.index);
         // Kernel-routed backends move no packet through weft.
         let passed = match self.opts.backend.as_str() {
+            // The programs carry the pods' traffic; what they leave to
+            // userspace (ARP-less IPv6 over IPv4, no entry yet) may be none.
+            "vxlan" if on_ebpf => {
+                ebpf("encapsulated") > 0 && ebpf("decapsulated") > 0 && ebpf_drops == 0 && decap_drops == 0
+            }
             "vxlan" => tx > 0 && rx > 0 && decap_drops == 0,
             "wireguard-native" => tx > 0 && rx > 0 && wg_refused == 0,
             _ => tx == 0,
@@ -229,6 +242,14 @@ impl Lab {
             "sent {tx} pkts, delivered {rx} pkts, decap drops {decap_drops}, syscalls {}",
             get("weft_syscalls_total")
         );
+        if on_ebpf {
+            let _ = write!(
+                detail,
+                "; eBPF encapsulated {}, decapsulated {}, dropped {ebpf_drops}",
+                ebpf("encapsulated"),
+                ebpf("decapsulated")
+            );
+        }
         if self.opts.impair.is_some() && self.opts.backend == "wireguard-native" {
             let _ = write!(detail, ", replays refused {replays} (relay duplicated {})", self.duplicated_towards(n));
         }

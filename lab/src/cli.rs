@@ -106,6 +106,10 @@ pub struct LabArgs {
     /// capabilities) as a user the lab makes; reached through its SOCKS5 server.
     #[arg(long)]
     rootless: bool,
+    /// The weft nodes' data plane with --backend vxlan: ebpf (tcx programs,
+    /// the engine as the slow path), userspace or auto.
+    #[arg(long, value_parser = ["ebpf", "userspace", "auto"])]
+    dataplane: Option<String>,
 }
 
 /// `--cloud-mtu K=MTU` values as MTUs by cloud (index K - 1).
@@ -202,6 +206,7 @@ pub fn run(l: LabArgs) -> anyhow::Result<ExitCode> {
     opts.etcd_auth = l.etcd_auth;
     opts.impair = l.impair.as_deref().map(str::parse).transpose()?;
     opts.rootless = l.rootless;
+    opts.dataplane = l.dataplane.clone();
     if let Some(a) = &l.node_arch {
         opts.emulated = Some(crate::emulated(crate::NodeArch::parse(a)?, l.node_bin.clone(), &opts.weft_bin)?);
     }

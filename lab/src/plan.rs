@@ -153,6 +153,8 @@ pub struct LabOptions {
     /// The agents' `busy-poll-us` (`None`: the agent's default, or
     /// `WEFT_LAB_BUSY_POLL_US` from the environment).
     pub busy_poll_us: Option<u32>,
+    /// The weft nodes' `dataplane` (`None`: the agent's default).
+    pub dataplane: Option<String>,
     /// The weft binary the agents run.
     pub weft_bin: PathBuf,
     /// Pod networks: one IPv4 and/or one IPv6 (K3s `cluster-cidr`).
@@ -214,6 +216,7 @@ impl LabOptions {
             threads: None,
             busy_poll_us: std::env::var("WEFT_LAB_BUSY_POLL_US").ok().and_then(|v| v.parse().ok()),
             offloads_off: std::env::var("WEFT_LAB_OFFLOADS").is_ok_and(|v| v == "off"),
+            dataplane: None,
             weft_bin,
             cluster_cidrs: vec!["10.244.0.0/16".parse().expect("a valid network")],
             service_cidrs: Vec::new(),

@@ -5,6 +5,7 @@
 //! This is the only place in weft where `unsafe` may appear; each block says
 //! why it is sound.
 
+pub mod bpf;
 pub mod mmsg;
 pub mod netlink;
 pub mod pages;

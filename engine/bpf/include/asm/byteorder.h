@@ -1,0 +1,2 @@
+/* BPF programs here are built little-endian (-target bpfel). */
+#include <linux/byteorder/little_endian.h>
