@@ -195,7 +195,10 @@ int weft_egress(struct __sk_buff *skb)
 	__builtin_memcpy(h.eth.h_source, cfg->mac4, ETH_ALEN);
 	h.eth.h_proto = bpf_htons(ETH_P_IP);
 
-	__u64 flags = BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 | BPF_F_ADJ_ROOM_ENCAP_L4_UDP |
+	/* FIXED_GSO: a UDP tunnel GSO packet's gso_size is the inner MSS, as
+	 * kernel VXLAN sends it (the pod's MTU already leaves the room); without
+	 * it the kernel would shrink every segment by our 50 bytes. */
+	__u64 flags = BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 | BPF_F_ADJ_ROOM_ENCAP_L4_UDP |
 		      BPF_F_ADJ_ROOM_ENCAP_L2_ETH | BPF_F_ADJ_ROOM_ENCAP_L2(ETH_HLEN);
 
 	/* The TUN's packets have no link-layer header, and
@@ -318,7 +321,9 @@ int weft_ingress(struct __sk_buff *skb)
 	/* Cut the outer IP, UDP, VXLAN and inner Ethernet headers: the outer
 	 * Ethernet header (to our MAC, type IPv4) now fronts the pod's packet,
 	 * which the kernel routes to the pod. */
-	if (bpf_skb_adjust_room(skb, -(__s32)OUTER4, BPF_ADJ_ROOM_MAC, 0)) {
+	/* FIXED_GSO: the sender's gso_size is the inner MSS already; grown by
+	 * our 50 bytes, forwarding to the pod would refuse it as too big. */
+	if (bpf_skb_adjust_room(skb, -(__s32)OUTER4, BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_FIXED_GSO)) {
 		count(C_INGRESS_PASS);
 		return TC_ACT_OK;
 	}
