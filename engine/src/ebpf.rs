@@ -46,6 +46,20 @@ pub const COUNTERS: [&str; 10] = [
     "ingress_to_userspace",
 ];
 
+/// Set in the agent's environment, it makes the attach step fail as a kernel
+/// without tcx would: how the tests reach `dataplane: auto`'s fallback on a
+/// kernel that has tcx.
+pub const REFUSE_ENV: &str = "WEFT_EBPF_REFUSE";
+
+/// The names of the tcx programs attached to `iface` (in the caller's
+/// network namespace) at ingress or egress: what the tests and operators
+/// check after a stop.
+pub fn attached(iface: &str, egress: bool) -> io::Result<Vec<String>> {
+    let hook = if egress { TcAttachType::Egress } else { TcAttachType::Ingress };
+    let (_, programs) = SchedClassifier::query_tcx(iface, hook).map_err(|e| err("querying tcx", chain(&e)))?;
+    Ok(programs.iter().map(|p| p.name_as_str().unwrap_or("?").to_string()).collect())
+}
+
 /// Outer TTL, as kernel VXLAN sends by default (the route's hop limit).
 const TTL: u8 = 64;
 
@@ -122,6 +136,12 @@ impl EbpfPlane {
             Array::try_from(plane.bpf.map_mut("weft_config").ok_or_else(|| err("map", "weft_config missing"))?)
                 .map_err(|e| err("map weft_config", e))?;
         config.set(0, cfg, 0).map_err(|e| err("writing map weft_config", e))?;
+        if let Some(v) = std::env::var_os(REFUSE_ENV) {
+            return Err(err(
+                "attaching the eBPF programs",
+                format!("refused: {REFUSE_ENV}={} (the test hook standing for a kernel without tcx)", v.to_string_lossy()),
+            ));
+        }
         for (name, iface, hook) in [
             ("weft_ingress", &setup.underlay, TcAttachType::Ingress),
             ("weft_egress", &setup.tun, TcAttachType::Egress),

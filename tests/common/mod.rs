@@ -2,6 +2,8 @@
 
 #![allow(dead_code)]
 
+pub mod vxlan;
+
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
