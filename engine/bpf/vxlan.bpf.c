@@ -321,6 +321,14 @@ int weft_ingress(struct __sk_buff *skb)
 	/* Cut the outer IP, UDP, VXLAN and inner Ethernet headers: the outer
 	 * Ethernet header (to our MAC, type IPv4) now fronts the pod's packet,
 	 * which the kernel routes to the pod. */
+	/* One VXLAN packet must be the whole skb. A UDP_SEGMENT send of many
+	 * datagrams (the userspace engine's) crosses a veth as one GSO skb:
+	 * cutting the first datagram's headers would splice the rest into the
+	 * pod's packet. The kernel splits those for the engine's socket. */
+	if ((__u32)bpf_ntohs(f->inner.tot_len) + ETH_HLEN + OUTER4 != skb->len) {
+		count(C_INGRESS_PASS);
+		return TC_ACT_OK;
+	}
 	/* FIXED_GSO: the sender's gso_size is the inner MSS already; grown by
 	 * our 50 bytes, forwarding to the pod would refuse it as too big. */
 	if (bpf_skb_adjust_room(skb, -(__s32)OUTER4, BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_FIXED_GSO)) {
