@@ -254,3 +254,50 @@ fn programs_detach_on_sigterm_and_a_killed_agent_restarts_into_them() {
     });
     assert!(attached(&n1.ns, "eth0", false).is_empty(), "ingress program left after SIGTERM");
 }
+
+#[test]
+fn lease_changes_during_a_transfer_rewrite_the_maps_and_lose_nothing_to_unchanged_nodes() {
+    let mut o = ebpf_options("l");
+    o.transfer_mib = 128;
+    let (lab, _g) = up(&o);
+    let (n1, n2, n3) = (&lab.nodes[0], &lab.nodes[1], &lab.nodes[2]);
+    let ds_path = lab.dir.join("datastore.json");
+    let full = std::fs::read_to_string(&ds_path).unwrap();
+    let ping = |from: &Node, to: &Node, wait: &str| {
+        netns::exec(&from.pods[0].ns, "ping", &["-c", "1", "-W", wait, &v4(&to.pods[0]).to_string()])
+    };
+    let (a, b) = (n1.pods[0].clone(), n2.pods[0].clone());
+    let transfer = std::thread::spawn(move || lab::transfer_check(&a, &b, false, 128 << 20));
+    let write_and_reload = |ds: &weft_control::datastore::StaticDatastore| {
+        std::fs::write(&ds_path, ds.to_json()).unwrap();
+        lab.reload(n1).unwrap();
+    };
+
+    // Node 3 leaves: its subnet leaves node 1's maps with its route.
+    let mut ds = weft_control::datastore::StaticDatastore::parse(full.as_bytes()).unwrap();
+    ds.leases.retain(|k, _| *k != n3.key);
+    write_and_reload(&ds);
+    wait_for("node 3 gone from node 1", Duration::from_secs(5), || ping(n1, n3, "1").is_err());
+
+    // Node 3 comes back with another VtepMAC in its lease (its own device
+    // keeps the old one): node 1's egress program now addresses that MAC,
+    // which node 3's ingress program refuses and counts.
+    let mut ds = weft_control::datastore::StaticDatastore::parse(full.as_bytes()).unwrap();
+    let lease = ds.leases.get_mut(&n3.key).unwrap();
+    lease.backend_data["VtepMAC"] = serde_json::json!("0a:58:0a:f4:63:33");
+    let refused = ebpf(&lab, n3, "drop_vtep_mac");
+    write_and_reload(&ds);
+    wait_for("node 1 to send with the new VtepMAC", Duration::from_secs(5), || {
+        let _ = ping(n1, n3, "1");
+        ebpf(&lab, n3, "drop_vtep_mac") > refused
+    });
+
+    // The lease as it was: node 3 is reachable again.
+    std::fs::write(&ds_path, &full).unwrap();
+    lab.reload(n1).unwrap();
+    wait_for("node 3 reachable again", Duration::from_secs(5), || ping(n1, n3, "1").is_ok());
+
+    let t = transfer.join().unwrap();
+    assert!(t.passed, "transfer to the unchanged node across the changes: {}", t.detail);
+    assert_eq!(lab.metrics(n1).unwrap().get("weft_udp_tx_packets_total"), Some(&0.0), "all through the programs");
+}
