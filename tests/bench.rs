@@ -9,7 +9,7 @@ use std::process::Command;
 
 use common::{require_root, unique_name, weft_bin};
 
-const MODES: [&str; 3] = ["weft-vxlan", "kernel-vxlan", "kernel-hostgw"];
+const MODES: [&str; 4] = ["weft-vxlan", "weft-vxlan-ebpf", "kernel-vxlan", "kernel-hostgw"];
 const FIELDS: [&str; 7] = ["tcp1_gbps", "tcp4_gbps", "udp64_pps", "udp64_loss", "rtt_avg_us", "rtt_p99_us", "cpu_pct"];
 
 #[test]

@@ -41,6 +41,7 @@ enum {
 	C_DROP_MAC,		/* inner destination MAC is not our VtepMAC */
 	C_DROP_SPOOFED,		/* inner source outside the sender's subnets */
 	C_INGRESS_PASS,		/* ours, but left to userspace (other family, short, error) */
+	C_INGRESS_GSO,		/* GSO bursts left to userspace (see weft_ingress) */
 	C_COUNT,
 };
 
@@ -321,6 +322,17 @@ int weft_ingress(struct __sk_buff *skb)
 	/* Cut the outer IP, UDP, VXLAN and inner Ethernet headers: the outer
 	 * Ethernet header (to our MAC, type IPv4) now fronts the pod's packet,
 	 * which the kernel routes to the pod. */
+	/* A GSO packet (a TCP burst the sender's stack coalesced, or GRO'd
+	 * here) stays marked as a UDP tunnel after bpf_skb_adjust_room cuts
+	 * the outer headers, and BPF cannot clear that mark: forwarded to the
+	 * pod through the CNI bridge, whose hw_enc_features are empty, it
+	 * would be segmented in software with checksums. The engine's socket
+	 * takes it whole instead (one receive per burst) and writes it to the
+	 * TUN as one GSO packet. */
+	if (skb->gso_size) {
+		count(C_INGRESS_GSO);
+		return TC_ACT_OK;
+	}
 	/* One VXLAN packet must be the whole skb. A UDP_SEGMENT send of many
 	 * datagrams (the userspace engine's) crosses a veth as one GSO skb:
 	 * cutting the first datagram's headers would splice the rest into the

@@ -29,7 +29,7 @@ use topo::Topology;
 /// `weft bench`'s flags.
 #[derive(clap::Args, Debug, Clone)]
 pub struct BenchArgs {
-    /// Modes to run, comma separated, in this order: weft-vxlan, weft-wireguard, kernel-hostgw,
+    /// Modes to run, comma separated, in this order: weft-vxlan, weft-vxlan-ebpf, weft-wireguard, kernel-hostgw,
     /// kernel-vxlan, wireguard-go, boringtun (default: all; the last two when installed).
     #[arg(long)]
     pub modes: Option<String>,
@@ -92,6 +92,9 @@ pub enum Mode {
     WeftVxlan,
     /// Two weft agents, backend wireguard-native.
     WeftWireguard,
+    /// weft's VXLAN with `dataplane: ebpf`: tcx programs encapsulate and
+    /// decapsulate in the kernel.
+    WeftVxlanEbpf,
     /// Plain routes between the nodes (weft agents, backend host-gw): the ceiling.
     KernelHostgw,
     /// The kernel's VXLAN device on both nodes, laid out as Flannel lays it out.
@@ -104,8 +107,9 @@ pub enum Mode {
 
 impl Mode {
     /// Every mode, in the default order.
-    pub const ALL: [Mode; 6] = [
+    pub const ALL: [Mode; 7] = [
         Mode::WeftVxlan,
+        Mode::WeftVxlanEbpf,
         Mode::WeftWireguard,
         Mode::KernelHostgw,
         Mode::KernelVxlan,
@@ -117,6 +121,7 @@ impl Mode {
     pub fn name(self) -> &'static str {
         match self {
             Mode::WeftVxlan => "weft-vxlan",
+            Mode::WeftVxlanEbpf => "weft-vxlan-ebpf",
             Mode::WeftWireguard => "weft-wireguard",
             Mode::KernelHostgw => "kernel-hostgw",
             Mode::KernelVxlan => "kernel-vxlan",

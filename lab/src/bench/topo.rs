@@ -80,9 +80,12 @@ pub fn up(
     opts.threads = threads;
     opts.busy_poll_us = busy_poll_us;
     let lab = match mode {
-        Mode::WeftVxlan | Mode::WeftWireguard | Mode::KernelHostgw => {
+        Mode::WeftVxlan | Mode::WeftVxlanEbpf | Mode::WeftWireguard | Mode::KernelHostgw => {
+            if mode == Mode::WeftVxlanEbpf {
+                opts.dataplane = Some("ebpf".into());
+            }
             opts.backend = match mode {
-                Mode::WeftVxlan => "vxlan",
+                Mode::WeftVxlan | Mode::WeftVxlanEbpf => "vxlan",
                 Mode::WeftWireguard => "wireguard-native",
                 _ => "host-gw",
             }
@@ -108,7 +111,9 @@ pub fn up(
         }
     };
     let tunnel_pids = match mode {
-        Mode::KernelHostgw | Mode::KernelVxlan => Vec::new(),
+        // The eBPF data plane's work is the kernel's (softirq), not the
+        // agents': measured like the kernel modes.
+        Mode::KernelHostgw | Mode::KernelVxlan | Mode::WeftVxlanEbpf => Vec::new(),
         _ => (1..=2)
             .map(|i| {
                 let p = lab.dir.join(format!("n{i}.pid"));
