@@ -594,6 +594,26 @@ mod tests {
     }
 
     #[test]
+    fn dataplane_defaults_to_userspace_and_ebpf_needs_vxlan_and_root() {
+        assert_eq!(parse(GOOD).unwrap().dataplane, Dataplane::Userspace);
+        for (v, want) in [("ebpf", Dataplane::Ebpf), ("userspace", Dataplane::Userspace), ("auto", Dataplane::Auto)] {
+            assert_eq!(parse(&format!("{GOOD}dataplane: {v}\n")).unwrap().dataplane, want);
+        }
+        let e = refused(&format!("{GOOD}dataplane: xdp\n"));
+        assert_eq!((e.key.as_str(), e.value.as_str(), e.accepted.as_str()), ("dataplane", "xdp", Dataplane::ACCEPTED));
+        let e = refused(&format!("{GOOD}flannel-backend: host-gw\ndataplane: ebpf\n"));
+        assert_eq!(e.key, "dataplane");
+        assert!(e.accepted.contains("only with backend vxlan") && e.accepted.contains("host-gw"), "{e}");
+        // auto is fine anywhere: it means userspace where eBPF cannot run.
+        assert_eq!(
+            parse(&format!("{GOOD}flannel-backend: host-gw\ndataplane: auto\n")).unwrap().dataplane,
+            Dataplane::Auto
+        );
+        let e = refused(&format!("{GOOD}rootless: true\ndataplane: ebpf\n"));
+        assert!(e.key == "dataplane" && e.accepted.contains("rootless"), "{e}");
+    }
+
+    #[test]
     fn bad_values_name_key_value_and_what_is_accepted() {
         let e = refused(&format!("{GOOD}vni: 16777216\n"));
         assert_eq!((e.key.as_str(), e.value.as_str()), ("vni", "16777216"));

@@ -140,7 +140,10 @@ impl EbpfPlane {
         if let Some(v) = std::env::var_os(REFUSE_ENV) {
             return Err(err(
                 "attaching the eBPF programs",
-                format!("refused: {REFUSE_ENV}={} (the test hook standing for a kernel without tcx)", v.to_string_lossy()),
+                format!(
+                    "refused: {REFUSE_ENV}={} (the test hook standing for a kernel without tcx)",
+                    v.to_string_lossy()
+                ),
             ));
         }
         for (name, iface, hook) in [

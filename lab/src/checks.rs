@@ -225,8 +225,8 @@ impl Lab {
                 .iter()
                 .map(|w| ebpf(w))
                 .sum();
-        let on_ebpf = self.opts.dataplane.as_deref() == Some("ebpf")
-            && self.rootless.as_ref().is_none_or(|r| r.index != n.index);
+        let on_ebpf =
+            self.opts.dataplane.as_deref() == Some("ebpf") && self.rootless.as_ref().is_none_or(|r| r.index != n.index);
         // Kernel-routed backends move no packet through weft.
         let passed = match self.opts.backend.as_str() {
             // The programs carry the pods' traffic; what they leave to

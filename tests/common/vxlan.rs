@@ -9,7 +9,15 @@ use weft_tunnel::vxlan::{Vtep, Vxlan, DEFAULT_PORT, HEADROOM, UDP_HEADER_LEN};
 
 /// Builds a VXLAN payload (UDP payload: VXLAN header onwards) carrying an
 /// IPv4 UDP packet `inner_src -> dst:port` with `marker` as payload.
-pub fn crafted(vni: u32, from: Vtep, to: Vtep, inner_src: Ipv4Addr, dst: Ipv4Addr, port: u16, marker: &[u8]) -> Vec<u8> {
+pub fn crafted(
+    vni: u32,
+    from: Vtep,
+    to: Vtep,
+    inner_src: Ipv4Addr,
+    dst: Ipv4Addr,
+    port: u16,
+    marker: &[u8],
+) -> Vec<u8> {
     let total = 20 + 8 + marker.len();
     let mut ip = vec![0u8; total];
     ip[0] = 0x45;
@@ -56,4 +64,3 @@ pub fn send_from(ns: &str, src: Ipv4Addr, to: &Node, payload: Vec<u8>) {
     })
     .unwrap();
 }
-
