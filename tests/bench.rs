@@ -12,6 +12,23 @@ use common::{require_root, unique_name, weft_bin};
 const MODES: [&str; 4] = ["weft-vxlan", "weft-vxlan-ebpf", "kernel-vxlan", "kernel-hostgw"];
 const FIELDS: [&str; 7] = ["tcp1_gbps", "tcp4_gbps", "udp64_pps", "udp64_loss", "rtt_avg_us", "rtt_p99_us", "cpu_pct"];
 
+/// Runs `weft bench --name name args`; asserts it succeeded and left no
+/// namespace and no state behind; returns its standard output.
+fn bench_and_clean_up(name: &str, args: &[&str]) -> String {
+    let out = Command::new(weft_bin()).args(["bench", "--name", name]).args(args).output().expect("running weft bench");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let leftovers: Vec<String> =
+        weft_lab::netns::list().into_iter().filter(|n| n.starts_with(&format!("{name}-"))).collect();
+    if !leftovers.is_empty() {
+        weft_lab::down(name);
+    }
+    assert!(out.status.success(), "weft bench failed: {}\nstdout:\n{stdout}\nstderr:\n{stderr}", out.status);
+    assert!(leftovers.is_empty(), "namespaces left behind: {leftovers:?}");
+    assert!(!std::path::Path::new(weft_lab::STATE_ROOT).join(name).exists(), "state directory left behind");
+    stdout
+}
+
 #[test]
 fn quick_bench_reports_every_mode_and_cleans_up() {
     require_root();
@@ -19,24 +36,9 @@ fn quick_bench_reports_every_mode_and_cleans_up() {
     let dir = std::env::temp_dir().join(format!("{name}-out"));
     std::fs::create_dir_all(&dir).unwrap();
     let (json_path, svg_path) = (dir.join("bench.json"), dir.join("bench.svg"));
-    let out = Command::new(weft_bin())
-        .args(["bench", "--quick", "--modes", &MODES.join(","), "--name", &name])
-        .arg("--json")
-        .arg(&json_path)
-        .arg("--svg")
-        .arg(&svg_path)
-        .output()
-        .expect("running weft bench");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let leftovers: Vec<String> =
-        weft_lab::netns::list().into_iter().filter(|n| n.starts_with(&format!("{name}-"))).collect();
-    if !leftovers.is_empty() {
-        weft_lab::down(&name);
-    }
-    assert!(out.status.success(), "weft bench failed: {}\nstdout:\n{stdout}\nstderr:\n{stderr}", out.status);
-    assert!(leftovers.is_empty(), "namespaces left behind: {leftovers:?}");
-    assert!(!std::path::Path::new(weft_lab::STATE_ROOT).join(&name).exists(), "state directory left behind");
+    let (json_s, svg_s) = (json_path.display().to_string(), svg_path.display().to_string());
+    let stdout =
+        bench_and_clean_up(&name, &["--quick", "--modes", &MODES.join(","), "--json", &json_s, "--svg", &svg_s]);
 
     // The table: a line per mode, then the ratios to kernel VXLAN.
     assert!(stdout.contains("machine: "), "{stdout}");
@@ -168,20 +170,7 @@ fn two_minute_soak_passes_and_reports_each_bound() {
 fn rootless_bench_reports_its_table_and_cleans_up() {
     require_root();
     let name = unique_name("rlbench");
-    let out = Command::new(weft_bin())
-        .args(["bench", "--rootless", "--quick", "--name", &name])
-        .output()
-        .expect("running weft bench --rootless");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let leftovers: Vec<String> =
-        weft_lab::netns::list().into_iter().filter(|n| n.starts_with(&format!("{name}-"))).collect();
-    if !leftovers.is_empty() {
-        weft_lab::down(&name);
-    }
-    assert!(out.status.success(), "weft bench failed: {}\nstdout:\n{stdout}\nstderr:\n{stderr}", out.status);
-    assert!(leftovers.is_empty(), "namespaces left behind: {leftovers:?}");
-    assert!(!std::path::Path::new(weft_lab::STATE_ROOT).join(&name).exists(), "state directory left behind");
+    let stdout = bench_and_clean_up(&name, &["--rootless", "--quick"]);
     let row = |label: &str| -> Vec<String> {
         let line =
             stdout.lines().find(|l| l.starts_with(label)).unwrap_or_else(|| panic!("no {label:?} row:\n{stdout}"));

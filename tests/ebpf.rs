@@ -6,14 +6,12 @@
 
 mod common;
 
-use std::net::Ipv4Addr;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::vxlan::{crafted, node_ip, send_from, v4, vtep};
+use common::vxlan::{collect_udp, send_from, send_legitimate, spoof_cases, v4};
 use common::{assert_all_passed, options, up, wait_for};
 use weft_lab::{self as lab, netns, Lab, Node};
-use weft_tunnel::vxlan::Vtep;
 
 /// One of the programs' counters on node `n`.
 fn ebpf(lab: &Lab, n: &Node, what: &str) -> f64 {
@@ -113,50 +111,32 @@ fn spoofed_vxlan_is_dropped_by_the_ingress_program_and_counted() {
     let mut o = ebpf_options("s");
     o.nodes = 3;
     let (lab, _g) = up(&o);
-    let (n1, n2) = (&lab.nodes[0], &lab.nodes[1]);
-    let pod = &n1.pods[0];
-    let ul = format!("{}-ul", lab.opts.name);
-    let attacker = Ipv4Addr::new(192, 168, 77, 99);
-    netns::ip(&["-n", &ul, "addr", "add", "192.168.77.99/24", "dev", "br0"]).unwrap();
-    let listener = netns::spawn_in_netns(&pod.ns, || {
-        let s = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 7777)).unwrap();
-        s.set_read_timeout(Some(Duration::from_millis(1500))).unwrap();
-        let mut got = Vec::new();
-        let mut buf = [0u8; 2048];
-        while let Ok(n) = s.recv(&mut buf) {
-            got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
-        }
-        got
-    })
-    .unwrap();
-    std::thread::sleep(Duration::from_millis(200));
-    let n2_pod = v4(&lab.nodes[1].pods[0]);
-    let n3_pod = v4(&lab.nodes[2].pods[0]);
-    let wrong_mac = Vtep { addr: vtep(n1).addr, mac: [0x0a, 0x58, 0x0a, 0xf4, 0x63, 0x00] };
-    let cases = [
-        ("drop_unknown_source", &ul, attacker, crafted(1, vtep(n2), vtep(n1), n2_pod, v4(pod), 7777, b"unknown")),
-        ("drop_vni", &n2.ns, node_ip(n2), crafted(2, vtep(n2), vtep(n1), n2_pod, v4(pod), 7777, b"wrong-vni")),
-        ("drop_spoofed_source", &n2.ns, node_ip(n2), crafted(1, vtep(n2), vtep(n1), n3_pod, v4(pod), 7777, b"spoof")),
-        ("drop_vtep_mac", &n2.ns, node_ip(n2), crafted(1, vtep(n2), wrong_mac, n2_pod, v4(pod), 7777, b"wrong-mac")),
-    ];
-    for (what, ns, src, payload) in cases {
+    let n1 = &lab.nodes[0];
+    let listener = collect_udp(&n1.pods[0].ns, 7777);
+    for (reason, ns, src, payload) in spoof_cases(&lab) {
+        // The program's name for each of the engine's reasons.
+        let what = match reason {
+            "unknown_source" => "drop_unknown_source",
+            "wrong_vni" => "drop_vni",
+            "spoofed_source" => "drop_spoofed_source",
+            "wrong_dst_mac" => "drop_vtep_mac",
+            other => panic!("no eBPF counter for {other}"),
+        };
         let before = ebpf(&lab, n1, what);
-        send_from(ns, src, n1, payload);
+        send_from(&ns, src, n1, payload);
         let deadline = Instant::now() + Duration::from_secs(2);
         while ebpf(&lab, n1, what) < before + 1.0 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
         assert_eq!(ebpf(&lab, n1, what), before + 1.0, "counter {what}");
-    }
-    // In the kernel: the engine never saw them.
-    let m = lab.metrics(n1).unwrap();
-    for reason in ["unknown_source", "wrong_vni", "spoofed_source", "wrong_dst_mac"] {
+        // In the kernel: the engine never saw it.
+        let m = lab.metrics(n1).unwrap();
         assert_eq!(m.get(&format!("weft_drops_total{{reason=\"{reason}\"}}")), Some(&0.0), "{reason}: {m:?}");
     }
     // The control: the same datagram from the real node with its own pod's
     // source arrives, decapsulated by the program.
     let before = ebpf(&lab, n1, "decapsulated");
-    send_from(&n2.ns, node_ip(n2), n1, crafted(1, vtep(n2), vtep(n1), n2_pod, v4(pod), 7777, b"legitimate"));
+    send_legitimate(&lab);
     let got = listener.join().unwrap();
     assert_eq!(got, vec!["legitimate".to_string()], "only the legitimate packet reaches the pod");
     assert!(ebpf(&lab, n1, "decapsulated") > before);

@@ -7,11 +7,10 @@ use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::vxlan::{crafted, node_ip, send_from, v4, vtep};
+use common::vxlan::{collect_udp, send_from, send_legitimate, spoof_cases, v4};
 use common::{assert_all_passed, options, route_exists, up};
 use weft_lab::netns;
 use weft_lab::{self as lab, Lab, Node};
-use weft_tunnel::vxlan::Vtep;
 
 #[test]
 fn three_weft_nodes_pass_every_check() {
@@ -215,43 +214,11 @@ fn spoofed_vxlan_never_reaches_a_pod_and_is_counted() {
     let mut o = options("s");
     o.nodes = 3;
     let (lab, _g) = up(&o);
-    let (n1, n2) = (&lab.nodes[0], &lab.nodes[1]);
-    let pod = &n1.pods[0];
-    let ul = format!("{}-ul", lab.opts.name);
-    // The underlay namespace plays an attacker at an address no lease has.
-    let attacker = Ipv4Addr::new(192, 168, 77, 99);
-    netns::ip(&["-n", &ul, "addr", "add", "192.168.77.99/24", "dev", "br0"]).unwrap();
-
-    // A listener in the pod collects whatever reaches UDP port 7777.
-    let listener = netns::spawn_in_netns(&pod.ns, || {
-        let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 7777)).unwrap();
-        s.set_read_timeout(Some(Duration::from_millis(1500))).unwrap();
-        let mut got = Vec::new();
-        let mut buf = [0u8; 2048];
-        while let Ok(n) = s.recv(&mut buf) {
-            got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
-        }
-        got
-    })
-    .unwrap();
-    std::thread::sleep(Duration::from_millis(200));
-    let n2_pod = v4(&lab.nodes[1].pods[0]);
-    let n3_pod = v4(&lab.nodes[2].pods[0]);
-    let wrong_mac = Vtep { addr: vtep(n1).addr, mac: [0x0a, 0x58, 0x0a, 0xf4, 0x63, 0x00] };
-    let cases = [
-        ("unknown_source", &ul, attacker, crafted(1, vtep(n2), vtep(n1), n2_pod, v4(pod), 7777, b"from-unknown-node")),
-        ("wrong_vni", &n2.ns, node_ip(n2), crafted(2, vtep(n2), vtep(n1), n2_pod, v4(pod), 7777, b"wrong-vni")),
-        (
-            "spoofed_source",
-            &n2.ns,
-            node_ip(n2),
-            crafted(1, vtep(n2), vtep(n1), n3_pod, v4(pod), 7777, b"spoofed-inner"),
-        ),
-        ("wrong_dst_mac", &n2.ns, node_ip(n2), crafted(1, vtep(n2), wrong_mac, n2_pod, v4(pod), 7777, b"wrong-mac")),
-    ];
-    for (reason, ns, src, payload) in cases {
+    let n1 = &lab.nodes[0];
+    let listener = collect_udp(&n1.pods[0].ns, 7777);
+    for (reason, ns, src, payload) in spoof_cases(&lab) {
         let before = drops(&lab, n1, reason);
-        send_from(ns, src, n1, payload);
+        send_from(&ns, src, n1, payload);
         let deadline = Instant::now() + Duration::from_secs(2);
         while drops(&lab, n1, reason) < before + 1.0 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
@@ -260,7 +227,7 @@ fn spoofed_vxlan_never_reaches_a_pod_and_is_counted() {
     }
     // The control: the same packet from the real node with its own pod as
     // source does arrive, so the listener would have seen the others.
-    send_from(&n2.ns, node_ip(n2), n1, crafted(1, vtep(n2), vtep(n1), n2_pod, v4(pod), 7777, b"legitimate"));
+    send_legitimate(&lab);
     let got = listener.join().unwrap();
     assert_eq!(got, vec!["legitimate".to_string()], "only the legitimate packet reaches the pod");
 }

@@ -142,13 +142,24 @@ static __always_inline __u16 ip_checksum(const struct iphdr *ip)
 	return fold(sum);
 }
 
-SEC("classifier/egress")
-int weft_egress(struct __sk_buff *skb)
+/* The configuration, when the programs are on and `skb` is IPv4 (the
+ * family they handle); NULL: leave the packet alone. */
+static __always_inline struct config *config_for(struct __sk_buff *skb)
 {
 	__u32 zero = 0;
 	struct config *cfg = bpf_map_lookup_elem(&weft_config, &zero);
 
 	if (!cfg || !cfg->enabled || skb->protocol != bpf_htons(ETH_P_IP))
+		return NULL;
+	return cfg;
+}
+
+SEC("classifier/egress")
+int weft_egress(struct __sk_buff *skb)
+{
+	struct config *cfg = config_for(skb);
+
+	if (!cfg)
 		return TC_ACT_OK;
 
 	void *data = (void *)(long)skb->data;
@@ -255,10 +266,9 @@ struct frame4 {
 SEC("classifier/ingress")
 int weft_ingress(struct __sk_buff *skb)
 {
-	__u32 zero = 0;
-	struct config *cfg = bpf_map_lookup_elem(&weft_config, &zero);
+	struct config *cfg = config_for(skb);
 
-	if (!cfg || !cfg->enabled || skb->protocol != bpf_htons(ETH_P_IP))
+	if (!cfg)
 		return TC_ACT_OK;
 
 	void *data = (void *)(long)skb->data;

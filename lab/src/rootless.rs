@@ -154,20 +154,7 @@ pub fn socks5_connect(proxy: SocketAddr, target: SocketAddr) -> anyhow::Result<R
     Ok(Ok(s))
 }
 
-/// A SOCKS5 address: ATYP, address, port.
-pub fn push_addr(out: &mut Vec<u8>, a: SocketAddr) {
-    match a.ip() {
-        IpAddr::V4(ip) => {
-            out.push(1);
-            out.extend_from_slice(&ip.octets());
-        }
-        IpAddr::V6(ip) => {
-            out.push(4);
-            out.extend_from_slice(&ip.octets());
-        }
-    }
-    out.extend_from_slice(&a.port().to_be_bytes());
-}
+pub use weft_netstack::socks::push_addr;
 
 impl Lab {
     /// The rootless checks: a SHA-256-checked fetch through SOCKS5 from the

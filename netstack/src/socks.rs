@@ -257,7 +257,9 @@ pub fn reply(code: u8, bound: SocketAddr) -> Vec<u8> {
     out
 }
 
-fn push_addr(out: &mut Vec<u8>, a: SocketAddr) {
+/// Appends a SOCKS5 address as requests, replies and UDP headers carry it:
+/// ATYP (1: IPv4, 4: IPv6), the address, the port.
+pub fn push_addr(out: &mut Vec<u8>, a: SocketAddr) {
     match a.ip() {
         IpAddr::V4(ip) => {
             out.push(1);
