@@ -107,6 +107,23 @@ fn dual_stack_ebpf_lab_carries_ipv4_in_the_kernel_and_leaves_ipv6_to_userspace()
 }
 
 #[test]
+fn ipv6_only_lab_with_dataplane_auto_runs_on_the_engine_and_says_why() {
+    // The programs handle IPv4 underlays only: an IPv6-only node has none,
+    // so `auto` runs the engine and says why in its one line.
+    let mut o = ebpf_options("6");
+    o.nodes = 2;
+    o.cluster_cidrs = vec!["2001:cafe:42::/56".parse().unwrap()];
+    o.dataplane = Some("auto".into());
+    let (lab, _g) = up(&o);
+    assert_all_passed(&lab, &lab.check());
+    for n in &lab.nodes {
+        let log = common::plain_log(&lab, n);
+        let line = log.lines().find(|l| l.contains("data plane: userspace")).unwrap_or_else(|| panic!("{log}"));
+        assert!(line.contains("no IPv4 underlay"), "{line}");
+    }
+}
+
+#[test]
 fn spoofed_vxlan_is_dropped_by_the_ingress_program_and_counted() {
     let mut o = ebpf_options("s");
     o.nodes = 3;
