@@ -42,6 +42,7 @@ enum {
 	C_DROP_SPOOFED,		/* inner source outside the sender's subnets */
 	C_INGRESS_PASS,		/* ours, but left to userspace (other family, short, error) */
 	C_INGRESS_GSO,		/* GSO bursts left to userspace (see weft_ingress) */
+	C_INGRESS_BULK,		/* single packets of a flow whose bursts go to userspace */
 	C_COUNT,
 };
 
@@ -91,6 +92,28 @@ struct {
 	__type(key, __u32);
 	__type(value, __u32);
 } weft_nodes4 SEC(".maps");
+
+/* An inner flow, as the ingress program tells bulk flows apart. */
+struct flow4 {
+	__u32 src;
+	__u32 dst;
+	__u16 sport;
+	__u16 dport;
+	__u8 proto;
+	__u8 pad[3];
+};
+
+/* Inner flows that sent a GSO burst lately -> when (ns). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct flow4);
+	__type(value, __u64);
+} weft_bulk SEC(".maps");
+
+/* How long after its last burst a flow's single packets still follow its
+ * bursts to userspace (so that none overtakes them). */
+#define BULK_NS (50ULL * 1000 * 1000)
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -339,8 +362,29 @@ int weft_ingress(struct __sk_buff *skb)
 	 * would be segmented in software with checksums. The engine's socket
 	 * takes it whole instead (one receive per burst) and writes it to the
 	 * TUN as one GSO packet. */
+	struct flow4 flow = { .src = f->inner.saddr, .dst = f->inner.daddr, .proto = f->inner.protocol };
+	__u16 *ports = (void *)(f + 1);
+
+	if ((flow.proto == IPPROTO_TCP || flow.proto == IPPROTO_UDP) && f->inner.ihl == 5 &&
+	    (void *)(ports + 2) <= end) {
+		flow.sport = ports[0];
+		flow.dport = ports[1];
+	}
+	__u64 now = bpf_ktime_get_ns();
+
 	if (skb->gso_size) {
+		bpf_map_update_elem(&weft_bulk, &flow, &now, BPF_ANY);
 		count(C_INGRESS_GSO);
+		return TC_ACT_OK;
+	}
+	/* A flow's single packets (a burst's tail, a lone segment) take the
+	 * path its bursts take while they come: decapsulated here, they would
+	 * overtake the bursts queued for the engine, and TCP would take the
+	 * reordering for loss. */
+	__u64 *last = bpf_map_lookup_elem(&weft_bulk, &flow);
+
+	if (last && now - *last < BULK_NS) {
+		count(C_INGRESS_BULK);
 		return TC_ACT_OK;
 	}
 	/* One VXLAN packet must be the whole skb. A UDP_SEGMENT send of many

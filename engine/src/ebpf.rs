@@ -33,7 +33,7 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/vx
 
 /// The programs' counters, by index in `weft_counters`: what Prometheus
 /// calls each (`weft_ebpf_packets_total{what=...}`).
-pub const COUNTERS: [&str; 11] = [
+pub const COUNTERS: [&str; 12] = [
     "encapsulated",
     "egress_no_route",
     "egress_error",
@@ -45,6 +45,7 @@ pub const COUNTERS: [&str; 11] = [
     "drop_spoofed_source",
     "ingress_to_userspace",
     "ingress_gso_to_userspace",
+    "ingress_bulk_to_userspace",
 ];
 
 /// Set in the agent's environment, it makes the attach step fail as a kernel
