@@ -230,7 +230,8 @@ impl Lab {
         // Kernel-routed backends move no packet through weft.
         let passed = match self.opts.backend.as_str() {
             // The programs carry the pods' traffic; what they leave to
-            // userspace (ARP-less IPv6 over IPv4, no entry yet) may be none.
+            // userspace (IPv6 pods, bursts from other nodes, a subnet with no
+            // entry yet) may be none.
             "vxlan" if on_ebpf => {
                 ebpf("encapsulated") > 0 && ebpf("decapsulated") > 0 && ebpf_drops == 0 && decap_drops == 0
             }
