@@ -4,7 +4,9 @@
 //! with its own underlay sockets (`SO_REUSEPORT`) and poll loop. The control
 //! plane hands it [`Snapshot`]s of peers and routes; it never talks to a
 //! datastore. Kernel state other than the TUN itself (addresses, routes, MTU)
-//! is set through [`sys::netlink`] by the caller.
+//! is set through [`sys::netlink`] by the caller. [`ebpf`] is the optional
+//! kernel fast path in front of the workers (VXLAN): its programs and maps,
+//! kept equal to the same snapshots.
 
 // Only the syscall layer (`sys`) may hold `unsafe`, each block with its
 // `// SAFETY:` comment.
