@@ -352,9 +352,6 @@ int weft_ingress(struct __sk_buff *skb)
 		count(C_DROP_SPOOFED);
 		return TC_ACT_SHOT;
 	}
-	/* Cut the outer IP, UDP, VXLAN and inner Ethernet headers: the outer
-	 * Ethernet header (to our MAC, type IPv4) now fronts the pod's packet,
-	 * which the kernel routes to the pod. */
 	/* A GSO packet (a TCP burst the sender's stack coalesced, or GRO'd
 	 * here) stays marked as a UDP tunnel after bpf_skb_adjust_room cuts
 	 * the outer headers, and BPF cannot clear that mark: forwarded to the
@@ -387,16 +384,17 @@ int weft_ingress(struct __sk_buff *skb)
 		count(C_INGRESS_BULK);
 		return TC_ACT_OK;
 	}
-	/* One VXLAN packet must be the whole skb. A UDP_SEGMENT send of many
-	 * datagrams (the userspace engine's) crosses a veth as one GSO skb:
-	 * cutting the first datagram's headers would splice the rest into the
-	 * pod's packet. The kernel splits those for the engine's socket. */
+	/* One VXLAN packet must be the whole skb: trailing bytes would reach
+	 * the pod as part of its packet. */
 	if ((__u32)bpf_ntohs(f->inner.tot_len) + ETH_HLEN + OUTER4 != skb->len) {
 		count(C_INGRESS_PASS);
 		return TC_ACT_OK;
 	}
-	/* FIXED_GSO: the sender's gso_size is the inner MSS already; grown by
-	 * our 50 bytes, forwarding to the pod would refuse it as too big. */
+	/* Cut the outer IP, UDP, VXLAN and inner Ethernet headers: the outer
+	 * Ethernet header (to our MAC, type IPv4) now fronts the pod's packet,
+	 * which the kernel routes to the pod. GSO packets never get here (see
+	 * above); FIXED_GSO keeps it so should one: a gso_size grown by our
+	 * 50 bytes would be refused as too big on the way to the pod. */
 	if (bpf_skb_adjust_room(skb, -(__s32)OUTER4, BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_FIXED_GSO)) {
 		count(C_INGRESS_PASS);
 		return TC_ACT_OK;
