@@ -514,6 +514,10 @@ pub fn run(mut cfg: AgentConfig) -> anyhow::Result<()> {
         let env = subnet_env(want.network, &want.own_key, want.ipv6_network, mtu, !masq_rules.is_empty());
         write_subnet_env(&cfg, &env)?;
     }
+    if cfg.dataplane == Dataplane::Auto && !(vxlan && rootless.is_none()) {
+        let why = if rootless.is_some() { "a rootless node loads no BPF" } else { "eBPF serves the vxlan backend only" };
+        tracing::info!(reason = why, backend = cfg.backend(), "dataplane auto: no eBPF programs");
+    }
     if vxlan && rootless.is_none() && cfg.dataplane != Dataplane::Userspace {
         let current = state.snapshot.lock().map(|s| s.clone()).unwrap_or_default();
         match start_ebpf(&cfg, &want, &local, &current) {
