@@ -515,7 +515,8 @@ pub fn run(mut cfg: AgentConfig) -> anyhow::Result<()> {
         write_subnet_env(&cfg, &env)?;
     }
     if cfg.dataplane == Dataplane::Auto && !(vxlan && rootless.is_none()) {
-        let why = if rootless.is_some() { "a rootless node loads no BPF" } else { "eBPF serves the vxlan backend only" };
+        let why =
+            if rootless.is_some() { "a rootless node loads no BPF" } else { "eBPF serves the vxlan backend only" };
         tracing::info!(reason = why, backend = cfg.backend(), "dataplane auto: no eBPF programs");
     }
     if vxlan && rootless.is_none() && cfg.dataplane != Dataplane::Userspace {
