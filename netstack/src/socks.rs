@@ -315,13 +315,15 @@ mod tests {
         }
     }
 
-    /// Feeds one byte at a time, as a slow client sends: the same steps.
-    fn byte_by_byte(auth: Auth, bytes: &[u8]) -> Vec<Step> {
+    /// Feeds `pieces` one after the other, each as it arrives, until a
+    /// request or a failure; the steps (ending in `Need` if neither came)
+    /// and the bytes left unread.
+    fn fed_in<'a>(auth: Auth, pieces: impl IntoIterator<Item = &'a [u8]>) -> (Vec<Step>, Vec<u8>) {
         let mut h = Handshake::new(auth);
         let mut buf = Vec::new();
         let mut steps = Vec::new();
-        for &b in bytes {
-            buf.push(b);
+        for piece in pieces {
+            buf.extend_from_slice(piece);
             loop {
                 let (used, step) = h.feed(&buf);
                 buf.drain(..used);
@@ -329,14 +331,19 @@ mod tests {
                     Step::Need => break,
                     s @ (Step::Request(_) | Step::Fail(..)) => {
                         steps.push(s);
-                        return steps;
+                        return (steps, buf);
                     }
                     s => steps.push(s),
                 }
             }
         }
         steps.push(Step::Need);
-        steps
+        (steps, buf)
+    }
+
+    /// Feeds one byte at a time, as a slow client sends: the same steps.
+    fn byte_by_byte(auth: Auth, bytes: &[u8]) -> Vec<Step> {
+        fed_in(auth, bytes.chunks(1)).0
     }
 
     #[test]
@@ -372,24 +379,7 @@ mod tests {
         for (auth, bytes) in flows {
             let (want, _) = all_at_once(auth.clone(), bytes);
             for cut in 0..=bytes.len() {
-                let mut h = Handshake::new(auth.clone());
-                let mut buf = Vec::new();
-                let mut steps = Vec::new();
-                'pieces: for piece in [&bytes[..cut], &bytes[cut..]] {
-                    buf.extend_from_slice(piece);
-                    loop {
-                        let (used, step) = h.feed(&buf);
-                        buf.drain(..used);
-                        match step {
-                            Step::Need => break,
-                            s @ (Step::Request(_) | Step::Fail(..)) => {
-                                steps.push(s);
-                                break 'pieces;
-                            }
-                            s => steps.push(s),
-                        }
-                    }
-                }
+                let (steps, buf) = fed_in(auth.clone(), [&bytes[..cut], &bytes[cut..]]);
                 assert_eq!(steps, want, "cut at {cut}");
                 assert!(buf.is_empty(), "cut at {cut}: {buf:?} left");
             }
