@@ -514,12 +514,14 @@ pub fn run(mut cfg: AgentConfig) -> anyhow::Result<()> {
         let env = subnet_env(want.network, &want.own_key, want.ipv6_network, mtu, !masq_rules.is_empty());
         write_subnet_env(&cfg, &env)?;
     }
-    if cfg.dataplane == Dataplane::Auto && !(vxlan && rootless.is_none()) {
+    // Only a VXLAN node with root can load the programs.
+    let ebpf_capable = vxlan && rootless.is_none();
+    if cfg.dataplane == Dataplane::Auto && !ebpf_capable {
         let why =
             if rootless.is_some() { "a rootless node loads no BPF" } else { "eBPF serves the vxlan backend only" };
         tracing::info!(reason = why, backend = cfg.backend(), "dataplane auto: no eBPF programs");
     }
-    if vxlan && rootless.is_none() && cfg.dataplane != Dataplane::Userspace {
+    if ebpf_capable && cfg.dataplane != Dataplane::Userspace {
         let current = state.snapshot.lock().map(|s| s.clone()).unwrap_or_default();
         match start_ebpf(&cfg, &want, &local, &current) {
             Ok((plane, underlay)) => {

@@ -32,7 +32,7 @@ pub struct BpfConfig {
 
 /// `struct hop4`: the node owning a remote IPv4 pod subnet.
 #[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct BpfHop4 {
     /// Its underlay address, network order.
     pub addr: u32,
